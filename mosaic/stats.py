@@ -1,0 +1,59 @@
+"""Activation statistics of one projection group's input, accumulated over calibration batches.
+
+q/k/v read the same input, and so do gate/up, so one accumulator serves a whole group: the
+reference code keeps a separate (identical) Hessian per projection. Everything is fp32 whatever the
+model dtype. Scale factors (per token vs per sequence, the 2 in H = 2XXᵀ) do not matter: Wanda ranks
+within rows, outlier ratios compare with a mean, SparseGPT damps relative to the mean diagonal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class InputStats:
+    def __init__(self, dim: int, device: torch.device, hessian: bool):
+        self.tokens = 0
+        self.sq = None if hessian else torch.zeros(dim, dtype=torch.float32, device=device)
+        self.xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if hessian else None
+
+    @classmethod
+    def from_norms(cls, norms: torch.Tensor) -> InputStats:
+        """Statistics that reproduce given per-feature norms (kept from an earlier pass)."""
+        stats = cls(norms.numel(), norms.device, hessian=False)
+        stats.sq.copy_(norms.float().square())
+        stats.tokens = 1
+        return stats
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        if self.xtx is not None:
+            _add_upper_gram(self.xtx, x)
+        else:
+            self.sq.add_(x.square().sum(0))
+        self.tokens += x.shape[0]
+
+    def mean_square(self) -> torch.Tensor:
+        """Per input feature: mean over tokens of x_j² (Wanda's squared-norm statistic)."""
+        total = self.xtx.diagonal() if self.xtx is not None else self.sq
+        return total / max(self.tokens, 1)
+
+    def norms(self) -> torch.Tensor:
+        """‖X_j‖ per input feature (up to a constant factor)."""
+        return self.mean_square().sqrt()
+
+    def hessian(self) -> torch.Tensor:
+        """XᵀX / tokens, a fresh fp32 tensor the caller may modify."""
+        if self.xtx is None:
+            raise ValueError("these statistics were collected without a Hessian")
+        upper = self.xtx.triu()
+        return (upper + upper.triu(1).t()) / max(self.tokens, 1)
+
+
+def _add_upper_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """gram += xᵀx on and above the diagonal only, by column blocks: about 30% less time than a full
+    matmul on CPU (there is no syrk in torch). The lower triangle is left unspecified."""
+    dim = x.shape[1]
+    width = max(192, -(-dim // 8))
+    for i0 in range(0, dim, width):
+        gram[i0:i0 + width, i0:].addmm_(x[:, i0:i0 + width].t(), x[:, i0:])
