@@ -39,12 +39,12 @@ _LLAMA_PATHS = {
     "down": "mlp.down_proj",
 }
 
-# model_type -> human name. All share the LLaMA block layout above.
+# model_type -> human name. All share the LLaMA block layout above. Checkpoints with per-layer widths
+# left by composite pruning have model_type "mosaic_<family>".
 FAMILIES: dict[str, str] = {
     "llama": "LLaMA 1/2/3, SmolLM2",
     "mistral": "Mistral",
     "qwen2": "Qwen2",
-    "mosaic_llama": "Mosaic composite checkpoint (per-layer widths)",
 }
 
 
@@ -94,20 +94,34 @@ class Adapter:
         """
         attn, mlp = layer.self_attn, layer.mlp
         x = layer.input_layernorm(hidden)
-        yield GROUPS[0], x
+        yield GROUPS[0], self._as_received(layer, GROUPS[0], x)
         with _replaced(attn, "o_proj", nn.Identity()):
             o_in = attn(hidden_states=x, **kwargs)[0]
         del x
-        yield GROUPS[1], o_in
+        yield GROUPS[1], self._as_received(layer, GROUPS[1], o_in)
         hidden = hidden + attn.o_proj(o_in)
         del o_in
         x = layer.post_attention_layernorm(hidden)
-        yield GROUPS[2], x
+        yield GROUPS[2], self._as_received(layer, GROUPS[2], x)
         with _replaced(mlp, "down_proj", nn.Identity()):
             m = mlp(x)
         del x
-        yield GROUPS[3], m
+        yield GROUPS[3], self._as_received(layer, GROUPS[3], m)
         return hidden + mlp.down_proj(m)
+
+    def _as_received(self, layer: nn.Module, group: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+        """The group's input as its projections receive it: after any forward pre-hooks on them."""
+        modules = [self.projection(layer, p) for p in group]
+        hooks = [list(m._forward_pre_hooks.values()) for m in modules]
+        if not any(hooks):
+            return x
+        if any(h != hooks[0] for h in hooks[1:]):
+            raise NotImplementedError(f"projections {group} read one input but carry different forward pre-hooks")
+        for hook in hooks[0]:
+            out = hook(modules[0], (x,))
+            if out is not None:
+                x = out[0] if isinstance(out, tuple) else out
+        return x
 
 
 @contextmanager
@@ -123,8 +137,9 @@ def _replaced(parent: nn.Module, name: str, stand_in: nn.Module):
 def adapter_for(model_or_config) -> Adapter:
     """The adapter for a model (or its config); a clear error for any other architecture."""
     config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        supported = ", ".join(f"{k} ({v})" for k, v in FAMILIES.items() if k != "mosaic_llama")
+    model_type = str(getattr(config, "model_type", None))
+    family = model_type.removeprefix("mosaic_")
+    if family not in FAMILIES:
+        supported = ", ".join(f"{k} ({v})" for k, v in FAMILIES.items())
         raise UsageError("--model", f"architecture '{model_type}' is not supported; supported: {supported}")
-    return Adapter(family=model_type, paths=_LLAMA_PATHS)
+    return Adapter(family=family, paths=_LLAMA_PATHS)

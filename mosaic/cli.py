@@ -45,7 +45,14 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g = p.add_argument_group("pruning")
     g.add_argument("--prune_method", default=d.prune_method, help=f"one of: {', '.join(METHODS)}")
     g.add_argument("--sparsity_ratio", type=float, default=d.sparsity_ratio, help="fraction of weights to prune, in [0, 1)")
-    g.add_argument("--sparsity_type", default=d.sparsity_type, help="unstructured, or N:M (N of every M pruned; 2:4, 4:8)")
+    g.add_argument("--sparsity_type", default=d.sparsity_type,
+                   help="unstructured; N:M (N of every M pruned: 2:4, 4:8); or composite (whole heads and MLP "
+                        "channels removed physically, --structured_ratio of the weights, the rest unstructured)")
+    g.add_argument("--structured_ratio", type=float, default=d.structured_ratio,
+                   help="composite: share of decoder projection weights removed as whole heads/channels (≤ S)")
+    g.add_argument("--round_to", type=int, default=d.round_to, help="composite: kept MLP widths are multiples of this")
+    g.add_argument("--uniform_widths", action="store_true",
+                   help="composite: the same widths in every layer, so the checkpoint is a plain family config")
     g.add_argument("--allocation", default=None,
                    help="uniform, owl, mosaic or mosaic_ref (default: implied by the method name)")
     g.add_argument("--allocation_file", default=None,

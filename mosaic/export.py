@@ -89,5 +89,9 @@ def save_checkpoint(model: nn.Module, tokenizer, directory: Path, manifest: dict
     finally:
         model.config.use_cache = use_cache
     tokenizer.save_pretrained(directory)
+    if getattr(model.config, "auto_map", None):  # per-layer widths: ship the modeling code the config names
+        from mosaic.modeling import MODELING_FILE
+
+        shutil.copy(MODELING_FILE, directory / MODELING_FILE.name)
     write_json(directory / "mosaic.json", manifest)
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))

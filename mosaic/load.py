@@ -133,6 +133,9 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from mosaic.modeling import register
+
+    register()  # checkpoints with per-layer widths load through Mosaic's own classes, no remote code
     compute = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, compute)
     path = resolve_model(spec, cache_dir)
@@ -140,21 +143,26 @@ def load_model(
     if is_hub:
         ensure_offline_if_unreachable(offline)
     try:
-        config = AutoConfig.from_pretrained(path, cache_dir=cache_dir, trust_remote_code=True)
+        config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
     except (OSError, ValueError) as e:
         where = "the Hugging Face hub (unreachable or no such model)" if is_hub else path
         raise UsageError("--model", f"cannot load '{spec}' from {where}: {str(e).splitlines()[0]}") from e
     adapter = adapter_for(config)
-    kwargs = dict(dtype=torch_dtype, cache_dir=cache_dir, trust_remote_code=True)
+    kwargs = dict(dtype=torch_dtype, cache_dir=cache_dir)
     if device_map:
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
     model.eval()
     model.config.use_cache = False
     if not device_map:
         place(model, compute)
     return Loaded(model=model, tokenizer=tokenizer, adapter=adapter, source=spec, path=path)
+
+
+def load_pretrained(directory: str, *, dtype: str = "float32", device: str = "cpu") -> nn.Module:
+    """Load a checkpoint saved by Mosaic (dense, unstructured or composite with per-layer widths)."""
+    return load_model(directory, dtype=dtype, device=device).model
 
 
 def place(model: nn.Module, device: torch.device, headroom: float = 0.8) -> None:

@@ -13,7 +13,7 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,15 @@ from mosaic.load import DEFAULT_MODEL, Loaded, compute_device, load_model
 from mosaic.profile import profile_model
 from mosaic.prune import KERNELS, METHODS, measure, prune_from_norms, prune_model, uniform_map
 from mosaic.report import summary_text, write_plots
+from mosaic.restructure import (
+    budgets_from_allocation,
+    geometry,
+    kept_params,
+    plan_structure,
+    restructure,
+    unit_scores,
+)
+from mosaic.restructure import summary as structure_summary
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,9 @@ class Options:
     allocation_file: str | None = None
     Hyper_m: float = 5.0
     Lamda: float = 0.08
+    structured_ratio: float = 0.0
+    round_to: int = 8
+    uniform_widths: bool = False
     calib_dataset: str = "wiki-offline"
     nsamples: int = 128
     seqlen: int = 2048
@@ -72,12 +84,12 @@ class Options:
 # --- validation ------------------------------------------------------------------------------------
 
 def parse_sparsity_type(kind: str, sparsity: float) -> tuple[int, int] | None:
-    """None for unstructured, (N, M) for an N:M pattern whose ratio matches the sparsity."""
-    if kind == "unstructured":
+    """None for unstructured or composite, (N, M) for an N:M pattern whose ratio matches the sparsity."""
+    if kind in ("unstructured", "composite"):
         return None
     parts = kind.split(":")
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise UsageError("--sparsity_type", f"'{kind}' is not a type; use unstructured or N:M such as 2:4")
+        raise UsageError("--sparsity_type", f"'{kind}' is not a type; use unstructured, composite or N:M such as 2:4")
     n, m = int(parts[0]), int(parts[1])
     if not 0 < n < m:
         raise UsageError("--sparsity_type", f"'{kind}' needs 0 < N < M")
@@ -119,7 +131,17 @@ def validate(opts: Options) -> tuple[int, int] | None:
     if nm is not None and allocation not in ("uniform", "owl_nm"):
         raise UsageError("--sparsity_type", f"N:M gives every projection the same pattern, so allocation "
                          f"'{allocation}' cannot apply; use unstructured, or wanda_owl_structure for per-layer N:M")
-    for value, flag in ((opts.nsamples, "--nsamples"), (opts.seqlen, "--seqlen"),
+    if opts.sparsity_type == "composite":
+        if method.kernel not in ("wanda", "sparsegpt"):
+            raise UsageError("--sparsity_type", f"composite needs a Wanda or SparseGPT method, not {opts.prune_method}")
+        if not 0 <= opts.structured_ratio <= opts.sparsity_ratio:
+            raise UsageError("--structured_ratio", f"must be in [0, --sparsity_ratio {opts.sparsity_ratio:g}], "
+                             f"got {opts.structured_ratio:g}")
+    elif opts.structured_ratio:
+        raise UsageError("--structured_ratio", "removes whole heads and channels: add --sparsity_type composite")
+    if opts.uniform_widths and opts.sparsity_type != "composite":
+        raise UsageError("--uniform_widths", "applies to --sparsity_type composite only")
+    for value, flag in ((opts.round_to, "--round_to"), (opts.nsamples, "--nsamples"), (opts.seqlen, "--seqlen"),
                         (opts.calib_batch_size, "--calib_batch_size"), (opts.eval_windows, "--eval_windows"),
                         (opts.eval_seqlen, "--eval_seqlen"), (opts.eval_batch_size, "--eval_batch_size"),
                         (opts.blocksize, "--blocksize"), (opts.percdamp, "--percdamp"), (opts.Hyper_m, "--Hyper_m")):
@@ -211,12 +233,32 @@ def parameter_report(model) -> dict:
 
 # --- the run -------------------------------------------------------------------------------------------
 
+@dataclass
+class Plan:
+    """What a run will do, derived from the options before any work."""
+
+    method: str
+    kernel: object | None
+    allocation: str
+    nm: tuple[int, int] | None
+    composite: bool
+    mode: str
+
+
+def make_plan(opts: Options, nm) -> Plan:
+    method = METHODS[opts.prune_method]
+    return Plan(method=opts.prune_method, kernel=KERNELS.get(method.kernel) if method.kernel else None,
+                allocation=opts.allocation or method.allocation, nm=nm,
+                composite=opts.sparsity_type == "composite",
+                mode="sequential" if opts.true_sequential else "reference")
+
+
 def run(opts: Options) -> dict:
     nm = validate(opts)
-    method = METHODS[opts.prune_method]
-    kernel = KERNELS.get(method.kernel) if method.kernel else None
+    plan = make_plan(opts, nm)
     timer = Timer()
 
+    # load
     with timer("load"):
         loaded = load_model(opts.model, dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir,
                             device_map=opts.device_map, offline=opts.offline)
@@ -230,58 +272,74 @@ def run(opts: Options) -> dict:
     model_dtype = next(model.parameters()).dtype
     calib_dtype = resolve_calib_dtype(opts.calib_dtype, model_dtype, compute)
     before = parameter_report(model)
-    mode = "sequential" if opts.true_sequential else "reference"
+    kernel = plan.kernel
 
-    allocation = opts.allocation or method.allocation
-    sparsity_map, nm_plan, profile = None, [nm] * n_layers, None
-    file_exists = bool(opts.allocation_file) and Path(opts.allocation_file).is_file()
-    if kernel is not None and file_exists:
+    sparsity_map, nm_plan, profile, structure, file_alloc = None, [nm] * n_layers, None, None, False
+    if kernel is not None and opts.allocation_file and Path(opts.allocation_file).is_file():
         sparsity_map, file_nm = alloc.read_file(opts.allocation_file, n_layers)
-        nm_plan = file_nm or nm_plan
-        allocation = f"file:{opts.allocation_file}"
-    needs_profile = kernel is not None and sparsity_map is None and allocation != "uniform"
+        nm_plan, file_alloc = file_nm or nm_plan, True
+    needs_profile = kernel is not None and (plan.composite or (not file_alloc and plan.allocation != "uniform"))
     needs_calib = kernel is not None and (kernel.stats != "none" or needs_profile)
 
+    # calibrate
     windows = None
     if needs_calib:
         with timer("calibration_data"):
             windows = calibration_windows(tokenizer, opts.calib_dataset, opts.nsamples, seqlen, opts.seed)
 
     notes: list[dict] = []
+    composite_report = None
     if kernel is not None:
         with timer("prune"):
             acts = capture(model, adapter, windows, opts.calib_batch_size) if needs_calib else None
-            if acts is not None and mode == "sequential":
+            if acts is not None and plan.mode == "sequential":
                 _check_staged(model, adapter, acts, compute, calib_dtype)
+            # profile
             if needs_profile:
                 with timer("profile"):
-                    profile = profile_model(model, adapter, acts, opts.Hyper_m, compute=compute,
-                                            calib_dtype=calib_dtype)
-                if allocation == "owl_nm":
-                    nm_plan = alloc.owl_nm(profile.layer_ratios, nm[0], nm[1], opts.Lamda)
-                    sparsity_map = uniform_map(n_layers, opts.sparsity_ratio)
-                else:
-                    sparsity_map = alloc.allocate(allocation, profile, n_layers, opts.sparsity_ratio, opts.Lamda)
-                if opts.allocation_file:
-                    alloc.write_file(opts.allocation_file, sparsity_map, nm_plan,
-                                     {"model": opts.model, "method": opts.prune_method, "allocation": allocation,
-                                      "target": opts.sparsity_ratio, "Lamda": opts.Lamda, "Hyper_m": opts.Hyper_m})
-            sparsity_map = sparsity_map or uniform_map(n_layers, opts.sparsity_ratio)
+                    profile = profile_model(model, adapter, acts, opts.Hyper_m, compute=compute, calib_dtype=calib_dtype)
+            # restructure plan (composite): which heads and channels go
+            target, params = opts.sparsity_ratio, profile.params if profile else None
+            if plan.composite:
+                structure, composite_report = plan_composite(model, adapter, profile, plan, opts)
+                params = [kept_params(geometry(adapter, layer), p)
+                          for layer, p in zip(adapter.layers(model), structure)]
+                target = composite_report["unstructured_target"]
+            # allocate
+            if file_alloc:
+                pass
+            elif plan.allocation == "owl_nm":
+                nm_plan = alloc.owl_nm(profile.layer_ratios, nm[0], nm[1], opts.Lamda)
+                sparsity_map = uniform_map(n_layers, opts.sparsity_ratio)
+            elif plan.allocation == "uniform" or profile is None:
+                sparsity_map = uniform_map(n_layers, target)
+            else:
+                sparsity_map = alloc.allocate(plan.allocation, replace(profile, params=params), n_layers, target,
+                                              opts.Lamda)
+            if opts.allocation_file and not file_alloc:
+                alloc.write_file(opts.allocation_file, sparsity_map, nm_plan,
+                                 {"model": opts.model, "method": opts.prune_method, "allocation": plan.allocation,
+                                  "target": target, "Lamda": opts.Lamda, "Hyper_m": opts.Hyper_m})
+            # prune
             options = {"blocksize": opts.blocksize, "percdamp": opts.percdamp}
             if profile is not None and kernel.stats == "norms":
-                prune_from_norms(model, adapter, kernel, sparsity_map, nm_plan, profile.norms, compute)
+                prune_from_norms(model, adapter, kernel, sparsity_map, nm_plan, profile.norms, compute, structure)
             elif kernel.stats == "none":
                 notes = prune_model(model, adapter, kernel, sparsity_map, nm_plan, None, compute=compute)
             else:
                 if profile is not None:  # the profiling pass consumed the activations: replay layer 0
                     acts = capture(model, adapter, windows, opts.calib_batch_size)
-                notes = prune_model(model, adapter, kernel, sparsity_map, nm_plan, acts, mode=mode,
-                                    compute=compute, calib_dtype=calib_dtype, options=options)
+                notes = prune_model(model, adapter, kernel, sparsity_map, nm_plan, acts, mode=plan.mode,
+                                    compute=compute, calib_dtype=calib_dtype, options=options, structure=structure)
             del acts
+            # restructure: remove the planned heads and channels physically
+            if structure is not None:
+                restructure(model, adapter, structure)
 
     achieved = measure(model, adapter)
     after = parameter_report(model)
 
+    # evaluate
     ppl = {}
     with timer("evaluate"):
         for name in eval_names(opts):
@@ -299,19 +357,23 @@ def run(opts: Options) -> dict:
         "versions": versions(),
         "model": {"source": loaded.source, "path": loaded.path, "family": adapter.family, "layers": n_layers,
                   "dtype": str(model_dtype).replace("torch.", ""), "device": str(compute)},
-        "settings": {"seqlen": seqlen, "eval_seqlen": eval_seqlen, "mode": mode if kernel else None,
+        "settings": {"seqlen": seqlen, "eval_seqlen": eval_seqlen, "mode": plan.mode if kernel else None,
                      "calib_dtype": str(calib_dtype).replace("torch.", "") if needs_calib else None,
-                     "allocation": allocation if kernel else None, "nm": nm_plan if any(nm_plan) else None},
-        "sparsity": sparsity_report(opts.sparsity_ratio, sparsity_map, achieved, profile),
+                     "allocation": (f"file:{opts.allocation_file}" if file_alloc else plan.allocation) if kernel else None,
+                     "nm": nm_plan if any(nm_plan) else None},
+        "sparsity": sparsity_report(opts.sparsity_ratio, sparsity_map, achieved, profile, composite_report),
         "parameters": {"before": before, "after": after},
         "perplexity": ppl,
         "notes": notes,
     }
+    if composite_report is not None:
+        results["composite"] = composite_report
     if profile is not None:
         results["profile"] = profile.to_json()
-        if allocation in ("mosaic_ref", "owl", "mosaic"):
-            results["sparsity"]["allocated_overall"] = alloc.overall(sparsity_map, profile.params)
-            results["sparsity"]["drift"] = results["sparsity"]["allocated_overall"] - opts.sparsity_ratio
+        if sparsity_map is not None and plan.allocation in ("mosaic_ref", "owl", "mosaic") and not file_alloc:
+            report = results["sparsity"]
+            report["allocated_overall"] = alloc.overall(sparsity_map, params)
+            report["drift"] = report["allocated_overall"] - target
     return finish(results, loaded, opts, timer)
 
 
@@ -327,7 +389,35 @@ def _check_staged(model, adapter, acts, compute, calib_dtype) -> None:
         check_staged_forward(adapter, work, h, layer_kwargs(acts, 0, h, device, {}), atol=tol)
 
 
-def sparsity_report(target: float, allocated, achieved: dict, profile) -> dict:
+def plan_composite(model, adapter, profile, plan: Plan, opts: Options) -> tuple[list, dict]:
+    """Choose the heads and channels to remove (about R of the projection weights), and the unstructured
+    sparsity the kept weights need so that R plus it make S of the original weights."""
+    n_layers = len(profile.params)
+    layers = list(adapter.layers(model))
+    R = opts.structured_ratio
+    if plan.allocation in ("uniform", "owl_nm") or R == 0:
+        budget_map = uniform_map(n_layers, R)
+    else:
+        budget_map = alloc.allocate(plan.allocation, profile, n_layers, R, opts.Lamda)
+    scores = [unit_scores(adapter, layer, profile.norms[i][("o",)], profile.norms[i][("down",)])
+              for i, layer in enumerate(layers)]
+    budgets = budgets_from_allocation(budget_map, profile.params)
+    structure = plan_structure(adapter, layers, scores, budgets, round_to=opts.round_to,
+                               uniform_widths=opts.uniform_widths)
+    report = structure_summary(structure, profile.params, [geometry(adapter, layer) for layer in layers])
+    total, kept = report["params_before"], report["params_kept"]
+    removed = total - kept
+    report["unstructured_target"] = max(0.0, (opts.sparsity_ratio * total - removed) / kept)
+    report["requested_structured_ratio"] = R
+    if report["structured_ratio"] > opts.sparsity_ratio + 1e-9:
+        log.warning("structured removal %.4f exceeds --sparsity_ratio %.4f after rounding widths to multiples of %d",
+                    report["structured_ratio"], opts.sparsity_ratio, opts.round_to)
+    return structure, report
+
+
+def sparsity_report(target: float, allocated, achieved: dict, profile, composite: dict | None = None) -> dict:
+    """Allocated and achieved sparsity per (layer, projection). For composite runs the per-projection
+    fractions refer to the kept (sliced) weights and ``achieved`` overall to the original weights."""
     rows = []
     for i, got in enumerate(achieved["per_layer"]):
         for p, s in got.items():
@@ -337,8 +427,15 @@ def sparsity_report(target: float, allocated, achieved: dict, profile) -> dict:
             if profile is not None:
                 row["outlier_ratio"] = round(profile.ratios[i][p], 4)
             rows.append(row)
-    return {"target": target, "achieved": achieved["overall"], "zeros": achieved["zeros"],
-            "projection_params": achieved["params"], "per_projection": rows}
+    report = {"target": target, "achieved": achieved["overall"], "zeros": achieved["zeros"],
+              "projection_params": achieved["params"], "per_projection": rows}
+    if composite is not None:
+        before = composite["params_before"]
+        report["achieved"] = (before - achieved["params"] + achieved["zeros"]) / before
+        report["structured"] = composite["structured_ratio"]
+        report["unstructured"] = achieved["zeros"] / before
+        report["projection_params_before"] = before
+    return report
 
 
 def finish(results: dict, loaded: Loaded, opts: Options, timer: Timer) -> dict:

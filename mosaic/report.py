@@ -8,7 +8,7 @@ from mosaic.adapter import PROJECTIONS
 
 
 def _m(n: int) -> str:
-    return f"{n / 1e6:.1f}M"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
 def _mb(n: int) -> str:
@@ -24,8 +24,12 @@ def summary_text(r: dict) -> str:
     if r["settings"].get("mode"):
         head += f" · target {s['target']:.2%} {kind}" + (f" · allocation {alloc}" if alloc else "")
     lines = [head]
-    lines.append(f"  sparsity     {s['achieved']:.4%} of decoder projection weights are zero "
-                 f"({s['zeros']:,} of {s['projection_params']:,})")
+    if "structured" in s:
+        lines.append(f"  removed      {s['achieved']:.4%} of decoder projection weights: {s['structured']:.2%} as whole "
+                     f"heads/channels, {s['unstructured']:.2%} as zeros in what is kept")
+    else:
+        lines.append(f"  sparsity     {s['achieved']:.4%} of decoder projection weights are zero "
+                     f"({s['zeros']:,} of {s['projection_params']:,})")
     if "drift" in s:
         lines.append(f"  allocation   weighted mean {s['allocated_overall']:.4%} (drift {s['drift']:+.4%} from target)")
     before, after = r["parameters"]["before"], r["parameters"]["after"]
@@ -35,6 +39,10 @@ def summary_text(r: dict) -> str:
     if "checkpoint" in r:
         bytes_line += f"; checkpoint {_mb(r['checkpoint']['safetensors_bytes'])} of safetensors"
     lines.append(bytes_line)
+    if "composite" in r:
+        widths = r["composite"]["layers"]
+        lines.append(f"  widths       heads {min(w['heads'] for w in widths)}–{max(w['heads'] for w in widths)}, "
+                     f"MLP {min(w['intermediate'] for w in widths)}–{max(w['intermediate'] for w in widths)} per layer")
     if after["bytes"] == before["bytes"] and s["achieved"] > 0:
         lines.append("               (unstructured zeros are stored dense: no size or speed gain by themselves)")
     for name, p in r["perplexity"].items():

@@ -63,6 +63,32 @@ def uniform_map(num_layers: int, sparsity: float) -> SparsityMap:
     return [dict.fromkeys(PROJECTIONS, sparsity) for _ in range(num_layers)]
 
 
+def prune_group(adapter: Adapter, layer: nn.Module, group: tuple[str, ...], stats, kernel: Kernel,
+                sparsities: dict[str, float], nm: tuple[int, int] | None, options: dict, plan=None) -> list[dict]:
+    """Prune one projection group of one layer in place. With a structure ``plan`` (composite pruning),
+    only the kept rows are pruned unstructured, and input columns feeding removed units are removed whole
+    (the kernel compensates for them where it can); the sparsities then refer to what is kept."""
+    from mosaic.restructure import selection
+
+    projections = [adapter.projection(layer, p) for p in group]
+    sps = [sparsities[p] for p in group]
+    rows, kept_columns = selection(plan, adapter.head_dim(layer), group) if plan is not None else ({}, None)
+    if all(s == 0 for s in sps) and nm is None and kept_columns is None:
+        return []
+    weights = [proj.weight.data[rows[p].to(proj.weight.device)] if p in rows else proj.weight.data
+               for p, proj in zip(group, projections)]
+    extra = dict(options)
+    if kept_columns is not None:
+        forced = torch.ones(projections[0].in_features, dtype=torch.bool)
+        forced[kept_columns] = False
+        extra["forced_columns"] = forced
+    infos = kernel.prune(weights, stats, sps, nm, **extra)
+    for p, proj, w in zip(group, projections, weights):
+        if p in rows:
+            proj.weight.data[rows[p].to(w.device)] = w
+    return [{"projection": p, **info} for p, info in zip(group, infos) if info]
+
+
 def prune_model(
     model: nn.Module,
     adapter: Adapter,
@@ -75,19 +101,16 @@ def prune_model(
     compute: torch.device | None = None,
     calib_dtype: torch.dtype | None = None,
     options: dict | None = None,
+    structure: list | None = None,
 ) -> list[dict]:
     """Prune every projection of every layer; returns notes (e.g. extra damping) per projection."""
     options = options or {}
     notes: list[dict] = []
 
     def on_group(index: int, layer: nn.Module, group: tuple[str, ...], stats) -> None:
-        weights = [adapter.projection(layer, p).weight.data for p in group]
-        sps = [sparsity[index][p] for p in group]
-        if all(s == 0 for s in sps) and nm[index] is None:
-            return
-        for p, info in zip(group, kernel.prune(weights, stats, sps, nm[index], **options)):
-            if info:
-                notes.append({"layer": index, "projection": p, **info})
+        plan = structure[index] if structure else None
+        for note in prune_group(adapter, layer, group, stats, kernel, sparsity[index], nm[index], options, plan):
+            notes.append({"layer": index, **note})
 
     if kernel.stats == "none":
         compute = compute or next(model.parameters()).device
@@ -104,7 +127,8 @@ def prune_model(
 
 
 def prune_from_norms(model: nn.Module, adapter: Adapter, kernel: Kernel, sparsity: SparsityMap, nm: NMPlan,
-                     norms: list[dict[tuple[str, ...], torch.Tensor]], compute: torch.device | None = None) -> None:
+                     norms: list[dict[tuple[str, ...], torch.Tensor]], compute: torch.device | None = None,
+                     structure: list | None = None) -> None:
     """Prune with Wanda (or magnitude) from per-group input norms kept from a profiling pass, so no
     second calibration pass is needed."""
     from mosaic.stats import InputStats
@@ -114,8 +138,8 @@ def prune_from_norms(model: nn.Module, adapter: Adapter, kernel: Kernel, sparsit
         with on_device(layer, compute) as device:
             for group in GROUPS:
                 stats = InputStats.from_norms(norms[index][group].to(device)) if kernel.stats != "none" else None
-                weights = [adapter.projection(layer, p).weight.data for p in group]
-                kernel.prune(weights, stats, [sparsity[index][p] for p in group], nm[index])
+                prune_group(adapter, layer, group, stats, kernel, sparsity[index], nm[index], {},
+                            structure[index] if structure else None)
 
 
 def measure(model: nn.Module, adapter: Adapter) -> dict:

@@ -36,14 +36,18 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float, tries: int = 5) -> 
     raise RuntimeError(f"Cholesky failed even with damping {damp / 10:g} × mean diagonal")
 
 
-def _block_budget(rows: int, cols: int, sparsity: float, i1: int, i2: int) -> int:
+def _block_budget(rows: int, sparsity: float, i1: int, i2: int) -> int:
     """Prunes due in columns [i1, i2) so that the running total tracks round(s · rows · columns)."""
     return int(round(sparsity * rows * i2)) - int(round(sparsity * rows * i1))
 
 
 def solve(W: torch.Tensor, U: torch.Tensor, segments: list[tuple[int, int, float]],
-          nm: tuple[int, int] | None, blocksize: int) -> None:
-    """Prune W [rows, cols] in place. ``segments`` are (row_start, row_end, sparsity) per projection."""
+          nm: tuple[int, int] | None, blocksize: int, forced: int = 0) -> None:
+    """Prune W [rows, cols] in place. ``segments`` are (row_start, row_end, sparsity) per projection.
+
+    The first ``forced`` columns are removed whole (structured pruning); the sparsities then apply to
+    the remaining columns, and the OBS updates move the removed columns' contribution onto them.
+    """
     rows, cols = W.shape
     if nm and blocksize % nm[1]:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M={nm[1]}")
@@ -53,10 +57,15 @@ def solve(W: torch.Tensor, U: torch.Tensor, segments: list[tuple[int, int, float
         d = U1.diagonal()
         W1 = W[:, i1:i2].t().contiguous()  # [count, rows]: one column of W is one contiguous row here
         mask = torch.zeros_like(W1, dtype=torch.bool)
+        if i1 < forced:
+            mask[: min(i2, forced) - i1] = True
         if nm is None:
             score = W1.square() / d.square().unsqueeze(1)
+            lo = max(forced - i1, 0)  # first column of this block open to selection
             for r0, r1, s in segments:
-                mask[:, r0:r1] = smallest_k(score[:, r0:r1], _block_budget(r1 - r0, cols, s, i1, i2))
+                budget = _block_budget(r1 - r0, s, max(i1 - forced, 0), max(i2 - forced, 0))
+                if lo < i2 - i1:
+                    mask[lo:, r0:r1] = smallest_k(score[lo:, r0:r1], budget)
         scaled = mask / d.unsqueeze(1)  # err_j = w_j · mask_j / d_j
         err = torch.empty_like(W1)
         for j in range(i2 - i1):
@@ -72,9 +81,19 @@ def solve(W: torch.Tensor, U: torch.Tensor, segments: list[tuple[int, int, float
 
 
 def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float],
-          nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01, **_) -> list[dict]:
+          nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01,
+          forced_columns: torch.Tensor | None = None, **_) -> list[dict]:
+    """``forced_columns`` (bool, per input column): columns removed whole, with OBS compensation."""
     H = stats.hessian().to(weights[0].device)
     W = torch.cat([w.float() for w in weights], dim=0)
+    order, forced = None, 0
+    if forced_columns is not None and bool(forced_columns.any()):
+        if nm is not None:
+            raise ValueError("N:M cannot be combined with structured column removal")
+        forced_columns = forced_columns.to(W.device)
+        order = torch.cat([forced_columns.nonzero().squeeze(1), (~forced_columns).nonzero().squeeze(1)])
+        forced = int(forced_columns.sum())
+        W, H = W[:, order], H[order][:, order]
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -84,7 +103,9 @@ def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float
     for w, s in zip(weights, sparsities):
         segments.append((r0, r0 + w.shape[0], s))
         r0 += w.shape[0]
-    solve(W, U, segments, nm, blocksize)
+    solve(W, U, segments, nm, blocksize, forced)
+    if order is not None:
+        W = W[:, order.argsort()]
     for w, part in zip(weights, W.split([w.shape[0] for w in weights])):
         w.copy_(part)
     info = {"damp": damp} if damp != percdamp else {}

@@ -1,0 +1,68 @@
+"""Shared helpers for the benchmark scripts: run main.py in a fresh process, describe the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmark" / "results"
+
+# the yardstick settings from the developers' guide
+YARDSTICK = ["--nsamples", "32", "--seqlen", "512", "--eval_windows", "16"]
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": time.strftime("%Y-%m-%d")}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def run_main(args: list[str], timeout: int = 3600) -> dict:
+    """Run one pruning job in a fresh process and return its results.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, str(ROOT / "main.py"), *args, "--save", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+        return json.loads((out / "results.json").read_text())
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM"
+            + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
+            + f"; Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads), "
+            f"transformers {m.get('transformers')}; {m['date']}")
+
+
+def write(name: str, markdown: str, data: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(markdown)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(markdown)
