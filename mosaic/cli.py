@@ -82,6 +82,14 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--eval_windows", type=_int_or_none, default=None, help="at most this many windows (default all)")
     g.add_argument("--eval_seqlen", type=int, default=d.eval_seqlen, help="tokens per perplexity window")
     g.add_argument("--eval_batch_size", type=int, default=d.eval_batch_size)
+    g.add_argument("--eval_dtype", default=d.eval_dtype,
+                   help="dtype of the evaluation forwards: model (default) or float32/bfloat16/float16 (a per-layer copy)")
+
+    g.add_argument("--eval_zero_shot", nargs="?", const="all", default=None, metavar="TASKS",
+                   help="lm-eval zero-shot accuracy: a comma list, or all (default when the flag is bare) = boolq, "
+                        "rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa; piqa also offline")
+    g.add_argument("--zs_limit", type=_int_or_none, default=None, help="at most N items per zero-shot task")
+    g.add_argument("--zs_batch_size", type=int, default=d.zs_batch_size, help="lm-eval batch size (set on HFLM)")
 
     g = p.add_argument_group("output")
     g.add_argument("--save", default=None, help="directory for results.json, summary.txt and plots")

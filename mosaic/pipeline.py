@@ -23,8 +23,10 @@ from mosaic import allocate as alloc
 from mosaic.calibrate import capture, check_staged_forward, layer_kwargs
 from mosaic.data import KNOWN, calibration_windows, eval_tokens
 from mosaic.errors import UsageError
+from mosaic.eval import zeroshot as zs
 from mosaic.eval.perplexity import perplexity
 from mosaic.export import atomic_dir, check_writable, save_checkpoint, write_json
+from mosaic.hub import hub_reachable
 from mosaic.load import DEFAULT_MODEL, Loaded, compute_device, load_model
 from mosaic.profile import profile_model
 from mosaic.prune import KERNELS, METHODS, measure, prune_from_norms, prune_model, uniform_map
@@ -75,6 +77,10 @@ class Options:
     eval_windows: int | None = None
     eval_seqlen: int = 2048
     eval_batch_size: int = 1
+    eval_dtype: str = "model"
+    eval_zero_shot: str | None = None
+    zs_limit: int | None = None
+    zs_batch_size: int = 16
     save: str | None = None
     save_model: str | None = None
     overwrite: bool = False
@@ -154,6 +160,13 @@ def validate(opts: Options) -> tuple[int, int] | None:
         _dataset(opts.calib_dataset, "--calib_dataset")
     for name in eval_names(opts):
         _dataset(name, "--eval_datasets")
+    if opts.eval_zero_shot is not None:
+        _zero_shot_tasks(opts)
+    _positive(opts.zs_batch_size, "--zs_batch_size")
+    if opts.zs_limit is not None:
+        _positive(opts.zs_limit, "--zs_limit")
+    if opts.eval_dtype not in ("model", "float32", "bfloat16", "float16"):
+        raise UsageError("--eval_dtype", f"'{opts.eval_dtype}' is not one of model, float32, bfloat16, float16")
     if opts.calib_dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UsageError("--calib_dtype", f"'{opts.calib_dtype}' is not one of auto, float32, bfloat16, float16")
     check_writable(opts.save, "--save", opts.overwrite)
@@ -164,6 +177,16 @@ def validate(opts: Options) -> tuple[int, int] | None:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+def _zero_shot_tasks(opts: Options) -> list[str]:
+    tasks = zs.parse_tasks(opts.eval_zero_shot)
+    if opts.offline or not hub_reachable():
+        unknown = [t for t in tasks if t not in zs.OFFLINE_FILES]
+        if unknown:
+            raise UsageError("--eval_zero_shot", f"no offline data for {', '.join(unknown)}; offline tasks are "
+                             f"{', '.join(zs.OFFLINE_FILES)} (others need the hub)")
+    return tasks
+
 
 class Timer:
     def __init__(self):
@@ -348,7 +371,18 @@ def run(opts: Options) -> dict:
                 raise UsageError("--eval_datasets", f"'{name}' has {ids.numel()} tokens, fewer than one window of "
                                  f"--eval_seqlen {eval_seqlen}")
             ppl[name] = perplexity(model, adapter, ids, eval_seqlen, opts.eval_windows, opts.eval_batch_size,
-                                   compute, desc=f"ppl {name}")
+                                   compute, desc=f"ppl {name}",
+                                   dtype=None if opts.eval_dtype == "model" else getattr(torch, opts.eval_dtype))
+
+    zero_shot = None
+    if opts.eval_zero_shot is not None:
+        with timer("zero_shot"):
+            try:
+                zero_shot = zs.evaluate(model, tokenizer, _zero_shot_tasks(opts), limit=opts.zs_limit,
+                                        batch_size=opts.zs_batch_size, offline=opts.offline or not hub_reachable(),
+                                        data_dir=zs.default_data_dir(opts.cache_dir))
+            except zs.ZeroShotError as err:
+                raise UsageError("--eval_zero_shot", str(err).removeprefix("--eval_zero_shot: ")) from err
 
     results = {
         "mosaic_version": __version__,
@@ -366,6 +400,8 @@ def run(opts: Options) -> dict:
         "perplexity": ppl,
         "notes": notes,
     }
+    if zero_shot is not None:
+        results["zero_shot"] = zero_shot
     if composite_report is not None:
         results["composite"] = composite_report
     if profile is not None:

@@ -49,6 +49,10 @@ def summary_text(r: dict) -> str:
         lines.append(f"  perplexity   {name}: {p['ppl']:.3f} ({p['windows']} windows × {p['seqlen']} tokens)")
     for task, z in r.get("zero_shot", {}).get("tasks", {}).items():
         lines.append(f"  zero-shot    {task}: acc {z['acc']:.4f}" + (f", acc_norm {z['acc_norm']:.4f}" if "acc_norm" in z else ""))
+    if "zero_shot" in r:
+        z = r["zero_shot"]
+        lines.append(f"  zero-shot    mean acc {z['mean_acc']:.4f} over {len(z['tasks'])} tasks"
+                     + (f" (limit {z['limit']} per task)" if z.get("limit") else ""))
     t = r.get("time_s", {})
     lines.append("  time         " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
     if "memory" in r:

