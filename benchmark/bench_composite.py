@@ -82,8 +82,8 @@ def main() -> None:
              "decoder projection weights removed in total, R = share removed structurally (heads and MLP channels); "
              "the tied 28M-parameter embedding is never pruned. Disk: the fp32 safetensors checkpoint. Latency: "
              "each checkpoint reloaded in a fresh process (`benchmark/latency.py`), torch CPU, 2 threads; prefill "
-             "= one forward of 1 × 512 tokens (median of 5); decode = greedy `generate` of 128 new tokens after a "
-             "32-token prompt (median of 3), tokens/s over all sequences; peak RSS of that process (Python + torch "
+             "= one forward of 1 × 512 tokens (median of 3); decode = greedy `generate` of 128 new tokens after a "
+             "32-token prompt (batch 1: median of 2; batch 8: one run), tokens/s over all sequences; peak RSS of that process (Python + torch "
              "+ model). Produced by `python benchmark/bench_composite.py`.", "",
              "| model | params | disk (MB) | ppl | fp32 prefill (ms) | fp32 decode b1 (tok/s) | fp32 decode b8 | "
              "bf16 prefill (ms) | bf16 decode b1 | bf16 decode b8 | RSS fp32 (GiB) |",
