@@ -23,7 +23,7 @@ NOTES = """
 Notes (what we found; targets judged on this table, never tuned on the eval split):
 - Wanda: the per-projection `mosaic` allocation is the best of the four at 0.7 (−28% vs uniform) and 0.8
   (−72%), but loses to uniform at 0.6 (+19%) and ties at 0.5. OWL's per-layer rule helps at 0.5 and 0.7 only.
-- SparseGPT: its weight update compensates most of what an allocation changes; all four stay within ±9% of
+- SparseGPT: its weight update compensates most of what an allocation changes; uniform, owl and mosaic stay within ±9% of
   uniform, `mosaic` is best only at 0.6 (−7%) and is +2% at 0.8. So the issue's target (mosaic lowest at
   every S ≥ 0.6 and ≥30% below uniform at 0.8) is met for Wanda at 0.7/0.8 only.
 - Why: probes on calibration-split text (Wanda 70%, one projection type held at 0.6 while the rest
