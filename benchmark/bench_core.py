@@ -11,8 +11,11 @@ of one plain forward pass of the calibration set. Every job runs in a fresh proc
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -58,7 +61,14 @@ def main() -> None:
     m = machine()
     fwd = plain_forward_seconds()
     rows = []
+    # CORE_RESUME=rows.jsonl: reuse rows measured by an interrupted run (same machine, same settings)
+    done = {}
+    if os.environ.get("CORE_RESUME"):
+        done = {r["label"]: r for r in map(json.loads, Path(os.environ["CORE_RESUME"]).read_text().splitlines())}
     for label, method, kind, extra in JOBS:
+        if label in done:
+            rows.append(done[label])
+            continue
         r = run_main(["--prune_method", method, "--sparsity_ratio", "0.5", "--sparsity_type", kind, *YARDSTICK, *extra])
         sparsity = float(extra[extra.index("--sparsity_ratio") + 1]) if "--sparsity_ratio" in extra else 0.5
         rows.append({"label": label, "method": method, "type": kind, "extra": extra, "sparsity": sparsity,

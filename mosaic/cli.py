@@ -71,10 +71,12 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--calib_dtype", default=d.calib_dtype,
                    help="precision of calibration forwards: auto (bf16 for fp32 models on CPUs with native bf16), "
                         "float32, bfloat16, float16; weights and statistics stay fp32")
-    g.add_argument("--true_sequential", action=argparse.BooleanOptionalAction, default=d.true_sequential,
+    g.add_argument("--true_sequential", dest="true_sequential", action="store_true", default=d.true_sequential,
                    help="statistics of each projection group after pruning the earlier groups of the layer "
                         "(q,k,v → o → gate,up → down), in one forward per layer; --no_true_sequential: "
                         "the reference code's two-pass loop")
+    g.add_argument("--no_true_sequential", "--no-true_sequential", dest="true_sequential", action="store_false",
+                   help="the reference code's two-pass loop")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_datasets", default=d.eval_datasets,

@@ -123,3 +123,11 @@ def test_real_entry_point_reports_argparse_errors_on_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "main.py: error: --prune_method: unknown method 'nope'; choose from " + ", ".join(
             __import__("mosaic.prune", fromlist=["METHODS"]).METHODS) )
+
+
+def test_true_sequential_flag_spellings():
+    from mosaic.cli import parse_options
+
+    assert parse_options([]).true_sequential is True
+    assert parse_options(["--no_true_sequential"]).true_sequential is False  # the reference code's spelling
+    assert parse_options(["--no-true_sequential"]).true_sequential is False
