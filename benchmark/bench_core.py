@@ -71,6 +71,7 @@ def main() -> None:
             continue
         r = run_main(["--prune_method", method, "--sparsity_ratio", "0.5", "--sparsity_type", kind, *YARDSTICK, *extra])
         sparsity = float(extra[extra.index("--sparsity_ratio") + 1]) if "--sparsity_ratio" in extra else 0.5
+        sparsity = 0.0 if method == "dense" else sparsity
         rows.append({"label": label, "method": method, "type": kind, "extra": extra, "sparsity": sparsity,
                      "prune_s": r["time_s"].get("prune"), "peak_rss_gib": r["memory"]["peak_rss_gib"],
                      "ppl": r["perplexity"]["wiki-offline"]["ppl"], "achieved": r["sparsity"]["achieved"],
