@@ -181,10 +181,10 @@ def validate(opts: Options) -> tuple[int, int] | None:
 def _zero_shot_tasks(opts: Options) -> list[str]:
     tasks = zs.parse_tasks(opts.eval_zero_shot)
     if opts.offline or not hub_reachable():
-        unknown = [t for t in tasks if t not in zs.OFFLINE_FILES]
-        if unknown:
-            raise UsageError("--eval_zero_shot", f"no offline data for {', '.join(unknown)}; offline tasks are "
-                             f"{', '.join(zs.OFFLINE_FILES)} (others need the hub)")
+        try:
+            zs.check_offline_tasks(tasks)
+        except zs.ZeroShotError as err:
+            raise UsageError("--eval_zero_shot", str(err).removeprefix("--eval_zero_shot: ")) from err
     return tasks
 
 

