@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mosaic.errors import UsageError
+from mosaic.errors import OptionError
 
 PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -141,5 +141,5 @@ def adapter_for(model_or_config) -> Adapter:
     family = model_type.removeprefix("mosaic_")
     if family not in FAMILIES:
         supported = ", ".join(f"{k} ({v})" for k, v in FAMILIES.items())
-        raise UsageError("--model", f"architecture '{model_type}' is not supported; supported: {supported}")
+        raise OptionError("model", f"architecture '{model_type}' is not supported; supported: {supported}")
     return Adapter(family=family, paths=_LLAMA_PATHS)

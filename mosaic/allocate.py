@@ -18,7 +18,8 @@ mosaic_ref  The released Mosaic code (algorithms.md §5.2): s[i][p] = S − c_L[
             c_L = minmax(D_layer)·2λ and c_p = minmax(D[·][p])·2λ; values ≤ 0 become 0.01. Its
             global sparsity drifts from S; the drift is reported. Values ≥ 1 are capped at 0.99.
 owl_nm      OWL's layer-wise N:M (``wanda_owl_structure``): c = minmax(D_layer)·λ, c −= mean c,
-            N[i] = N − round(c[i]) (round half to even), clipped to [0, M].
+            N[i] = N − round(c[i]) (round half to even), clipped to [0, M]. Its defaults are the
+            OWL README's for N:M, λ = 2 and M = 6 (``HYPER_DEFAULTS``).
 
 A degenerate profile (all ratios equal, or one layer) falls back to uniform with a warning.
 For owl and mosaic, values are clipped to [0, 0.99] and re-centred with the same offset solve, so
@@ -31,17 +32,28 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from mosaic.adapter import PROJECTIONS
-from mosaic.errors import UsageError
+from mosaic.errors import OptionError
 from mosaic.prune import NMPlan, SparsityMap, uniform_map
 
 log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("uniform", "owl", "mosaic", "mosaic_ref")
+# (λ, M) when --Lamda / --Hyper_m are not given: the papers' unstructured defaults (OWL README: λ=0.08,
+# M=5), and for OWL's layer-wise N:M the values its README uses for 5:8 (λ=2, M=6). With λ=0.08 the
+# N:M offsets c − mean(c) lie in (−0.08, 0.08) and round to 0 everywhere: a no-op.
+HYPER_DEFAULTS = {"owl_nm": (2.0, 6.0)}
+DEFAULT_HYPER = (0.08, 5.0)
 MAX_SPARSITY = 0.99
 FORMAT = "mosaic-allocation/1"
+
+
+def hyper_defaults(allocation: str) -> tuple[float, float]:
+    """Default (λ, M) for an allocation rule."""
+    return HYPER_DEFAULTS.get(allocation, DEFAULT_HYPER)
 
 
 def minmax(values: list[float]) -> list[float] | None:
@@ -136,14 +148,14 @@ def allocate(name: str, profile, n_layers: int, target: float, lam: float) -> Sp
     if name == "uniform":
         return uniform_map(n_layers, target)
     if target > MAX_SPARSITY:
-        raise UsageError("--sparsity_ratio", f"{target} is above {MAX_SPARSITY}, the most any projection may get")
+        raise OptionError("sparsity_ratio", f"{target} is above {MAX_SPARSITY}, the most any projection may get")
     if name == "owl":
         return owl(profile.layer_ratios, profile.params, target, lam)
     if name == "mosaic":
         return mosaic(profile.ratios, profile.params, target, lam)
     if name == "mosaic_ref":
         return mosaic_ref(profile.ratios, profile.layer_ratios, target, lam)
-    raise UsageError("--allocation", f"unknown allocation '{name}'; use one of {', '.join(ALLOCATIONS)}")
+    raise OptionError("allocation", f"unknown allocation '{name}'; use one of {', '.join(ALLOCATIONS)}")
 
 
 def overall(sparsity: SparsityMap, params: list[dict[str, int]]) -> float:
@@ -154,11 +166,12 @@ def overall(sparsity: SparsityMap, params: list[dict[str, int]]) -> float:
 # --- allocation files ----------------------------------------------------------------------------
 
 def write_file(path: str | os.PathLike, sparsity: SparsityMap, nm: NMPlan, meta: dict) -> None:
-    """Write the map atomically (temp file, then rename)."""
+    """Write the map atomically (temp file, then rename), at full precision: applying the file gives
+    exactly the model that produced it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": FORMAT, **meta, "projections": list(PROJECTIONS),
-           "sparsity": [{p: round(row[p], 6) for p in PROJECTIONS} for row in sparsity],
+           "sparsity": [{p: float(row[p]) for p in PROJECTIONS} for row in sparsity],
            "nm": [list(x) if x else None for x in nm]}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
@@ -166,28 +179,69 @@ def write_file(path: str | os.PathLike, sparsity: SparsityMap, nm: NMPlan, meta:
     os.replace(tmp, path)
 
 
-def read_file(path: str | os.PathLike, n_layers: int) -> tuple[SparsityMap, NMPlan | None]:
-    flag = "--allocation_file"
+@dataclass
+class AllocationFile:
+    sparsity: SparsityMap
+    nm: NMPlan | None  # None: the file prescribes no N:M pattern
+    meta: dict  # everything else the file records (target, method, ...)
+
+
+def read_file(path: str | os.PathLike) -> AllocationFile:
+    """Parse and check an allocation file on its own; ``check_file`` checks it against a run."""
+    option = "allocation_file"
     try:
         doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(flag, f"cannot read {path}: {e}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OptionError(option, f"cannot read {path}: {e}") from e
     rows = doc.get("sparsity") if isinstance(doc, dict) else None
-    if not isinstance(rows, list) or len(rows) != n_layers:
-        got = len(rows) if isinstance(rows, list) else "no"
-        raise UsageError(flag, f"{path} has {got} layers of sparsity; this model has {n_layers}")
+    if not isinstance(rows, list) or not rows:
+        raise OptionError(option, f"{path} has no 'sparsity' list (one {{projection: sparsity}} per layer)")
     sparsity: SparsityMap = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or set(row) != set(PROJECTIONS):
-            raise UsageError(flag, f"{path}: layer {i} must list exactly the projections {', '.join(PROJECTIONS)}")
+            raise OptionError(option, f"{path}: layer {i} must list exactly the projections {', '.join(PROJECTIONS)}")
         for p, s in row.items():
-            if not isinstance(s, int | float) or not 0 <= s < 1:
-                raise UsageError(flag, f"{path}: layer {i} {p} sparsity {s!r} is not in [0, 1)")
+            if isinstance(s, bool) or not isinstance(s, int | float) or not 0 <= s < 1:
+                raise OptionError(option, f"{path}: layer {i} {p} sparsity {s!r} is not in [0, 1)")
         sparsity.append({p: float(row[p]) for p in PROJECTIONS})
     nm = doc.get("nm")
     plan = None
     if nm is not None and any(x for x in nm):
-        if len(nm) != n_layers:
-            raise UsageError(flag, f"{path}: 'nm' lists {len(nm)} layers; this model has {n_layers}")
-        plan = [tuple(x) if x else None for x in nm]
-    return sparsity, plan
+        if not isinstance(nm, list) or len(nm) != len(rows):
+            raise OptionError(option, f"{path}: 'nm' must list one [N, M] (or null) per layer, like 'sparsity'")
+        plan = []
+        for i, x in enumerate(nm):
+            ok = (isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+                  and 0 <= x[0] < x[1])
+            if not ok:
+                raise OptionError(option, f"{path}: layer {i} 'nm' entry {x!r} is not [N, M] with 0 <= N < M")
+            plan.append(tuple(x))
+        if len({m for _, m in plan}) != 1:
+            raise OptionError(option, f"{path}: 'nm' mixes group sizes M {sorted({m for _, m in plan})}; use one M")
+    meta = {k: v for k, v in doc.items() if k not in ("sparsity", "nm", "projections")}
+    return AllocationFile(sparsity, plan, meta)
+
+
+def check_file(f: AllocationFile, path: str, n_layers: int, target: float, nm: tuple[int, int] | None,
+               structured_ratio: float) -> None:
+    """The file must fit the model and agree with the run's target, pattern and structured share."""
+    option = "allocation_file"
+    if len(f.sparsity) != n_layers:
+        raise OptionError(option, f"{path} has {len(f.sparsity)} layers of sparsity; this model has {n_layers}")
+    declared = f.meta.get("target")
+    if isinstance(declared, int | float) and abs(declared - target) > 1e-9:
+        raise OptionError(option, f"{path} was made for a target sparsity of {declared:g}, but --sparsity_ratio is "
+                          f"{target:g}; pass --sparsity_ratio {declared:g} or another file")
+    declared_r = f.meta.get("structured_ratio", 0.0) or 0.0
+    if isinstance(declared_r, int | float) and abs(declared_r - structured_ratio) > 1e-9:
+        raise OptionError(option, f"{path} was made with --structured_ratio {declared_r:g}, not {structured_ratio:g}")
+    if f.nm is None and nm is not None and any(abs(v - nm[0] / nm[1]) > 1e-9 for row in f.sparsity for v in row.values()):
+        raise OptionError(option, f"{path} holds per-projection sparsities, but --sparsity_type {nm[0]}:{nm[1]} "
+                          "prunes one pattern everywhere; use --sparsity_type unstructured or another file")
+    if f.nm is not None:
+        if nm is None:
+            raise OptionError(option, f"{path} prescribes N:M patterns per layer; pass --sparsity_type "
+                              f"N:{f.nm[0][1]} (e.g. the mean pattern) or another file")
+        if f.nm[0][1] != nm[1]:
+            raise OptionError(option, f"{path} uses groups of M={f.nm[0][1]}, but --sparsity_type is "
+                              f"{nm[0]}:{nm[1]}")

@@ -13,7 +13,13 @@
                each group (``Adapter.staged_forward``) for all batches at once.
    reference   As the reference Wanda/SparseGPT/OWL code: statistics of all groups from the still
                dense layer, prune, then a second forward with the pruned layer for the next input.
-   dense       Statistics only (profiling): the callback must not change weights; outputs are dense.
+   dense       Statistics of the dense model: every layer's outputs are computed before its callback
+               runs, so the next layer sees dense inputs whatever the callback prunes (profiling, and
+               pruning with ``calib_stats="dense"``).
+
+In the first two modes each layer's inputs are the outputs of the already-pruned layers before it
+(``calib_stats="sequential"``, the reference pruning pass); in ``dense`` mode they are the dense
+model's. That choice is the run's statistics source, and it is the same for every kernel.
 """
 
 from __future__ import annotations
@@ -66,8 +72,7 @@ class _Recorder(nn.Module):
 
 
 @torch.no_grad()
-def capture(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, batch_size: int,
-            store: torch.device | None = None) -> Activations:
+def capture(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, batch_size: int) -> Activations:
     """Layer-0 inputs of ``input_ids`` [n, L] in batches, plus the kwargs every layer is called with."""
     layers = adapter.layers(model)
     originals = list(layers)
@@ -84,8 +89,7 @@ def capture(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, batch_s
             sink.clear()
             with suppress(_Stop):
                 model(input_ids=batch, use_cache=False)
-            h0 = sink[0][0]
-            hidden.append(h0 if store is None else h0.to(store))
+            hidden.append(sink[0][0])
             if batch.shape[0] not in by_size:
                 by_size[batch.shape[0]] = [_strip(sink[i][1]) for i in range(len(layers))]
     finally:
@@ -172,12 +176,11 @@ def run_layers(
     compute: torch.device | None = None,
     calib_dtype: torch.dtype | None = None,
     desc: str = "layers",
-    keep_last_outputs: bool = False,
 ) -> None:
     """Walk all decoder layers, calling ``on_group`` with each group's input statistics.
 
     ``acts.hidden`` is advanced to each layer's outputs as it goes (the last layer's outputs are
-    only computed when ``keep_last_outputs``). With ``calib_dtype`` the forwards run in that dtype on
+    not computed in reference mode, and not kept). With ``calib_dtype`` the forwards run in that dtype on
     a copy of each layer, while ``on_group`` sees (and prunes) the layer itself.
     """
     if mode not in MODES:
@@ -203,10 +206,10 @@ def run_layers(
                 outputs = _sequential(adapter, work, index, inputs, kwargs, on_work_group, hessian)
             else:
                 outputs = _dense_stages(adapter, work, index, inputs, kwargs, on_work_group, hessian)
-                if mode == "reference" and (keep_last_outputs or not last):
+                if mode == "reference" and not last:
                     outputs = [_tensor(work(h, **kw)) for h, kw in zip(inputs, kwargs)]
             del work
-            if keep_last_outputs or not last:
+            if not last:
                 acts.hidden = [o.to(h.device) for o, h in zip(outputs, acts.hidden)]
         cache = {k: v for k, v in cache.items() if k[1] != index}  # this layer's kwargs are done
 

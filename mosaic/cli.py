@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from mosaic.errors import UsageError
+from mosaic.console import quiet_libraries
+from mosaic.errors import EvaluationError, OptionError
 
 EPILOG = """examples:
   python main.py --prune_method wanda --sparsity_ratio 0.5 --nsamples 32 --seqlen 512 --eval_windows 16 --save runs/wanda50
@@ -57,13 +57,18 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                    help="uniform, owl, mosaic or mosaic_ref (default: implied by the method name)")
     g.add_argument("--allocation_file", default=None,
                    help="JSON sparsity map: written after profiling; if it exists, applied instead of profiling")
-    g.add_argument("--Hyper_m", type=float, default=d.Hyper_m, help="outlier threshold M: scores above M × mean")
-    g.add_argument("--Lamda", type=float, default=d.Lamda, help="allocation half-range λ")
+    g.add_argument("--Hyper_m", type=float, default=None,
+                   help="outlier threshold M: scores above M × mean (5; 6 for wanda_owl_structure, as OWL's N:M)")
+    g.add_argument("--Lamda", type=float, default=None,
+                   help="allocation half-range λ (0.08; 2 for wanda_owl_structure, as OWL's N:M)")
     g.add_argument("--blocksize", type=int, default=d.blocksize, help="SparseGPT column block")
     g.add_argument("--percdamp", type=float, default=d.percdamp, help="SparseGPT damping, fraction of mean diag(H)")
 
     g = p.add_argument_group("calibration")
     g.add_argument("--calib_dataset", default=d.calib_dataset, help="wiki-offline, c4, wikitext2, or a .txt/.jsonl path")
+    g.add_argument("--calib_stats", default=d.calib_stats, help="statistics every method prunes from: sequential (default, as the reference pruning pass: "
+                        "each layer sees the outputs of the already-pruned layers before it) or dense (the dense "
+                        "model's activations, as the allocation's profiling pass; Wanda then needs no second pass)")
     g.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration windows")
     g.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration window (capped at the context)")
     g.add_argument("--seed", type=int, default=d.seed)
@@ -109,30 +114,32 @@ def parse_options(argv: list[str] | None = None, prog: str = "main.py"):
     return opts
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("transformers", "datasets", "accelerate", "lm_eval", "httpx", "urllib3", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
+def flag(option: str) -> str:
+    """The flag of an ``Options`` field: the fields are named as the flags."""
+    return f"--{option}"
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run, and turn library errors into one line each: bad input exits 2 with nothing written; a failed or
+    interrupted evaluation exits 1 (130 for Ctrl-C) with the pruned model already saved."""
     prog = prog or os.path.basename(sys.argv[0]) or "mosaic"
-    _quiet_libraries()
+    quiet_libraries()
     try:
         from mosaic.pipeline import run
 
         run(parse_options(argv, prog))
-    except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except OptionError as e:
+        print(f"{prog}: error: {flag(e.option)}: {e.message}", file=sys.stderr)
         return 2
+    except EvaluationError as e:
+        cause = e.cause
+        why = (f"{flag(cause.option)}: {cause.message}" if isinstance(cause, OptionError)
+               else f"{type(cause).__name__}: {str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ''}")
+        where = " and ".join(e.saved) if e.saved else "nowhere (no --save or --save_model was given)"
+        what = "interrupted" if e.status == "interrupted" else f"failed ({why})"
+        print(f"{prog}: error: evaluation {what}; the pruned run is saved in {where}, with the results of "
+              "what finished", file=sys.stderr)
+        return 130 if e.status == "interrupted" else 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return 130

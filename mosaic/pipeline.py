@@ -1,13 +1,15 @@
 """One pruning run, as a chain of steps each fed by the previous one's output:
 
-    load → calibrate → profile → allocate → prune → restructure → evaluate → export
+    validate → load → calibrate → profile → allocate → prune (+ restructure) → export → evaluate
 
-``run(Options)`` is what the CLI calls; it is also the Python API.
+``run(Options)`` is what the CLI calls; it is also the Python API. The pruned model is written
+(``export``) before any evaluation, so a failure or Ctrl-C while evaluating never loses it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import resource
 import sys
@@ -20,16 +22,26 @@ import torch
 
 from mosaic import __version__
 from mosaic import allocate as alloc
-from mosaic.calibrate import capture, check_staged_forward, layer_kwargs
+from mosaic.calibrate import Activations, capture, check_staged_forward, layer_kwargs, on_device, working_copy
 from mosaic.data import KNOWN, calibration_windows, eval_tokens
-from mosaic.errors import UsageError
+from mosaic.errors import EvaluationError, OptionError
 from mosaic.eval import zeroshot as zs
 from mosaic.eval.perplexity import perplexity
-from mosaic.export import atomic_dir, check_writable, save_checkpoint, write_json
+from mosaic.export import atomic_dir, check_writable, replace_file, save_checkpoint, write_json
 from mosaic.hub import hub_reachable
 from mosaic.load import DEFAULT_MODEL, Loaded, compute_device, load_model
-from mosaic.profile import profile_model
-from mosaic.prune import KERNELS, METHODS, measure, prune_from_norms, prune_model, uniform_map
+from mosaic.profile import Profile, profile_model
+from mosaic.prune import (
+    KERNELS,
+    METHODS,
+    Kernel,
+    NMPlan,
+    SparsityMap,
+    measure,
+    prune_from_stats,
+    prune_model,
+    uniform_map,
+)
 from mosaic.report import summary_text, write_plots
 from mosaic.restructure import (
     budgets_from_allocation,
@@ -42,6 +54,8 @@ from mosaic.restructure import (
 from mosaic.restructure import summary as structure_summary
 
 log = logging.getLogger(__name__)
+
+CALIB_STATS = ("sequential", "dense")
 
 
 @dataclass
@@ -59,12 +73,13 @@ class Options:
     sparsity_type: str = "unstructured"
     allocation: str | None = None
     allocation_file: str | None = None
-    Hyper_m: float = 5.0
-    Lamda: float = 0.08
+    Hyper_m: float | None = None  # None: the allocation's default (alloc.HYPER_DEFAULTS)
+    Lamda: float | None = None
     structured_ratio: float = 0.0
     round_to: int = 8
     uniform_widths: bool = False
     calib_dataset: str = "wiki-offline"
+    calib_stats: str = "sequential"
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
@@ -87,7 +102,51 @@ class Options:
     extra: dict = field(default_factory=dict)  # how the run was invoked, for the record
 
 
-# --- validation ------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What a run will do, derived from the options before any work."""
+
+    kernel: Kernel | None  # None: nothing is pruned (dense, or a target of 0)
+    allocation: str  # the rule: uniform | owl | mosaic | mosaic_ref | owl_nm
+    allocation_file: alloc.AllocationFile | None  # an existing file, applied instead of the rule
+    nm: tuple[int, int] | None
+    composite: bool
+    mode: str | None  # engine mode: sequential | reference | dense; None without calibration statistics
+    lamda: float
+    hyper_m: float
+    eval_names: list[str]
+    zs_tasks: list[str] | None
+    offline: bool
+
+    @property
+    def needs_profile(self) -> bool:
+        """The dense profiling pass: outlier ratios for a rule, widths for composite, and the very
+        statistics that Wanda prunes from under dense statistics."""
+        if self.kernel is None:
+            return False
+        rule = self.allocation_file is None and self.allocation != "uniform"
+        return self.composite or rule or (self.mode == "dense" and self.kernel.stats == "norms")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.kernel is not None and (self.kernel.stats != "none" or self.needs_profile)
+
+
+def run(opts: Options) -> dict:
+    plan = validate(opts)
+    timer = Timer()
+    setup = load(opts, plan, timer)
+    texts = evaluation_texts(setup, plan, timer)
+    calib = calibration(setup, plan, opts, timer)
+    profile = profile_step(setup, calib, plan, timer)
+    allocation = allocate_step(setup, plan, profile, opts)
+    notes = prune_step(setup, calib, allocation, profile, plan, opts, timer)
+    results = record(setup, plan, allocation, profile, notes, opts)
+    saved = export(setup, results, opts, timer)
+    return evaluate(setup, texts, saved, results, plan, opts, timer)
+
+
+# --- validate: everything that can be checked before any work ----------------------------------------
 
 def parse_sparsity_type(kind: str, sparsity: float) -> tuple[int, int] | None:
     """None for unstructured or composite, (N, M) for an N:M pattern whose ratio matches the sparsity."""
@@ -95,25 +154,32 @@ def parse_sparsity_type(kind: str, sparsity: float) -> tuple[int, int] | None:
         return None
     parts = kind.split(":")
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise UsageError("--sparsity_type", f"'{kind}' is not a type; use unstructured, composite or N:M such as 2:4")
+        raise OptionError("sparsity_type", f"'{kind}' is not a type; use unstructured, composite or N:M such as 2:4")
     n, m = int(parts[0]), int(parts[1])
     if not 0 < n < m:
-        raise UsageError("--sparsity_type", f"'{kind}' needs 0 < N < M")
+        raise OptionError("sparsity_type", f"'{kind}' needs 0 < N < M")
     if abs(n / m - sparsity) > 1e-6:
-        raise UsageError("--sparsity_type", f"{kind} prunes {n}/{m} = {n / m:g} of the weights but "
-                         f"--sparsity_ratio is {sparsity:g}; pass --sparsity_ratio {n / m:g}")
+        raise OptionError("sparsity_type", f"{kind} prunes {n}/{m} = {n / m:g} of the weights but "
+                          f"--sparsity_ratio is {sparsity:g}; pass --sparsity_ratio {n / m:g}")
     return n, m
 
 
-def _positive(value, flag: str) -> None:
-    if value is not None and value <= 0:
-        raise UsageError(flag, f"must be > 0, got {value}")
+def _number(value, option: str, *, positive: bool = True) -> None:
+    """Finite, and > 0 (``positive``) or >= 0; NaN and inf pass plain comparisons, so test them first."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise OptionError(option, f"must be a finite number, got {value}")
+    if positive and value <= 0:
+        raise OptionError(option, f"must be > 0, got {value}")
+    if not positive and value < 0:
+        raise OptionError(option, f"must be >= 0, got {value}")
 
 
-def _dataset(name: str, flag: str) -> None:
+def _dataset(name: str, option: str) -> None:
     if name not in KNOWN and not Path(name).expanduser().exists():
-        raise UsageError(flag, f"unknown dataset '{name}' (and no such file); use one of {', '.join(KNOWN)} "
-                         "or a path to a .txt/.jsonl file")
+        raise OptionError(option, f"unknown dataset '{name}' (and no such file); use one of {', '.join(KNOWN)} "
+                          "or a path to a .txt/.jsonl file")
 
 
 def eval_names(opts: Options) -> list[str]:
@@ -121,74 +187,459 @@ def eval_names(opts: Options) -> list[str]:
     return [] if names in ([], ["none"]) else names
 
 
-def validate(opts: Options) -> tuple[int, int] | None:
-    """Check every flag before any work; returns the N:M pattern (or None)."""
+def validate(opts: Options) -> Plan:
+    """Check every option before any work and derive the plan."""
     if opts.prune_method not in METHODS:
-        raise UsageError("--prune_method", f"unknown method '{opts.prune_method}'; choose from {', '.join(METHODS)}")
-    if not 0 <= opts.sparsity_ratio < 1:
-        raise UsageError("--sparsity_ratio", f"must be in [0, 1), got {opts.sparsity_ratio}")
+        raise OptionError("prune_method", f"unknown method '{opts.prune_method}'; choose from {', '.join(METHODS)}")
+    if not (math.isfinite(opts.sparsity_ratio) and 0 <= opts.sparsity_ratio < 1):
+        raise OptionError("sparsity_ratio", f"must be in [0, 1), got {opts.sparsity_ratio}")
     nm = parse_sparsity_type(opts.sparsity_type, opts.sparsity_ratio)
     method = METHODS[opts.prune_method]
-    allocation = opts.allocation or method.allocation
     if opts.allocation is not None and opts.allocation not in alloc.ALLOCATIONS:
-        raise UsageError("--allocation", f"unknown allocation '{opts.allocation}'; use one of {', '.join(alloc.ALLOCATIONS)}")
+        raise OptionError("allocation", f"unknown allocation '{opts.allocation}'; use one of {', '.join(alloc.ALLOCATIONS)}")
+    allocation = opts.allocation or method.allocation
     if allocation == "owl_nm" and nm is None:
-        raise UsageError("--sparsity_type", f"{opts.prune_method} chooses N per layer: give an N:M type such as 5:8")
+        raise OptionError("sparsity_type", f"{opts.prune_method} chooses N per layer: give an N:M type such as 5:8")
     if nm is not None and allocation not in ("uniform", "owl_nm"):
-        raise UsageError("--sparsity_type", f"N:M gives every projection the same pattern, so allocation "
-                         f"'{allocation}' cannot apply; use unstructured, or wanda_owl_structure for per-layer N:M")
-    if opts.sparsity_type == "composite":
+        raise OptionError("sparsity_type", f"N:M gives every projection the same pattern, so allocation "
+                          f"'{allocation}' cannot apply; use unstructured, or wanda_owl_structure for per-layer N:M")
+    composite = opts.sparsity_type == "composite"
+    _number(opts.structured_ratio, "structured_ratio", positive=False)
+    if composite:
         if method.kernel not in ("wanda", "sparsegpt"):
-            raise UsageError("--sparsity_type", f"composite needs a Wanda or SparseGPT method, not {opts.prune_method}")
+            raise OptionError("sparsity_type", f"composite needs a Wanda or SparseGPT method, not {opts.prune_method}")
         if not 0 <= opts.structured_ratio <= opts.sparsity_ratio:
-            raise UsageError("--structured_ratio", f"must be in [0, --sparsity_ratio {opts.sparsity_ratio:g}], "
-                             f"got {opts.structured_ratio:g}")
+            raise OptionError("structured_ratio", f"must be in [0, --sparsity_ratio {opts.sparsity_ratio:g}], "
+                              f"got {opts.structured_ratio:g}")
     elif opts.structured_ratio:
-        raise UsageError("--structured_ratio", "removes whole heads and channels: add --sparsity_type composite")
-    if opts.uniform_widths and opts.sparsity_type != "composite":
-        raise UsageError("--uniform_widths", "applies to --sparsity_type composite only")
-    for value, flag in ((opts.round_to, "--round_to"), (opts.nsamples, "--nsamples"), (opts.seqlen, "--seqlen"),
-                        (opts.calib_batch_size, "--calib_batch_size"), (opts.eval_windows, "--eval_windows"),
-                        (opts.eval_seqlen, "--eval_seqlen"), (opts.eval_batch_size, "--eval_batch_size"),
-                        (opts.blocksize, "--blocksize"), (opts.percdamp, "--percdamp"), (opts.Hyper_m, "--Hyper_m")):
-        _positive(value, flag)
-    if opts.Lamda < 0:
-        raise UsageError("--Lamda", f"must be >= 0, got {opts.Lamda}")
+        raise OptionError("structured_ratio", "removes whole heads and channels: add --sparsity_type composite")
+    if opts.uniform_widths and not composite:
+        raise OptionError("uniform_widths", "applies to --sparsity_type composite only")
+    for option in ("round_to", "nsamples", "seqlen", "calib_batch_size", "eval_windows", "eval_seqlen",
+                   "eval_batch_size", "blocksize", "percdamp", "Hyper_m", "zs_batch_size", "zs_limit"):
+        _number(getattr(opts, option), option)
+    _number(opts.Lamda, "Lamda", positive=False)
     if nm and opts.blocksize % nm[1]:
-        raise UsageError("--blocksize", f"must be a multiple of M={nm[1]} for {opts.sparsity_type}")
-    if METHODS[opts.prune_method].kernel is not None:
-        _dataset(opts.calib_dataset, "--calib_dataset")
-    for name in eval_names(opts):
-        _dataset(name, "--eval_datasets")
-    if opts.eval_zero_shot is not None:
-        _zero_shot_tasks(opts)
-    _positive(opts.zs_batch_size, "--zs_batch_size")
-    if opts.zs_limit is not None:
-        _positive(opts.zs_limit, "--zs_limit")
+        raise OptionError("blocksize", f"must be a multiple of M={nm[1]} for {opts.sparsity_type}")
+    if opts.calib_stats not in CALIB_STATS:
+        raise OptionError("calib_stats", f"'{opts.calib_stats}' is not one of {', '.join(CALIB_STATS)}")
     if opts.eval_dtype not in ("model", "float32", "bfloat16", "float16"):
-        raise UsageError("--eval_dtype", f"'{opts.eval_dtype}' is not one of model, float32, bfloat16, float16")
+        raise OptionError("eval_dtype", f"'{opts.eval_dtype}' is not one of model, float32, bfloat16, float16")
     if opts.calib_dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UsageError("--calib_dtype", f"'{opts.calib_dtype}' is not one of auto, float32, bfloat16, float16")
-    check_writable(opts.save, "--save", opts.overwrite)
-    check_writable(opts.save_model, "--save_model", opts.overwrite)
-    if opts.allocation_file and Path(opts.allocation_file).is_dir():
-        raise UsageError("--allocation_file", f"{opts.allocation_file} is a directory; give a .json file path")
-    return nm
+        raise OptionError("calib_dtype", f"'{opts.calib_dtype}' is not one of auto, float32, bfloat16, float16")
+    kernel = KERNELS[method.kernel] if method.kernel and opts.sparsity_ratio > 0 else None
+    if method.kernel and kernel is None:
+        log.info("--sparsity_ratio 0: nothing to prune; the dense model is evaluated and saved")
+    if kernel is not None:
+        _dataset(opts.calib_dataset, "calib_dataset")
+    names = eval_names(opts)
+    for name in names:
+        _dataset(name, "eval_datasets")
+    tasks, offline = None, opts.offline
+    if opts.eval_zero_shot is not None:
+        offline = offline or not hub_reachable()
+        tasks = zero_shot_tasks(opts.eval_zero_shot, offline)
+    check_writable(opts.save, "save", opts.overwrite)
+    check_writable(opts.save_model, "save_model", opts.overwrite)
+    file = None
+    if kernel is not None and opts.allocation_file:
+        if Path(opts.allocation_file).is_dir():
+            raise OptionError("allocation_file", f"{opts.allocation_file} is a directory; give a .json file path")
+        if Path(opts.allocation_file).is_file():
+            file = alloc.read_file(opts.allocation_file)
+            alloc.check_file(file, opts.allocation_file, len(file.sparsity), opts.sparsity_ratio, nm,
+                             opts.structured_ratio)
+    if kernel is None or kernel.stats == "none":
+        mode = None
+    elif opts.calib_stats == "dense":
+        mode = "dense"
+    else:
+        mode = "sequential" if opts.true_sequential else "reference"
+    lamda, hyper_m = alloc.hyper_defaults(allocation)
+    return Plan(kernel=kernel, allocation=allocation, allocation_file=file, nm=nm, composite=composite, mode=mode,
+                lamda=lamda if opts.Lamda is None else opts.Lamda,
+                hyper_m=hyper_m if opts.Hyper_m is None else opts.Hyper_m,
+                eval_names=names, zs_tasks=tasks, offline=offline)
 
 
-# --- helpers ---------------------------------------------------------------------------------------
-
-def _zero_shot_tasks(opts: Options) -> list[str]:
-    tasks = zs.parse_tasks(opts.eval_zero_shot)
-    if opts.offline or not hub_reachable():
-        try:
-            zs.check_offline_tasks(tasks)
-        except zs.ZeroShotError as err:
-            raise UsageError("--eval_zero_shot", str(err).removeprefix("--eval_zero_shot: ")) from err
+def zero_shot_tasks(spec: str, offline: bool) -> list[str]:
+    """Task names, checked against the offline data, or lm-eval's own task list when online."""
+    tasks = zs.parse_tasks(spec)
+    try:
+        zs.check_offline_tasks(tasks) if offline else zs.check_online_tasks(tasks)
+    except zs.ZeroShotError as err:
+        raise OptionError("eval_zero_shot", str(err).removeprefix("--eval_zero_shot: ")) from err
     return tasks
 
 
+# --- load --------------------------------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    """The loaded model and what every later step needs to know about it."""
+
+    loaded: Loaded
+    compute: torch.device
+    n_layers: int
+    dtype: torch.dtype
+    calib_dtype: torch.dtype
+    seqlen: int
+    eval_seqlen: int
+    before: dict  # parameter report of the unpruned model
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def adapter(self):
+        return self.loaded.adapter
+
+
+def load(opts: Options, plan: Plan, timer: Timer) -> Setup:
+    with timer("load"):
+        loaded = load_model(opts.model, dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir,
+                            device_map=opts.device_map, offline=opts.offline)
+    model, adapter = loaded.model, loaded.adapter
+    check_finite(model)
+    n_layers = len(adapter.layers(model))
+    if plan.allocation_file is not None and len(plan.allocation_file.sparsity) != n_layers:
+        raise OptionError("allocation_file", f"{opts.allocation_file} has {len(plan.allocation_file.sparsity)} "
+                          f"layers of sparsity; this model has {n_layers}")
+    compute = compute_device(model)
+    ctx = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    seqlen, eval_seqlen = min(opts.seqlen, ctx), min(opts.eval_seqlen, ctx)
+    if seqlen < opts.seqlen:
+        log.warning("--seqlen %d exceeds the model's context %d; using %d", opts.seqlen, ctx, seqlen)
+    dtype = next(model.parameters()).dtype
+    return Setup(loaded=loaded, compute=compute, n_layers=n_layers, dtype=dtype,
+                 calib_dtype=resolve_calib_dtype(opts.calib_dtype, dtype, compute), seqlen=seqlen,
+                 eval_seqlen=eval_seqlen, before=parameter_report(model))
+
+
+def check_finite(model) -> None:
+    """NaN or inf in a weight poisons every statistic computed from it: refuse, naming the tensor."""
+    for name, p in model.named_parameters():
+        if p.device.type != "meta" and p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise OptionError("model", f"weight {name} holds NaN or inf values; repair or re-download the checkpoint")
+
+
+def evaluation_texts(setup: Setup, plan: Plan, timer: Timer) -> dict[str, torch.Tensor]:
+    """Token streams for perplexity, tokenized now so that a text too short fails before pruning."""
+    texts = {}
+    with timer("eval_data"):
+        for name in plan.eval_names:
+            ids = eval_tokens(setup.loaded.tokenizer, name)
+            if ids.numel() < setup.eval_seqlen:
+                raise OptionError("eval_datasets", f"'{name}' has {ids.numel()} tokens, fewer than one window of "
+                                  f"--eval_seqlen {setup.eval_seqlen}")
+            texts[name] = ids
+    return texts
+
+
+# --- calibrate, profile ------------------------------------------------------------------------------
+
+@dataclass
+class Calibration:
+    windows: torch.Tensor  # [nsamples, seqlen] token ids
+    batch_size: int
+
+    def activations(self, setup: Setup) -> Activations:
+        """Fresh layer-0 inputs (each pass over the layers consumes its own)."""
+        return capture(setup.model, setup.adapter, self.windows, self.batch_size)
+
+
+def calibration(setup: Setup, plan: Plan, opts: Options, timer: Timer) -> Calibration | None:
+    if not plan.needs_calibration:
+        return None
+    with timer("calibration_data"):
+        windows = calibration_windows(setup.loaded.tokenizer, opts.calib_dataset, opts.nsamples, setup.seqlen,
+                                      opts.seed)
+    return Calibration(windows, opts.calib_batch_size)
+
+
+def profile_step(setup: Setup, calib: Calibration | None, plan: Plan, timer: Timer) -> Profile | None:
+    """Outlier ratios and input statistics of the dense model, when the plan needs them."""
+    if not plan.needs_profile:
+        return None
+    with timer("profile"):
+        return profile_model(setup.model, setup.adapter, calib.activations(setup), plan.hyper_m,
+                             compute=setup.compute, calib_dtype=setup.calib_dtype)
+
+
+# --- allocate ----------------------------------------------------------------------------------------
+
+@dataclass
+class Allocation:
+    """What every projection gets: the unstructured map, the N:M plan, and (composite) the structure."""
+
+    sparsity: SparsityMap | None
+    nm: NMPlan
+    source: str | None  # the rule, or file:PATH; None when nothing is pruned
+    target: float  # what the map's parameter-weighted mean should be
+    params: list[dict[str, int]] | None  # the weights the map is weighted by (the kept ones, for composite)
+    structure: list | None = None
+    composite: dict | None = None
+
+
+def allocate_step(setup: Setup, plan: Plan, profile: Profile | None, opts: Options) -> Allocation:
+    n = setup.n_layers
+    if plan.kernel is None:
+        return Allocation(None, [None] * n, None, opts.sparsity_ratio, None)
+    params = profile.params if profile else projection_params(setup)
+    target, structure, composite = opts.sparsity_ratio, None, None
+    if plan.composite:
+        structure, composite = plan_composite(setup, profile, plan, opts)
+        params = [kept_params(geometry(setup.adapter, layer), p)
+                  for layer, p in zip(setup.adapter.layers(setup.model), structure)]
+        target = composite["unstructured_target"]
+    nm: NMPlan = [plan.nm] * n
+    if plan.allocation_file is not None:
+        sparsity, nm = plan.allocation_file.sparsity, plan.allocation_file.nm or nm
+        if plan.allocation_file.nm is not None:
+            sparsity = [dict.fromkeys(row, pattern[0] / pattern[1]) for row, pattern in zip(sparsity, nm)]
+        return Allocation(sparsity, nm, f"file:{opts.allocation_file}", target, params, structure, composite)
+    if plan.allocation == "owl_nm":
+        nm = alloc.owl_nm(profile.layer_ratios, plan.nm[0], plan.nm[1], plan.lamda)
+        if len(set(nm)) == 1:
+            log.warning("wanda_owl_structure: every layer got %d:%d (λ=%g is too small to move N by one); "
+                        "raise --Lamda (the OWL reference uses 2)", *nm[0], plan.lamda)
+        sparsity = [dict.fromkeys(row, pattern[0] / pattern[1]) for row, pattern in zip(uniform_map(n, 0), nm)]
+    elif plan.allocation == "uniform":
+        sparsity = uniform_map(n, target)
+    else:
+        sparsity = alloc.allocate(plan.allocation, replace(profile, params=params), n, target, plan.lamda)
+    if opts.allocation_file:
+        alloc.write_file(opts.allocation_file, sparsity, nm,
+                         {"model": opts.model, "method": opts.prune_method, "allocation": plan.allocation,
+                          "target": opts.sparsity_ratio, "structured_ratio": opts.structured_ratio,
+                          "unstructured_target": target, "Lamda": plan.lamda, "Hyper_m": plan.hyper_m})
+    return Allocation(sparsity, nm, plan.allocation, target, params, structure, composite)
+
+
+def projection_params(setup: Setup) -> list[dict[str, int]]:
+    return [{p: proj.weight.numel() for p, proj in setup.adapter.projections(layer).items()}
+            for layer in setup.adapter.layers(setup.model)]
+
+
+def plan_composite(setup: Setup, profile: Profile, plan: Plan, opts: Options) -> tuple[list, dict]:
+    """Choose the heads and channels to remove (about R of the projection weights), and the unstructured
+    sparsity the kept weights need so that R plus it make S of the original weights."""
+    n_layers = setup.n_layers
+    layers = list(setup.adapter.layers(setup.model))
+    R = opts.structured_ratio
+    if plan.allocation in ("uniform", "owl_nm") or R == 0:
+        budget_map = uniform_map(n_layers, R)
+    else:
+        budget_map = alloc.allocate(plan.allocation, profile, n_layers, R, plan.lamda)
+    scores = [unit_scores(setup.adapter, layer, profile.norms(i, ("o",)), profile.norms(i, ("down",)))
+              for i, layer in enumerate(layers)]
+    budgets = budgets_from_allocation(budget_map, profile.params)
+    structure = plan_structure(setup.adapter, layers, scores, budgets, round_to=opts.round_to,
+                               uniform_widths=opts.uniform_widths)
+    report = structure_summary(structure, profile.params, [geometry(setup.adapter, layer) for layer in layers])
+    total, kept = report["params_before"], report["params_kept"]
+    report["unstructured_target"] = max(0.0, (opts.sparsity_ratio * total - (total - kept)) / kept)
+    report["requested_structured_ratio"] = R
+    if report["structured_ratio"] > opts.sparsity_ratio + 1e-9:
+        log.warning("structured removal %.4f exceeds --sparsity_ratio %.4f after rounding widths to multiples of %d",
+                    report["structured_ratio"], opts.sparsity_ratio, opts.round_to)
+    return structure, report
+
+
+# --- prune -------------------------------------------------------------------------------------------
+
+def prune_step(setup: Setup, calib: Calibration | None, allocation: Allocation, profile: Profile | None,
+               plan: Plan, opts: Options, timer: Timer) -> list[dict]:
+    """Prune every projection as allocated, from the statistics the plan's mode names; then remove the
+    planned heads and channels physically (composite). Returns notes (e.g. extra damping)."""
+    kernel = plan.kernel
+    if kernel is None:
+        return []
+    model, adapter, structure = setup.model, setup.adapter, allocation.structure
+    with timer("prune"):
+        if plan.mode == "dense" and kernel.stats == "norms":  # Wanda: the profiling pass's own statistics
+            notes = prune_from_stats(model, adapter, kernel, allocation.sparsity, allocation.nm, profile.stats,
+                                     setup.compute, structure)
+        else:
+            acts = calib.activations(setup) if plan.mode else None
+            if plan.mode in ("sequential", "reference"):
+                check_staged(setup, acts)
+            notes = prune_model(model, adapter, kernel, allocation.sparsity, allocation.nm, acts,
+                                mode=plan.mode or "sequential", compute=setup.compute, calib_dtype=setup.calib_dtype,
+                                options={"blocksize": opts.blocksize, "percdamp": opts.percdamp}, structure=structure)
+    if structure is not None:
+        with timer("restructure"):
+            restructure(model, adapter, structure)
+    return notes
+
+
+def check_staged(setup: Setup, acts: Activations) -> None:
+    """Guard the one-pass engine: the staged forward must reproduce layer 0's own forward."""
+    layer = setup.adapter.layers(setup.model)[0]
+    with on_device(layer, setup.compute) as device:
+        work = working_copy(layer, setup.calib_dtype)
+        h = acts.hidden[0].to(device, setup.calib_dtype)
+        tol = 1e-4 if h.dtype == torch.float32 else 2e-2
+        check_staged_forward(setup.adapter, work, h, layer_kwargs(acts, 0, h, device, {}), atol=tol)
+
+
+# --- record, export ----------------------------------------------------------------------------------
+
+def record(setup: Setup, plan: Plan, allocation: Allocation, profile: Profile | None, notes: list[dict],
+           opts: Options) -> dict:
+    """results.json as it stands once pruning is done; evaluation fills in the rest."""
+    model, loaded = setup.model, setup.loaded
+    achieved = measure(model, setup.adapter)
+    sparsity = sparsity_report(opts.sparsity_ratio, allocation.sparsity, achieved, profile, allocation.composite)
+    if allocation.sparsity is not None and allocation.source != "uniform":
+        sparsity["allocated_overall"] = alloc.overall(allocation.sparsity, allocation.params)
+        sparsity["drift"] = sparsity["allocated_overall"] - allocation.target
+    nm = allocation.nm
+    results = {
+        "mosaic_version": __version__,
+        "command": opts.extra.get("argv", sys.argv),
+        "args": {k: v for k, v in asdict(opts).items() if k != "extra"},
+        "versions": versions(),
+        "model": {"source": loaded.source, "path": loaded.path, "family": setup.adapter.family,
+                  "layers": setup.n_layers, "dtype": _name(setup.dtype), "device": str(setup.compute)},
+        "settings": {"seqlen": setup.seqlen, "eval_seqlen": setup.eval_seqlen,
+                     "calib_stats": opts.calib_stats if plan.mode else None, "mode": plan.mode,
+                     "calib_dtype": _name(setup.calib_dtype) if plan.needs_calibration else None,
+                     "allocation": allocation.source, "Lamda": plan.lamda, "Hyper_m": plan.hyper_m,
+                     "nm": nm if any(nm) else None},
+        "sparsity": sparsity,
+        "parameters": {"before": setup.before, "after": parameter_report(model)},
+        "perplexity": {},
+        "notes": notes,
+        "evaluation": {"status": "pending"},
+    }
+    if allocation.composite is not None:
+        results["composite"] = allocation.composite
+    if profile is not None:
+        results["profile"] = profile.to_json()
+    return results
+
+
+@dataclass
+class Saved:
+    """Where the run was written; ``update`` rewrites results.json and summary.txt in place, atomically."""
+
+    results_dir: Path | None
+    checkpoint: Path | None
+
+    def where(self) -> list[str]:
+        return [str(p) for p in (self.checkpoint, self.results_dir) if p is not None]
+
+    def update(self, results: dict) -> None:
+        if self.results_dir is None:
+            return
+        replace_file(self.results_dir / "results.json", lambda tmp: write_json(tmp, results))
+        replace_file(self.results_dir / "summary.txt", lambda tmp: tmp.write_text(summary_text(results) + "\n"))
+
+
+def export(setup: Setup, results: dict, opts: Options, timer: Timer) -> Saved:
+    """Write the checkpoint and results.json (evaluation pending) atomically, before any evaluation."""
+    manifest = {"mosaic_version": __version__, "source_model": setup.loaded.source, "method": opts.prune_method,
+                "sparsity_type": opts.sparsity_type, "settings": results["settings"],
+                "sparsity": {k: results["sparsity"][k] for k in ("target", "achieved")},
+                "allocation": [{r["projection"]: r.get("allocated") for r in results["sparsity"]["per_projection"]
+                                if r["layer"] == i} for i in range(setup.n_layers)]}
+
+    def write_model(directory: Path) -> None:
+        with timer("save_model"):
+            size = save_checkpoint(setup.model, setup.loaded.tokenizer, directory, manifest)
+        results["checkpoint"] = {"path": str(opts.save_model), "safetensors_bytes": size}
+
+    def write_results(directory: Path) -> None:
+        results["time_s"] = timer.seconds
+        results["memory"] = peak_memory()
+        write_json(directory / "results.json", results)
+        (directory / "summary.txt").write_text(summary_text(results) + "\n")
+        write_plots(results, directory)
+
+    write_outputs(opts.save, opts.save_model, opts.overwrite, write_results, write_model)
+    return Saved(Path(opts.save) if opts.save else None, Path(opts.save_model) if opts.save_model else None)
+
+
+def _inside(inner: str, outer: str) -> Path | None:
+    try:
+        return Path(inner).resolve().relative_to(Path(outer).resolve())
+    except ValueError:
+        return None
+
+
+def write_outputs(save, save_model, overwrite, write_results, write_model) -> None:
+    """--save and --save_model, each atomic; one nested inside the other is written in one go."""
+    if save and save_model and (rel := _inside(save_model, save)) is not None:
+        with atomic_dir(save, overwrite) as tmp:
+            (tmp / rel).mkdir(parents=True, exist_ok=True)
+            write_model(tmp / rel)
+            write_results(tmp)
+        return
+    if save and save_model and (rel := _inside(save, save_model)) is not None:
+        with atomic_dir(save_model, overwrite) as tmp:
+            write_model(tmp)
+            (tmp / rel).mkdir(parents=True, exist_ok=True)
+            write_results(tmp / rel)
+        return
+    if save_model:
+        with atomic_dir(save_model, overwrite) as tmp:
+            write_model(tmp)
+    if save:
+        with atomic_dir(save, overwrite) as tmp:
+            write_results(tmp)
+
+
+# --- evaluate ----------------------------------------------------------------------------------------
+
+def evaluate(setup: Setup, texts: dict[str, torch.Tensor], saved: Saved, results: dict, plan: Plan,
+             opts: Options, timer: Timer) -> dict:
+    """Perplexity per text, then zero-shot; results.json is updated after each part. A failure or Ctrl-C
+    marks it and raises ``EvaluationError``: the checkpoint and what finished stay on disk."""
+    results["evaluation"] = {"status": "running"}
+    try:
+        for name, ids in texts.items():
+            with timer("evaluate"):
+                results["perplexity"][name] = perplexity(
+                    setup.model, setup.adapter, ids, setup.eval_seqlen, opts.eval_windows, opts.eval_batch_size,
+                    setup.compute, desc=f"ppl {name}",
+                    dtype=None if opts.eval_dtype == "model" else getattr(torch, opts.eval_dtype))
+            _progress(results, timer, saved)
+        if plan.zs_tasks is not None:
+            with timer("zero_shot"):
+                try:
+                    results["zero_shot"] = zs.evaluate(
+                        setup.model, setup.loaded.tokenizer, plan.zs_tasks, limit=opts.zs_limit,
+                        batch_size=opts.zs_batch_size, offline=plan.offline,
+                        data_dir=zs.default_data_dir(opts.cache_dir))
+                except zs.ZeroShotError as err:
+                    raise OptionError("eval_zero_shot", str(err).removeprefix("--eval_zero_shot: ")) from err
+        results["evaluation"] = {"status": "complete"}
+        _progress(results, timer, saved)
+    except BaseException as err:
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        results["evaluation"] = {"status": status, "error": f"{type(err).__name__}: {err}"[:500]}
+        try:
+            _progress(results, timer, saved)
+        except BaseException as write_err:  # e.g. the disk filled up: the checkpoint is still there
+            log.error("could not update results.json: %s", write_err)
+        raise EvaluationError(status, saved.where(), err) from err
+    print(summary_text(results), flush=True)
+    return results
+
+
+def _progress(results: dict, timer: Timer, saved: Saved) -> None:
+    results["time_s"] = timer.seconds
+    results["memory"] = peak_memory()
+    saved.update(results)
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
 class Timer:
+    """Wall time per phase; phases never nest, so they add up to the run's time."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
@@ -219,8 +670,8 @@ def resolve_calib_dtype(spec: str, model_dtype: torch.dtype, device: torch.devic
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
 
 
-def context_length(config) -> int:
-    return int(getattr(config, "max_position_embeddings", 2048) or 2048)
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def versions() -> dict:
@@ -254,203 +705,6 @@ def parameter_report(model) -> dict:
             "bytes": sum(p.numel() * p.element_size() for p in unique)}
 
 
-# --- the run -------------------------------------------------------------------------------------------
-
-@dataclass
-class Plan:
-    """What a run will do, derived from the options before any work."""
-
-    method: str
-    kernel: object | None
-    allocation: str
-    nm: tuple[int, int] | None
-    composite: bool
-    mode: str
-
-
-def make_plan(opts: Options, nm) -> Plan:
-    method = METHODS[opts.prune_method]
-    return Plan(method=opts.prune_method, kernel=KERNELS.get(method.kernel) if method.kernel else None,
-                allocation=opts.allocation or method.allocation, nm=nm,
-                composite=opts.sparsity_type == "composite",
-                mode="sequential" if opts.true_sequential else "reference")
-
-
-def run(opts: Options) -> dict:
-    nm = validate(opts)
-    plan = make_plan(opts, nm)
-    timer = Timer()
-
-    # load
-    with timer("load"):
-        loaded = load_model(opts.model, dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir,
-                            device_map=opts.device_map, offline=opts.offline)
-    model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
-    compute = compute_device(model)
-    n_layers = len(adapter.layers(model))
-    ctx = context_length(model.config)
-    seqlen, eval_seqlen = min(opts.seqlen, ctx), min(opts.eval_seqlen, ctx)
-    if seqlen < opts.seqlen:
-        log.warning("--seqlen %d exceeds the model's context %d; using %d", opts.seqlen, ctx, seqlen)
-    model_dtype = next(model.parameters()).dtype
-    calib_dtype = resolve_calib_dtype(opts.calib_dtype, model_dtype, compute)
-    before = parameter_report(model)
-    kernel = plan.kernel
-
-    sparsity_map, nm_plan, profile, structure, file_alloc = None, [nm] * n_layers, None, None, False
-    if kernel is not None and opts.allocation_file and Path(opts.allocation_file).is_file():
-        sparsity_map, file_nm = alloc.read_file(opts.allocation_file, n_layers)
-        nm_plan, file_alloc = file_nm or nm_plan, True
-    needs_profile = kernel is not None and (plan.composite or (not file_alloc and plan.allocation != "uniform"))
-    needs_calib = kernel is not None and (kernel.stats != "none" or needs_profile)
-
-    # calibrate
-    windows = None
-    if needs_calib:
-        with timer("calibration_data"):
-            windows = calibration_windows(tokenizer, opts.calib_dataset, opts.nsamples, seqlen, opts.seed)
-
-    notes: list[dict] = []
-    composite_report = None
-    if kernel is not None:
-        with timer("prune"):
-            acts = capture(model, adapter, windows, opts.calib_batch_size) if needs_calib else None
-            if acts is not None and plan.mode == "sequential":
-                _check_staged(model, adapter, acts, compute, calib_dtype)
-            # profile
-            if needs_profile:
-                with timer("profile"):
-                    profile = profile_model(model, adapter, acts, opts.Hyper_m, compute=compute, calib_dtype=calib_dtype)
-            # restructure plan (composite): which heads and channels go
-            target, params = opts.sparsity_ratio, profile.params if profile else None
-            if plan.composite:
-                structure, composite_report = plan_composite(model, adapter, profile, plan, opts)
-                params = [kept_params(geometry(adapter, layer), p)
-                          for layer, p in zip(adapter.layers(model), structure)]
-                target = composite_report["unstructured_target"]
-            # allocate
-            if file_alloc:
-                pass
-            elif plan.allocation == "owl_nm":
-                nm_plan = alloc.owl_nm(profile.layer_ratios, nm[0], nm[1], opts.Lamda)
-                sparsity_map = uniform_map(n_layers, opts.sparsity_ratio)
-            elif plan.allocation == "uniform" or profile is None:
-                sparsity_map = uniform_map(n_layers, target)
-            else:
-                sparsity_map = alloc.allocate(plan.allocation, replace(profile, params=params), n_layers, target,
-                                              opts.Lamda)
-            if opts.allocation_file and not file_alloc:
-                alloc.write_file(opts.allocation_file, sparsity_map, nm_plan,
-                                 {"model": opts.model, "method": opts.prune_method, "allocation": plan.allocation,
-                                  "target": target, "Lamda": opts.Lamda, "Hyper_m": opts.Hyper_m})
-            # prune
-            options = {"blocksize": opts.blocksize, "percdamp": opts.percdamp}
-            if profile is not None and kernel.stats == "norms":
-                prune_from_norms(model, adapter, kernel, sparsity_map, nm_plan, profile.norms, compute, structure)
-            elif kernel.stats == "none":
-                notes = prune_model(model, adapter, kernel, sparsity_map, nm_plan, None, compute=compute)
-            else:
-                if profile is not None:  # the profiling pass consumed the activations: replay layer 0
-                    acts = capture(model, adapter, windows, opts.calib_batch_size)
-                notes = prune_model(model, adapter, kernel, sparsity_map, nm_plan, acts, mode=plan.mode,
-                                    compute=compute, calib_dtype=calib_dtype, options=options, structure=structure)
-            del acts
-            # restructure: remove the planned heads and channels physically
-            if structure is not None:
-                restructure(model, adapter, structure)
-
-    achieved = measure(model, adapter)
-    after = parameter_report(model)
-
-    # evaluate
-    ppl = {}
-    with timer("evaluate"):
-        for name in eval_names(opts):
-            ids = eval_tokens(tokenizer, name)
-            if ids.numel() < eval_seqlen:
-                raise UsageError("--eval_datasets", f"'{name}' has {ids.numel()} tokens, fewer than one window of "
-                                 f"--eval_seqlen {eval_seqlen}")
-            ppl[name] = perplexity(model, adapter, ids, eval_seqlen, opts.eval_windows, opts.eval_batch_size,
-                                   compute, desc=f"ppl {name}",
-                                   dtype=None if opts.eval_dtype == "model" else getattr(torch, opts.eval_dtype))
-
-    zero_shot = None
-    if opts.eval_zero_shot is not None:
-        with timer("zero_shot"):
-            try:
-                zero_shot = zs.evaluate(model, tokenizer, _zero_shot_tasks(opts), limit=opts.zs_limit,
-                                        batch_size=opts.zs_batch_size, offline=opts.offline or not hub_reachable(),
-                                        data_dir=zs.default_data_dir(opts.cache_dir))
-            except zs.ZeroShotError as err:
-                raise UsageError("--eval_zero_shot", str(err).removeprefix("--eval_zero_shot: ")) from err
-
-    results = {
-        "mosaic_version": __version__,
-        "command": opts.extra.get("argv", sys.argv),
-        "args": {k: v for k, v in asdict(opts).items() if k != "extra"},
-        "versions": versions(),
-        "model": {"source": loaded.source, "path": loaded.path, "family": adapter.family, "layers": n_layers,
-                  "dtype": str(model_dtype).replace("torch.", ""), "device": str(compute)},
-        "settings": {"seqlen": seqlen, "eval_seqlen": eval_seqlen, "mode": plan.mode if kernel else None,
-                     "calib_dtype": str(calib_dtype).replace("torch.", "") if needs_calib else None,
-                     "allocation": (f"file:{opts.allocation_file}" if file_alloc else plan.allocation) if kernel else None,
-                     "nm": nm_plan if any(nm_plan) else None},
-        "sparsity": sparsity_report(opts.sparsity_ratio, sparsity_map, achieved, profile, composite_report),
-        "parameters": {"before": before, "after": after},
-        "perplexity": ppl,
-        "notes": notes,
-    }
-    if zero_shot is not None:
-        results["zero_shot"] = zero_shot
-    if composite_report is not None:
-        results["composite"] = composite_report
-    if profile is not None:
-        results["profile"] = profile.to_json()
-        if sparsity_map is not None and plan.allocation in ("mosaic_ref", "owl", "mosaic") and not file_alloc:
-            report = results["sparsity"]
-            report["allocated_overall"] = alloc.overall(sparsity_map, params)
-            report["drift"] = report["allocated_overall"] - target
-    return finish(results, loaded, opts, timer)
-
-
-def _check_staged(model, adapter, acts, compute, calib_dtype) -> None:
-    """Guard the one-pass engine: the staged forward must reproduce layer 0's own forward."""
-    from mosaic.calibrate import on_device, working_copy
-
-    layer = adapter.layers(model)[0]
-    with on_device(layer, compute) as device:
-        work = working_copy(layer, calib_dtype)
-        h = acts.hidden[0].to(device, calib_dtype)
-        tol = 1e-4 if h.dtype == torch.float32 else 2e-2
-        check_staged_forward(adapter, work, h, layer_kwargs(acts, 0, h, device, {}), atol=tol)
-
-
-def plan_composite(model, adapter, profile, plan: Plan, opts: Options) -> tuple[list, dict]:
-    """Choose the heads and channels to remove (about R of the projection weights), and the unstructured
-    sparsity the kept weights need so that R plus it make S of the original weights."""
-    n_layers = len(profile.params)
-    layers = list(adapter.layers(model))
-    R = opts.structured_ratio
-    if plan.allocation in ("uniform", "owl_nm") or R == 0:
-        budget_map = uniform_map(n_layers, R)
-    else:
-        budget_map = alloc.allocate(plan.allocation, profile, n_layers, R, opts.Lamda)
-    scores = [unit_scores(adapter, layer, profile.norms[i][("o",)], profile.norms[i][("down",)])
-              for i, layer in enumerate(layers)]
-    budgets = budgets_from_allocation(budget_map, profile.params)
-    structure = plan_structure(adapter, layers, scores, budgets, round_to=opts.round_to,
-                               uniform_widths=opts.uniform_widths)
-    report = structure_summary(structure, profile.params, [geometry(adapter, layer) for layer in layers])
-    total, kept = report["params_before"], report["params_kept"]
-    removed = total - kept
-    report["unstructured_target"] = max(0.0, (opts.sparsity_ratio * total - removed) / kept)
-    report["requested_structured_ratio"] = R
-    if report["structured_ratio"] > opts.sparsity_ratio + 1e-9:
-        log.warning("structured removal %.4f exceeds --sparsity_ratio %.4f after rounding widths to multiples of %d",
-                    report["structured_ratio"], opts.sparsity_ratio, opts.round_to)
-    return structure, report
-
-
 def sparsity_report(target: float, allocated, achieved: dict, profile, composite: dict | None = None) -> dict:
     """Allocated and achieved sparsity per (layer, projection). For composite runs the per-projection
     fractions refer to the kept (sliced) weights and ``achieved`` overall to the original weights."""
@@ -472,59 +726,3 @@ def sparsity_report(target: float, allocated, achieved: dict, profile, composite
         report["unstructured"] = achieved["zeros"] / before
         report["projection_params_before"] = before
     return report
-
-
-def finish(results: dict, loaded: Loaded, opts: Options, timer: Timer) -> dict:
-    """Write the checkpoint and results (atomically), then print the summary."""
-    manifest = {"mosaic_version": __version__, "source_model": loaded.source, "method": opts.prune_method,
-                "sparsity_type": opts.sparsity_type, "settings": results["settings"],
-                "sparsity": {k: results["sparsity"][k] for k in ("target", "achieved")},
-                "allocation": [{r["projection"]: r.get("allocated") for r in results["sparsity"]["per_projection"]
-                                if r["layer"] == i} for i in range(results["model"]["layers"])]}
-
-    def write_model(directory: Path) -> None:
-        with timer("save_model"):
-            results["checkpoint"] = {"path": str(opts.save_model),
-                                     "safetensors_bytes": save_checkpoint(loaded.model, loaded.tokenizer, directory, manifest)}
-
-    def write_results(directory: Path) -> None:
-        results["time_s"] = timer.seconds
-        results["memory"] = peak_memory()
-        write_json(directory / "results.json", results)
-        (directory / "summary.txt").write_text(summary_text(results) + "\n")
-        write_plots(results, directory)
-
-    write_outputs(opts.save, opts.save_model, opts.overwrite, write_results, write_model)
-    results.setdefault("time_s", timer.seconds)
-    results.setdefault("memory", peak_memory())
-    print(summary_text(results), flush=True)
-    return results
-
-
-def _inside(inner: str, outer: str) -> Path | None:
-    try:
-        return Path(inner).resolve().relative_to(Path(outer).resolve())
-    except ValueError:
-        return None
-
-
-def write_outputs(save, save_model, overwrite, write_results, write_model) -> None:
-    """--save and --save_model, each atomic; one nested inside the other is written in one go."""
-    if save and save_model and (rel := _inside(save_model, save)) is not None:
-        with atomic_dir(save, overwrite) as tmp:
-            (tmp / rel).mkdir(parents=True, exist_ok=True)
-            write_model(tmp / rel)
-            write_results(tmp)
-        return
-    if save and save_model and (rel := _inside(save, save_model)) is not None:
-        with atomic_dir(save_model, overwrite) as tmp:
-            write_model(tmp)
-            (tmp / rel).mkdir(parents=True, exist_ok=True)
-            write_results(tmp / rel)
-        return
-    if save_model:
-        with atomic_dir(save_model, overwrite) as tmp:
-            write_model(tmp)
-    if save:
-        with atomic_dir(save, overwrite) as tmp:
-            write_results(tmp)

@@ -5,8 +5,8 @@ pass, and the outlier ratio is D = 100 · #{A > M · mean(A)} / numel(A) (OWL's 
 with the projection's own mean: Mosaic's projection outlier distribution). The layer ratio (OWL's
 layer outlier distribution) uses all seven projections of a layer together, with their joint mean.
 
-The same pass keeps each group's input norms, so Wanda-based methods prune from them without a
-second pass over the calibration data.
+The same pass keeps each group's input statistics (per-feature sums of squares, on CPU), so Wanda
+with dense statistics (``calib_stats="dense"``) prunes from exactly these, without a second pass.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import nn
 from mosaic.adapter import GROUPS, PROJECTIONS, Adapter
 from mosaic.calibrate import Activations, run_layers
 from mosaic.prune.wanda import scores as wanda_scores
+from mosaic.stats import InputStats
 
 
 @dataclass
@@ -26,8 +27,11 @@ class Profile:
     ratios: list[dict[str, float]]  # D[layer][projection], percent
     layer_ratios: list[float]  # OWL's per-layer ratio, percent
     params: list[dict[str, int]]  # weights per projection
-    norms: list[dict[tuple[str, ...], torch.Tensor]]  # input norms per layer and group (on CPU)
+    stats: list[dict[tuple[str, ...], InputStats]]  # dense input statistics per layer and group (on CPU)
     hyper_m: float
+
+    def norms(self, layer: int, group: tuple[str, ...]) -> torch.Tensor:
+        return self.stats[layer][group].norms()
 
     def to_json(self) -> dict:
         return {"hyper_m": self.hyper_m, "projection_ratios": self.ratios, "layer_ratios": self.layer_ratios}
@@ -55,18 +59,18 @@ def profile_model(model: nn.Module, adapter: Adapter, acts: Activations, hyper_m
     n_layers = len(adapter.layers(model))
     ratios: list = [None] * n_layers
     layer_ratios: list = [None] * n_layers
-    norms: list[dict] = [{} for _ in range(n_layers)]
+    stats: list[dict] = [{} for _ in range(n_layers)]
     params = [{p: adapter.projection(layer, p).weight.numel() for p in PROJECTIONS} for layer in adapter.layers(model)]
 
-    def on_group(index: int, layer: nn.Module, group: tuple[str, ...], stats) -> None:
-        norms[index][group] = stats.norms()
+    def on_group(index: int, layer: nn.Module, group: tuple[str, ...], group_stats: InputStats) -> None:
+        stats[index][group] = group_stats
         if group != GROUPS[-1]:
             return
-        by_projection = {p: norms[index][g] for g in GROUPS for p in g}
+        by_projection = {p: stats[index][g].norms() for g in GROUPS for p in g}
         weights = {p: adapter.projection(layer, p).weight for p in PROJECTIONS}
         ratios[index], layer_ratios[index] = layer_profile(weights, by_projection, hyper_m)
-        norms[index] = {g: v.cpu() for g, v in norms[index].items()}
+        stats[index] = {g: v.to(torch.device("cpu")) for g, v in stats[index].items()}
 
     run_layers(model, adapter, acts, on_group, mode="dense", compute=compute, calib_dtype=calib_dtype,
                desc="profile")
-    return Profile(ratios=ratios, layer_ratios=layer_ratios, params=params, norms=norms, hyper_m=hyper_m)
+    return Profile(ratios=ratios, layer_ratios=layer_ratios, params=params, stats=stats, hyper_m=hyper_m)

@@ -21,8 +21,10 @@ def summary_text(r: dict) -> str:
     kind = a["sparsity_type"]
     alloc = r["settings"].get("allocation")
     head = f"Mosaic — {a['model']} · {a['prune_method']}"
-    if r["settings"].get("mode"):
-        head += f" · target {s['target']:.2%} {kind}" + (f" · allocation {alloc}" if alloc else "")
+    if alloc:
+        head += f" · target {s['target']:.2%} {kind} · allocation {alloc}"
+    if r["settings"].get("calib_stats"):
+        head += f" · {r['settings']['calib_stats']} statistics"
     lines = [head]
     if "structured" in s:
         lines.append(f"  removed      {s['achieved']:.4%} of decoder projection weights: {s['structured']:.2%} as whole "
@@ -30,7 +32,7 @@ def summary_text(r: dict) -> str:
     else:
         lines.append(f"  sparsity     {s['achieved']:.4%} of decoder projection weights are zero "
                      f"({s['zeros']:,} of {s['projection_params']:,})")
-    if "drift" in s:
+    if abs(s.get("drift", 0.0)) >= 5e-7:
         lines.append(f"  allocation   weighted mean {s['allocated_overall']:.4%} (drift {s['drift']:+.4%} from target)")
     before, after = r["parameters"]["before"], r["parameters"]["after"]
     lines.append(f"  parameters   {_m(before['total'])} total → {_m(after['total'])}; "
@@ -45,6 +47,11 @@ def summary_text(r: dict) -> str:
                      f"MLP {min(w['intermediate'] for w in widths)}–{max(w['intermediate'] for w in widths)} per layer")
     if after["bytes"] == before["bytes"] and s["achieved"] > 0:
         lines.append("               (unstructured zeros are stored dense: no size or speed gain by themselves)")
+    damped = [n for n in r.get("notes", []) if "damp" in n]
+    if damped:
+        lines.append(f"  numerics     SparseGPT needed more damping for {len(damped)} projections (up to "
+                     f"{max(n['damp'] for n in damped):g} × mean diag H instead of {a.get('percdamp', 0.01):g}); "
+                     "see notes in results.json")
     for name, p in r["perplexity"].items():
         lines.append(f"  perplexity   {name}: {p['ppl']:.3f} ({p['windows']} windows × {p['seqlen']} tokens)")
     for task, z in r.get("zero_shot", {}).get("tasks", {}).items():
@@ -53,6 +60,9 @@ def summary_text(r: dict) -> str:
         z = r["zero_shot"]
         lines.append(f"  zero-shot    mean acc {z['mean_acc']:.4f} over {len(z['tasks'])} tasks"
                      + (f" (limit {z['limit']} per task)" if z.get("limit") else ""))
+    status = r.get("evaluation", {}).get("status")
+    if status and status != "complete":
+        lines.append(f"  evaluation   {status}" + (": results above are what finished" if status != "pending" else ""))
     t = r.get("time_s", {})
     lines.append("  time         " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()))
     if "memory" in r:

@@ -17,13 +17,13 @@ class InputStats:
         self.sq = None if hessian else torch.zeros(dim, dtype=torch.float32, device=device)
         self.xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if hessian else None
 
-    @classmethod
-    def from_norms(cls, norms: torch.Tensor) -> InputStats:
-        """Statistics that reproduce given per-feature norms (kept from an earlier pass)."""
-        stats = cls(norms.numel(), norms.device, hessian=False)
-        stats.sq.copy_(norms.float().square())
-        stats.tokens = 1
-        return stats
+    def to(self, device: torch.device) -> InputStats:
+        """The same statistics on ``device`` (values unchanged, so kernels give identical results)."""
+        moved = InputStats.__new__(InputStats)
+        moved.tokens = self.tokens
+        moved.sq = None if self.sq is None else self.sq.to(device)
+        moved.xtx = None if self.xtx is None else self.xtx.to(device)
+        return moved
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()

@@ -39,10 +39,10 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, layers), dtype=torch.float32).eval()
     with torch.no_grad():  # random init gives near-uniform outputs; spread the weights a little
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
-            elif "bias" in str(p):
+            elif name.endswith("bias"):  # Qwen2's q/k/v biases; norms keep their ones
                 p.normal_(0, 0.02)
     model.config.use_cache = False
     return model
@@ -52,7 +52,7 @@ def tiny_model(family: str, seed: int = 0, layers: int = 2):
 def wiki_texts() -> list[str]:
     from mosaic.data import load_text
 
-    return load_text("wiki-offline", "calib", "--calib_dataset").texts[:1500]
+    return load_text("wiki-offline", "calib").texts[:1500]
 
 
 @pytest.fixture(scope="session")

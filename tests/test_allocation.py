@@ -91,20 +91,52 @@ def test_owl_structure_picks_n_per_layer_as_the_reference():
     assert A.owl_nm(LAYER, 5, 8, 2.0) == [(6, 8), (5, 8), (5, 8), (4, 8)]
 
 
-def test_allocation_file_roundtrip_and_validation(tmp_path):
+def test_allocation_file_roundtrip_is_exact_and_validated(tmp_path):
     sparsity = A.mosaic(RATIOS, PARAMS, 0.6, 0.08)
     path = tmp_path / "map.json"
     A.write_file(path, sparsity, [None] * 4, {"target": 0.6})
-    again, nm = A.read_file(path, 4)
-    assert nm is None
-    assert all(abs(again[i][p] - sparsity[i][p]) < 1e-6 for i in range(4) for p in PROJECTIONS)
+    again = A.read_file(path)
+    assert again.nm is None and again.meta["target"] == 0.6
+    assert again.sparsity == sparsity  # full precision: applying the file prunes exactly the same counts
+    A.check_file(again, str(path), 4, 0.6, None, 0.0)
+    with pytest.raises(A.OptionError, match="4 layers of sparsity; this model has 6"):
+        A.check_file(again, str(path), 6, 0.6, None, 0.0)
+    with pytest.raises(A.OptionError, match="target sparsity of 0.6, but --sparsity_ratio is 0.7"):
+        A.check_file(again, str(path), 4, 0.7, None, 0.0)
     doc = json.loads(path.read_text())
     doc["sparsity"][2]["q"] = 1.5
     path.write_text(json.dumps(doc))
-    with pytest.raises(A.UsageError, match="not in"):
-        A.read_file(path, 4)
-    with pytest.raises(A.UsageError, match="4 layers of sparsity; this model has 6"):
-        A.write_file(path, sparsity, [None] * 4, {}) or A.read_file(path, 6)
+    with pytest.raises(A.OptionError, match="not in"):
+        A.read_file(path)
+
+
+@pytest.mark.parametrize("nm, match", [
+    ([[2, 4], [2, 4], [5, 4], [2, 4]], "not \\[N, M\\] with 0 <= N < M"),
+    ([[2, 4], [2, 4], [2, 4]], "one \\[N, M\\]"),
+    ([[2, 4], [2, 4], [4, 8], [2, 4]], "mixes group sizes"),
+    ([[2, 4], "2:4", [2, 4], [2, 4]], "is not \\[N, M\\]"),
+])
+def test_allocation_file_nm_entries_are_validated(tmp_path, nm, match):
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"target": 0.5, "sparsity": [dict.fromkeys(PROJECTIONS, 0.5)] * 4, "nm": nm}))
+    with pytest.raises(A.OptionError, match=match):
+        A.read_file(path)
+
+
+def test_allocation_file_nm_must_match_the_sparsity_type(tmp_path):
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({"target": 0.5, "sparsity": [dict.fromkeys(PROJECTIONS, 0.5)] * 4,
+                                "nm": [[2, 4], [1, 4], [3, 4], [2, 4]]}))
+    f = A.read_file(path)
+    assert f.nm == [(2, 4), (1, 4), (3, 4), (2, 4)]
+    A.check_file(f, str(path), 4, 0.5, (2, 4), 0.0)
+    with pytest.raises(A.OptionError, match="--sparsity_type N:4"):
+        A.check_file(f, str(path), 4, 0.5, None, 0.0)
+    with pytest.raises(A.OptionError, match="M=4, but --sparsity_type is 4:8"):
+        A.check_file(f, str(path), 4, 0.5, (4, 8), 0.0)
+    unstructured = A.AllocationFile([dict.fromkeys(PROJECTIONS, s) for s in (0.4, 0.6, 0.5, 0.5)], None, {})
+    with pytest.raises(A.OptionError, match="per-projection sparsities, but --sparsity_type 2:4"):
+        A.check_file(unstructured, str(path), 4, 0.5, (2, 4), 0.0)
 
 
 def test_layer_profile_counts_scores_above_m_times_mean():
@@ -153,10 +185,10 @@ def test_planted_outliers_get_lower_sparsity_and_the_target_is_hit():
     assert A.overall(after, planted.params) == pytest.approx(S, abs=1e-6)
 
     # and pruning with it reaches every allocation to within one weight
-    from mosaic.prune import KERNELS, prune_from_norms
+    from mosaic.prune import KERNELS, prune_from_stats
 
     adapter = adapter_for(model)
-    prune_from_norms(model, adapter, KERNELS["wanda"], after, [None] * 4, planted.norms)
+    prune_from_stats(model, adapter, KERNELS["wanda"], after, [None] * 4, planted.stats)
     zeros = total = 0
     for i, layer in enumerate(adapter.layers(model)):
         for p, proj in adapter.projections(layer).items():
@@ -168,5 +200,5 @@ def test_planted_outliers_get_lower_sparsity_and_the_target_is_hit():
 
 def test_allocate_rejects_targets_no_projection_can_take():
     prof = SimpleNamespace(ratios=RATIOS, layer_ratios=LAYER, params=PARAMS)
-    with pytest.raises(A.UsageError, match="--sparsity_ratio"):
+    with pytest.raises(A.OptionError, match="sparsity_ratio: 0.995 is above"):
         A.allocate("mosaic", prof, 4, 0.995, 0.08)

@@ -81,7 +81,10 @@ def test_existing_output_needs_overwrite(capsys, tmp_path, tiny_dirs, calib_file
     expect_usage_error(capsys, ["--save_model", str(tmp_path / "out")], "--save_model", contains="--overwrite")
 
 
-def test_unreadable_and_too_short_calibration_data(capsys, tmp_path, tiny_dirs):
+def test_unreadable_and_too_short_calibration_data(capsys, tmp_path, tiny_dirs, calib_file):
+    def small_run(model_dir, calib, out):  # a good evaluation text: it is read (and checked) first
+        return globals()["small_run"](model_dir, calib, out, "--eval_datasets", str(calib_file))
+
     binary = tmp_path / "blob.txt"
     binary.write_bytes(b"\xff\xfe\x00\x80" * 100)
     expect_usage_error(capsys, small_run(tiny_dirs["llama"], binary, tmp_path / "out"), "--calib_dataset",
@@ -108,10 +111,24 @@ def test_a_run_failing_after_pruning_leaves_no_output(capsys, tmp_path, tiny_dir
 
 def test_allocation_file_for_another_model_is_rejected(capsys, tmp_path, tiny_dirs, calib_file):
     bad = tmp_path / "alloc.json"
-    bad.write_text(json.dumps({"sparsity": [{"q": 0.5}] * 5}))
+    row = dict.fromkeys(["q", "k", "v", "o", "gate", "up", "down"], 0.5)
+    bad.write_text(json.dumps({"target": 0.5, "sparsity": [row] * 5}))
     expect_usage_error(capsys, small_run(tiny_dirs["llama"], calib_file, tmp_path / "out", "--prune_method",
                                          "wanda_mosaic", "--allocation_file", str(bad)),
                        "--allocation_file", contains="5 layers")
+    assert nothing_written(tmp_path)
+    bad.write_text(json.dumps({"target": 0.6, "sparsity": [row] * 2}))  # made for another target
+    expect_usage_error(capsys, small_run(tiny_dirs["llama"], calib_file, tmp_path / "out", "--prune_method",
+                                         "wanda", "--sparsity_ratio", "0.5", "--allocation_file", str(bad)),
+                       "--allocation_file", contains="--sparsity_ratio 0.6")
+    bad.write_text(json.dumps({"target": 0.5, "sparsity": [row] * 2, "nm": [[3, 4], [1, 4]]}))  # N:M per layer
+    expect_usage_error(capsys, small_run(tiny_dirs["llama"], calib_file, tmp_path / "out", "--prune_method",
+                                         "wanda", "--sparsity_ratio", "0.5", "--allocation_file", str(bad)),
+                       "--allocation_file", contains="--sparsity_type N:4")
+    expect_usage_error(capsys, small_run(tiny_dirs["llama"], calib_file, tmp_path / "out", "--prune_method",
+                                         "wanda", "--sparsity_ratio", "0.5", "--sparsity_type", "4:8",
+                                         "--allocation_file", str(bad)),
+                       "--allocation_file", contains="M=4, but --sparsity_type is 4:8")
     assert nothing_written(tmp_path)
 
 

@@ -69,19 +69,30 @@ def test_removing_all_zero_units_leaves_the_output_unchanged(family):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
-def test_removing_a_whole_gqa_group_slices_k_and_v_consistently():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_removing_a_whole_gqa_group_slices_k_and_v_consistently(family):
+    """Keeping kv group 1 only (not the first rows): k/v weights and Qwen2's k/v biases must be its rows."""
+    model = tiny_model(family)
     adapter = adapter_for(model)
     layer = adapter.layers(model)[1]
     d = adapter.head_dim(layer)
-    with torch.no_grad():  # kv group 1 serves query heads 2 and 3
-        adapter.projection(layer, "o").weight[:, 2 * d:4 * d] = 0
+    before = {p: adapter.projection(layer, p) for p in ("q", "k", "v")}
+    before = {p: (lin.weight.detach().clone(), None if lin.bias is None else lin.bias.detach().clone())
+              for p, lin in before.items()}
+    with torch.no_grad():  # kv group 0 serves query heads 0 and 1
+        adapter.projection(layer, "o").weight[:, 0:2 * d] = 0
         expected = model(ids()).logits
     g = geometry(adapter, layer)
     full = LayerPlan(list(range(4)), [0, 1], list(range(g.intermediate)))
-    restructure(model, adapter, [full, LayerPlan([0, 1], [0], list(range(g.intermediate)))])
+    restructure(model, adapter, [full, LayerPlan([2, 3], [1], list(range(g.intermediate)))])
     assert adapter.projection(layer, "k").out_features == d and adapter.projection(layer, "v").out_features == d
     assert adapter.attention(layer).num_key_value_groups == 2
+    rows = {"q": slice(2 * d, 4 * d), "k": slice(d, 2 * d), "v": slice(d, 2 * d)}
+    for p, (w, b) in before.items():
+        lin = adapter.projection(layer, p)
+        assert torch.equal(lin.weight, w[rows[p]]), p
+        if family == "qwen2":
+            assert b.abs().sum() > 0 and torch.equal(lin.bias, b[rows[p]]), p
     with torch.no_grad():
         assert torch.allclose(model(ids()).logits, expected, atol=1e-5)
 
@@ -102,7 +113,7 @@ def test_plan_prefers_low_energy_units_and_hits_the_budget():
     acts = capture(model, adapter, ids(8, 32), 4)
     prof = profile_model(model, adapter, acts, 5.0)
     layers = list(adapter.layers(model))
-    scores = [unit_scores(adapter, layer, prof.norms[i][("o",)], prof.norms[i][("down",)]) for i, layer in enumerate(layers)]
+    scores = [unit_scores(adapter, layer, prof.norms(i, ("o",)), prof.norms(i, ("down",))) for i, layer in enumerate(layers)]
     full = sum(prof.params[0].values())
     budgets = [(0.3 * full * 0.25, 0.3 * full * 0.75)] * 4
     plans = plan_structure(adapter, layers, scores, budgets, round_to=8)

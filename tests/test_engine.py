@@ -11,7 +11,7 @@ from conftest import FAMILIES, tiny_model
 
 from mosaic.adapter import PROJECTIONS, adapter_for
 from mosaic.calibrate import capture, check_staged_forward, run_layers
-from mosaic.errors import UsageError
+from mosaic.errors import OptionError
 from mosaic.eval.perplexity import perplexity
 from mosaic.prune import KERNELS, measure, prune_model, uniform_map
 from mosaic.prune.masks import target_count
@@ -110,7 +110,7 @@ def test_bf16_calibration_keeps_fp32_master_weights_exactly_pruned():
 def test_unsupported_architecture_is_a_clear_error():
     from transformers import GPT2Config
 
-    with pytest.raises(UsageError, match="not supported.*llama"):
+    with pytest.raises(OptionError, match="not supported.*llama"):
         adapter_for(GPT2Config())
 
 

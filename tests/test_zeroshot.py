@@ -146,3 +146,14 @@ def test_lm_eval_cli_evaluates_a_composite_checkpoint(tmp_path, tiny_dirs, calib
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["arc_easy_local"]
     assert 0 <= results["acc,none"] <= 1
+
+
+def test_online_task_names_are_checked_against_lm_evals_own_list():
+    from mosaic.errors import OptionError
+    from mosaic.pipeline import zero_shot_tasks
+
+    assert zero_shot_tasks("arc_easy,lambada_openai", offline=False) == ["arc_easy", "lambada_openai"]
+    with pytest.raises(OptionError, match="lm-eval does not know no_such_task"):
+        zero_shot_tasks("arc_easy,no_such_task", offline=False)
+    with pytest.raises(OptionError, match="no offline data for lambada_openai"):
+        zero_shot_tasks("lambada_openai", offline=True)

@@ -147,6 +147,16 @@ def check_offline_tasks(tasks: list[str]) -> None:
                             f"{', '.join(OFFLINE_FILES)} (other lm-eval tasks need the hub)")
 
 
+def check_online_tasks(tasks: list[str]) -> None:
+    """Online, any task lm-eval knows is fine; anything else fails before the model is even loaded."""
+    _, _, TaskManager = _lm_eval()
+    known = set(TaskManager().all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ZeroShotError(f"--eval_zero_shot: lm-eval does not know {', '.join(unknown)} "
+                            f"(see lm_eval --tasks list)")
+
+
 def offline_task_specs(tasks: list[str], directory: Path) -> list[dict]:
     """lm-eval group members that inherit each registered task and swap its data for local files."""
     check_offline_tasks(tasks)

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from mosaic.errors import UsageError
+from mosaic.errors import OptionError
 from mosaic.eval import zeroshot as zs
 from mosaic.export import atomic_dir, check_writable
 
@@ -41,7 +41,7 @@ def _checkpoint(spec: str) -> str:
     if spec == DEFAULT_MODEL or path.suffix == ".gguf" and path.is_file() or (path / "config.json").is_file():
         return spec
     if path.exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
-        raise UsageError("--model", f"no checkpoint at {spec}: save one first with "
+        raise OptionError("model", f"no checkpoint at {spec}: save one first with "
                          f"python main.py ... --save_model {spec}")
     return spec  # a hub id
 
@@ -53,7 +53,7 @@ def predict(args) -> None:
     model_spec = _checkpoint(args.model)
     offline = ensure_offline_if_unreachable(args.offline)
     data = zs.check_data(args.data) if offline else None
-    check_writable(args.out, "--out", args.overwrite)
+    check_writable(args.out, "out", args.overwrite)
     loaded = load_model(model_spec, dtype=args.dtype, device=args.device)
     result = zs.evaluate(loaded.model, loaded.tokenizer, zs.parse_tasks(args.tasks), limit=args.limit,
                          batch_size=args.batch_size, offline=offline, data_dir=data, log_samples=True)
@@ -69,7 +69,7 @@ def predict(args) -> None:
 def read_predictions(directory: str | Path) -> list[dict]:
     path = Path(directory) / PREDICTIONS
     if not path.is_file():
-        raise UsageError("predictions", f"no {PREDICTIONS} in {directory}: run benchmark/run.sh --out {directory} "
+        raise OptionError("predictions", f"no {PREDICTIONS} in {directory}: run benchmark/run.sh --out {directory} "
                          "first")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -98,7 +98,7 @@ def aggregate(args) -> None:
     out = Path(args.out)
     for path in (out.with_suffix(".md"), out.with_suffix(".json")):
         if path.exists() and not args.overwrite:
-            raise UsageError("--out", f"{path} exists; pass --overwrite to replace it")
+            raise OptionError("out", f"{path} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     limits = {r["limit"] for r in runs.values()}
     note = (f"Zero-shot accuracy, lm-eval {next(iter(runs.values()))['lm_eval']}, 0-shot; acc (acc_norm where the "
@@ -141,13 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mosaic.cli import _quiet_libraries
+    from mosaic.console import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (UsageError, zs.ZeroShotError) as err:
+    except OptionError as err:
+        print(f"{args.step}: error: --{err.option}: {err.message}", file=sys.stderr)
+        return 2
+    except zs.ZeroShotError as err:
         print(f"{args.step}: error: {err}", file=sys.stderr)
         return 2
     return 0

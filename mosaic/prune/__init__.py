@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from mosaic.adapter import GROUPS, PROJECTIONS, Adapter
 from mosaic.calibrate import Activations, on_device, run_layers
 from mosaic.prune import magnitude, sparsegpt, wanda
+from mosaic.stats import InputStats
 
 
 @dataclass(frozen=True)
@@ -126,20 +127,22 @@ def prune_model(
     return notes
 
 
-def prune_from_norms(model: nn.Module, adapter: Adapter, kernel: Kernel, sparsity: SparsityMap, nm: NMPlan,
-                     norms: list[dict[tuple[str, ...], torch.Tensor]], compute: torch.device | None = None,
-                     structure: list | None = None) -> None:
-    """Prune with Wanda (or magnitude) from per-group input norms kept from a profiling pass, so no
-    second calibration pass is needed."""
-    from mosaic.stats import InputStats
-
+def prune_from_stats(model: nn.Module, adapter: Adapter, kernel: Kernel, sparsity: SparsityMap, nm: NMPlan,
+                     stats: list[dict[tuple[str, ...], InputStats]], compute: torch.device | None = None,
+                     structure: list | None = None) -> list[dict]:
+    """Prune with statistics kept from an earlier dense pass (Wanda with ``calib_stats="dense"``: the
+    profiling pass's own statistics, so no second pass over the calibration data). Gives the same
+    weights as a dense-mode ``prune_model``, which computes the same statistics."""
     compute = compute or next(model.parameters()).device
+    notes: list[dict] = []
     for index, layer in enumerate(tqdm(adapter.layers(model), desc=f"prune ({kernel.name})", leave=False)):
         with on_device(layer, compute) as device:
             for group in GROUPS:
-                stats = InputStats.from_norms(norms[index][group].to(device)) if kernel.stats != "none" else None
-                prune_group(adapter, layer, group, stats, kernel, sparsity[index], nm[index], {},
-                            structure[index] if structure else None)
+                group_stats = stats[index][group].to(device) if kernel.stats != "none" else None
+                for note in prune_group(adapter, layer, group, group_stats, kernel, sparsity[index], nm[index], {},
+                                        structure[index] if structure else None):
+                    notes.append({"layer": index, **note})
+    return notes
 
 
 def measure(model: nn.Module, adapter: Adapter) -> dict:
