@@ -98,6 +98,17 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--zs_limit", type=_int_or_none, default=None, help="at most N items per zero-shot task")
     g.add_argument("--zs_batch_size", type=int, default=d.zs_batch_size, help="lm-eval batch size (set on HFLM)")
 
+    g = p.add_argument_group("KV-cache sparsity (Mustafar), applied to --eval_datasets and --eval_zero_shot")
+    g.add_argument("--kv_sparsity", type=float, default=None,
+                   help="prune this fraction of every key and value vector once its token leaves the dense window")
+    g.add_argument("--k_sparsity", type=float, default=None, help="keys only (overrides --kv_sparsity for K)")
+    g.add_argument("--v_sparsity", type=float, default=None, help="values only (overrides --kv_sparsity for V)")
+    g.add_argument("--kv_window", type=int, default=d.kv_window, help="most recent tokens kept dense (32)")
+    g.add_argument("--kv_method", default=d.kv_method,
+                   help="per_token (magnitude within each head vector, default) or per_channel")
+    g.add_argument("--kv_reference", action="store_true",
+                   help="per_token as the official code counts it (prunes one entry fewer at most ratios)")
+
     g = p.add_argument_group("output")
     g.add_argument("--save", default=None, help="directory for results.json, summary.txt and plots")
     g.add_argument("--save_model", default=None, help="directory for the pruned checkpoint (safetensors)")

@@ -14,7 +14,7 @@ import platform
 import resource
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from mosaic.eval import zeroshot as zs
 from mosaic.eval.perplexity import perplexity
 from mosaic.export import atomic_dir, check_writable, replace_file, save_checkpoint, write_json
 from mosaic.hub import hub_reachable
+from mosaic.kv import KVSparsity, kv_bytes, mustafar_attention
 from mosaic.load import DEFAULT_MODEL, Loaded, compute_device, load_model
 from mosaic.profile import Profile, profile_model
 from mosaic.prune import (
@@ -96,6 +97,12 @@ class Options:
     eval_zero_shot: str | None = None
     zs_limit: int | None = None
     zs_batch_size: int = 16
+    kv_sparsity: float | None = None  # Mustafar KV-cache sparsity for evaluation: both K and V
+    k_sparsity: float | None = None  # ... or each on its own (overrides kv_sparsity)
+    v_sparsity: float | None = None
+    kv_window: int = 32
+    kv_method: str = "per_token"
+    kv_reference: bool = False
     save: str | None = None
     save_model: str | None = None
     overwrite: bool = False
@@ -117,6 +124,7 @@ class Plan:
     eval_names: list[str]
     zs_tasks: list[str] | None
     offline: bool
+    kv: KVSparsity | None = None  # Mustafar KV-cache sparsity applied in evaluation
 
     @property
     def needs_profile(self) -> bool:
@@ -255,11 +263,33 @@ def validate(opts: Options) -> Plan:
         mode = "dense"
     else:
         mode = "sequential" if opts.true_sequential else "reference"
+    kv = kv_spec(opts, bool(names) or tasks is not None)
     lamda, hyper_m = alloc.hyper_defaults(allocation)
     return Plan(kernel=kernel, allocation=allocation, allocation_file=file, nm=nm, composite=composite, mode=mode,
                 lamda=lamda if opts.Lamda is None else opts.Lamda,
                 hyper_m=hyper_m if opts.Hyper_m is None else opts.Hyper_m,
-                eval_names=names, zs_tasks=tasks, offline=offline)
+                eval_names=names, zs_tasks=tasks, offline=offline, kv=kv)
+
+
+def kv_spec(opts: Options, evaluates: bool) -> KVSparsity | None:
+    """The Mustafar KV sparsity evaluation applies, if any KV option asks for one."""
+    k = opts.k_sparsity if opts.k_sparsity is not None else opts.kv_sparsity
+    v = opts.v_sparsity if opts.v_sparsity is not None else opts.kv_sparsity
+    if k is None and v is None:
+        return None
+    for option in ("kv_sparsity", "k_sparsity", "v_sparsity"):
+        value = getattr(opts, option)
+        if value is not None and not (math.isfinite(value) and 0 <= value < 1):
+            raise OptionError(option, f"must be in [0, 1), got {value}")
+    if not evaluates:
+        raise OptionError("kv_sparsity", "KV-cache sparsity applies to evaluation: give --eval_datasets or "
+                          "--eval_zero_shot")
+    try:
+        return KVSparsity(k_sparsity=k or 0.0, v_sparsity=v or 0.0, window=opts.kv_window, k_method=opts.kv_method,
+                          v_method=opts.kv_method, reference=opts.kv_reference)
+    except ValueError as err:
+        option = "kv_window" if "window" in str(err) else "kv_reference" if "reference" in str(err) else "kv_method"
+        raise OptionError(option, str(err)) from err
 
 
 def zero_shot_tasks(spec: str, offline: bool) -> list[str]:
@@ -309,7 +339,7 @@ def load(opts: Options, plan: Plan, timer: Timer) -> Setup:
     compute = compute_device(model)
     ctx = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     seqlen, eval_seqlen = min(opts.seqlen, ctx), min(opts.eval_seqlen, ctx)
-    if seqlen < opts.seqlen:
+    if seqlen < opts.seqlen and plan.needs_calibration:
         log.warning("--seqlen %d exceeds the model's context %d; using %d", opts.seqlen, ctx, seqlen)
     dtype = next(model.parameters()).dtype
     return Setup(loaded=loaded, compute=compute, n_layers=n_layers, dtype=dtype,
@@ -598,23 +628,11 @@ def evaluate(setup: Setup, texts: dict[str, torch.Tensor], saved: Saved, results
     """Perplexity per text, then zero-shot; results.json is updated after each part. A failure or Ctrl-C
     marks it and raises ``EvaluationError``: the checkpoint and what finished stay on disk."""
     results["evaluation"] = {"status": "running"}
+    if plan.kv is not None:
+        results["kv_cache"] = kv_report(setup.model.config, plan.kv)
     try:
-        for name, ids in texts.items():
-            with timer("evaluate"):
-                results["perplexity"][name] = perplexity(
-                    setup.model, setup.adapter, ids, setup.eval_seqlen, opts.eval_windows, opts.eval_batch_size,
-                    setup.compute, desc=f"ppl {name}",
-                    dtype=None if opts.eval_dtype == "model" else getattr(torch, opts.eval_dtype))
-            _progress(results, timer, saved)
-        if plan.zs_tasks is not None:
-            with timer("zero_shot"):
-                try:
-                    results["zero_shot"] = zs.evaluate(
-                        setup.model, setup.loaded.tokenizer, plan.zs_tasks, limit=opts.zs_limit,
-                        batch_size=opts.zs_batch_size, offline=plan.offline,
-                        data_dir=zs.default_data_dir(opts.cache_dir))
-                except zs.ZeroShotError as err:
-                    raise OptionError("eval_zero_shot", str(err).removeprefix("--eval_zero_shot: ")) from err
+        with kv_attention(setup.model, plan.kv):
+            _evaluate(setup, texts, saved, results, plan, opts, timer)
         results["evaluation"] = {"status": "complete"}
         _progress(results, timer, saved)
     except BaseException as err:
@@ -627,6 +645,44 @@ def evaluate(setup: Setup, texts: dict[str, torch.Tensor], saved: Saved, results
         raise EvaluationError(status, saved.where(), err) from err
     print(summary_text(results), flush=True)
     return results
+
+
+def _evaluate(setup: Setup, texts: dict[str, torch.Tensor], saved: Saved, results: dict, plan: Plan,
+              opts: Options, timer: Timer) -> None:
+    for name, ids in texts.items():
+        with timer("evaluate"):
+            results["perplexity"][name] = perplexity(
+                setup.model, setup.adapter, ids, setup.eval_seqlen, opts.eval_windows, opts.eval_batch_size,
+                setup.compute, desc=f"ppl {name}",
+                dtype=None if opts.eval_dtype == "model" else getattr(torch, opts.eval_dtype))
+        _progress(results, timer, saved)
+    if plan.zs_tasks is not None:
+        with timer("zero_shot"):
+            try:
+                results["zero_shot"] = zs.evaluate(
+                    setup.model, setup.loaded.tokenizer, plan.zs_tasks, limit=opts.zs_limit,
+                    batch_size=opts.zs_batch_size, offline=plan.offline, data_dir=zs.default_data_dir(opts.cache_dir))
+            except zs.ZeroShotError as err:
+                raise OptionError("eval_zero_shot", str(err).removeprefix("--eval_zero_shot: ")) from err
+
+
+def kv_attention(model, spec: KVSparsity | None):
+    """Teacher-forced Mustafar attention for the evaluation forwards, or nothing."""
+    return nullcontext() if spec is None else mustafar_attention(model, spec)
+
+
+def kv_report(config, spec: KVSparsity, context: int = 2048) -> dict:
+    """What the KV sparsity prunes and what a ``context``-token cache would hold (fp16 values, as the paper)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    size = kv_bytes(config, context, spec, value_bytes=2)
+    per_vector = {"k": spec.keys(torch.randn(1, 1, spec.group, head_dim)),
+                  "v": spec.values(torch.randn(1, 1, spec.group, head_dim))}
+    return {"k_sparsity": spec.k_sparsity, "v_sparsity": spec.v_sparsity, "window": spec.window,
+            "method": spec.k_method, "reference": spec.reference,
+            "achieved": {kv: float((x == 0).float().mean()) for kv, x in per_vector.items()},
+            "bytes": {"context": context, "value_bytes": 2, "dense": size.dense, "window": size.window,
+                      "keys": list(size.keys), "values": list(size.values), "compressed": list(size.compressed),
+                      "ratio": [c / size.dense for c in size.compressed]}}
 
 
 def _progress(results: dict, timer: Timer, saved: Saved) -> None:

@@ -54,6 +54,13 @@ def summary_text(r: dict) -> str:
                      "see notes in results.json")
     for name, p in r["perplexity"].items():
         lines.append(f"  perplexity   {name}: {p['ppl']:.3f} ({p['windows']} windows × {p['seqlen']} tokens)")
+    if "kv_cache" in r:
+        kv, size = r["kv_cache"], r["kv_cache"]["bytes"]
+        lo, hi = size["compressed"]
+        held = _mb(lo) if lo == hi else f"{_mb(lo)}–{_mb(hi)}"
+        lines.append(f"  kv cache     K {kv['achieved']['k']:.1%} / V {kv['achieved']['v']:.1%} of each vector pruned "
+                     f"beyond a {kv['window']}-token window ({kv['method']}); a {size['context']}-token fp16 cache: "
+                     f"{_mb(size['dense'])} dense → {held} ({size['ratio'][0]:.0%}–{size['ratio'][1]:.0%})")
     for task, z in r.get("zero_shot", {}).get("tasks", {}).items():
         lines.append(f"  zero-shot    {task}: acc {z['acc']:.4f}" + (f", acc_norm {z['acc_norm']:.4f}" if "acc_norm" in z else ""))
     if "zero_shot" in r:
