@@ -74,3 +74,14 @@ def test_bad_kv_flags_fail_fast_with_one_line(capsys, tmp_path, argv, flag, cont
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and last.startswith(f"main.py: error: {flag}: ") and contains in last, last
     assert not (tmp_path / "out").exists()
+
+
+def test_zero_shot_runs_through_the_kv_attention(tiny_dirs, tmp_path):
+    """lm-eval scores through the KV attention (its mask and forward work under HFLM) and the run completes."""
+    base = dict(model=str(tiny_dirs["llama"]), prune_method="dense", eval_datasets="none",
+                eval_zero_shot="arc_easy", zs_limit=6, zs_batch_size=6, offline=True)
+    plain = run(Options(**base))
+    pruned = run(Options(**base, kv_sparsity=0.7, kv_window=4))
+    assert pruned["kv_cache"]["achieved"]["k"] == pytest.approx(11 / 16)
+    assert pruned["zero_shot"]["tasks"]["arc_easy"]["n"] == plain["zero_shot"]["tasks"]["arc_easy"]["n"] == 6
+    assert pruned["evaluation"]["status"] == "complete"
