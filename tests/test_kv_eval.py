@@ -85,3 +85,15 @@ def test_zero_shot_runs_through_the_kv_attention(tiny_dirs, tmp_path):
     assert pruned["kv_cache"]["achieved"]["k"] == pytest.approx(11 / 16)
     assert pruned["zero_shot"]["tasks"]["arc_easy"]["n"] == plain["zero_shot"]["tasks"]["arc_easy"]["n"] == 6
     assert pruned["evaluation"]["status"] == "complete"
+
+
+def test_kv_bytes_count_the_official_prune_count_in_reference_mode():
+    from types import SimpleNamespace
+
+    from mosaic.kv import kv_bytes
+
+    config = SimpleNamespace(num_hidden_layers=30, num_key_value_heads=3, head_dim=64, hidden_size=576,
+                             num_attention_heads=9)
+    official = kv_bytes(config, 2048, KVSparsity(0.7, 0.7, 32, reference=True))  # prunes 43 of 64, not 45
+    assert official == kv_bytes(config, 2048, KVSparsity(43 / 64, 43 / 64, 32))
+    assert official.keys[0] > kv_bytes(config, 2048, KVSparsity(0.7, 0.7, 32)).keys[0]

@@ -151,11 +151,15 @@ def kv_bytes(config, context: int, spec: KVSparsity, value_bytes: int = 2, batch
     token_bytes = streams * head_dim * value_bytes  # one token's K (or V) over all streams
     k_tokens = spec.keys_pruned_before(context)
     v_tokens = spec.values_pruned_before(context)
+
+    def effective(s: float) -> float:  # the official code keeps the k-th smallest, k = max(1, ⌊s·d⌋): k − 1 pruned
+        return (max(1, int(s * head_dim)) - 1) / head_dim if spec.reference and s > 0 else s
+
     return KVBytes(
         dense=2 * context * token_bytes,
         window=(2 * context - k_tokens - v_tokens) * token_bytes,
-        keys=_history_bytes(k_tokens, head_dim, spec.k_sparsity, spec.k_method, spec.group, "k", streams,
+        keys=_history_bytes(k_tokens, head_dim, effective(spec.k_sparsity), spec.k_method, spec.group, "k", streams,
                             value_bytes),
-        values=_history_bytes(v_tokens, head_dim, spec.v_sparsity, spec.v_method, spec.group, "v", streams,
-                              value_bytes),
+        values=_history_bytes(v_tokens, head_dim, effective(spec.v_sparsity), spec.v_method, spec.group, "v",
+                              streams, value_bytes),
     )
