@@ -1,42 +1,75 @@
-"""Allocation benchmark: Wanda and SparseGPT × {uniform, owl, mosaic, mosaic_ref} × S ∈ {0.5 … 0.8}.
+"""Allocation benchmark, like for like: {Wanda, SparseGPT} × statistics source {sequential, dense} ×
+allocation {uniform, owl, mosaic, mosaic_ref} × S ∈ {0.5 … 0.8}.
 
-SmolLM2-135M, 32 × 512 calibration windows of wiki-offline (seed 0), perplexity on the first 16 windows
-× 2048 tokens of the held-out wiki-offline split, evaluated with bf16 forwards (``--eval_dtype
-bfloat16``, half the CPU time of fp32; the dense model gives the same ppl to two decimals). M = 5 and
-λ = 0.08 (the defaults) were chosen on calibration-split text only. Every job runs main.py in a fresh
-process.
+Within one (method, statistics, S) row the four allocations differ in the allocation only: the same
+kernel, the same calibration windows, and the same statistics source (``--calib_stats``) for the
+pruning itself. Across the two statistics rows only ``--calib_stats`` differs.
 
-    python benchmark/bench_allocation.py      # ~50 min on 2 cores
+SmolLM2-135M, 32 × 512 calibration windows of wiki-offline (seed 0), perplexity on the first 8 windows
+× 2048 tokens of the held-out wiki-offline split with bf16 forwards (``--eval_dtype bfloat16``). M = 5,
+λ = 0.08 (the defaults; never tuned on the eval split). Each job is one ``mosaic.pipeline.run`` with a
+freshly loaded model, in this process; finished jobs are kept in ``results/allocation_runs.jsonl``, so
+an interrupted sweep resumes where it stopped.
+
+    python benchmark/bench_allocation.py            # ~90 min on 2 idle cores
+    python benchmark/bench_allocation.py --report   # only rebuild the table from the finished jobs
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import RESULTS, YARDSTICK, machine, machine_line, run_main, write  # noqa: E402
+from common import RESULTS, machine, machine_line, write  # noqa: E402
 
 METHODS = ("wanda", "sparsegpt")
+STATS = ("sequential", "dense")
 ALLOCATIONS = ("uniform", "owl", "mosaic", "mosaic_ref")
-SPARSITIES = (0.5, 0.6, 0.7, 0.8)
-NOTES = """
-Notes (what we found; targets judged on this table, never tuned on the eval split):
-- Wanda: the per-projection `mosaic` allocation is the best of the four at 0.7 (−28% vs uniform) and 0.8
-  (−72%), but loses to uniform at 0.6 (+19%) and ties at 0.5. OWL's per-layer rule helps at 0.5 and 0.7 only.
-- SparseGPT: its weight update compensates most of what an allocation changes; uniform, owl and mosaic stay within ±9% of
-  uniform, `mosaic` is best only at 0.6 (−7%) and is +2% at 0.8. So the issue's target (mosaic lowest at
-  every S ≥ 0.6 and ≥30% below uniform at 0.8) is met for Wanda at 0.7/0.8 only.
-- Why: probes on calibration-split text (Wanda 70%, one projection type held at 0.6 while the rest
-  compensate) found SmolLM2's MLP (gate, up) sensitive and its attention projections robust; outlier
-  ratios only partly track that. With M = 3 every outlier-guided allocation was worse than uniform; M = 5,
-  λ = 0.08 (the papers' defaults) was the best setting we tried on calibration text.
-- `mosaic_ref` (the released code's formula) drifts −0.0005 from the target at every S and is the worst
-  or next-worst allocation at every point above 0.5.
-- Pruning times are indicative: a few cells (Wanda mosaic 0.5, owl 0.6) were slowed by other work on the
-  2 cores; `core.md` has the timings taken on an idle machine. Outlier-guided SparseGPT runs take ~20 s
-  more than uniform: a dense profiling pass before the sequential pruning.
-- SmolLM2 here is de-quantized Q4_1, so absolute perplexities are those of that model.
-"""
+SPARSITIES = (0.7, 0.8, 0.6, 0.5)  # the most informative first, in case the sweep is cut short
+RUNS = RESULTS / "allocation_runs.jsonl"
+SETTINGS = dict(nsamples=32, seqlen=512, eval_windows=8, eval_dtype="bfloat16")
+
+
+def key(method: str, stats: str, allocation: str, sparsity: float) -> str:
+    return f"{method}/{stats}/{allocation}/{sparsity}"
+
+
+def finished() -> dict[str, dict]:
+    if not RUNS.exists():
+        return {}
+    rows = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    return {key(r["method"], r["stats"], r["allocation"], r["target"]): r for r in rows}
+
+
+def run_one(method: str, stats: str, allocation: str, sparsity: float) -> dict:
+    from mosaic.pipeline import Options, run
+
+    start = time.perf_counter()
+    r = run(Options(prune_method=method, allocation=allocation, sparsity_ratio=sparsity, calib_stats=stats,
+                    **SETTINGS))
+    s = r["sparsity"]
+    return {"method": method, "stats": stats, "allocation": allocation, "target": sparsity,
+            "achieved": s["achieved"], "drift": s.get("drift", 0.0), "ppl": r["perplexity"]["wiki-offline"]["ppl"],
+            "mode": r["settings"]["mode"], "calib_dtype": r["settings"]["calib_dtype"],
+            "prune_s": round(r["time_s"].get("prune", 0) + r["time_s"].get("profile", 0), 1),
+            "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def sweep() -> None:
+    done = finished()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for sparsity in SPARSITIES:
+        for method in METHODS:
+            for stats in STATS:
+                for allocation in ALLOCATIONS:
+                    if key(method, stats, allocation, sparsity) in done:
+                        continue
+                    row = run_one(method, stats, allocation, sparsity)
+                    with RUNS.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(row, flush=True)
 
 
 def plot(rows: list[dict]) -> None:
@@ -45,71 +78,104 @@ def plot(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METHODS), figsize=(5 * len(METHODS), 4), sharey=True)
-    for ax, method in zip(axes, METHODS):
-        for allocation in ALLOCATIONS:
-            pts = sorted((r["achieved"] * 100, r["ppl"]) for r in rows
-                         if r["method"] == method and r["allocation"] == allocation)
-            ax.plot(*zip(*pts), marker="o", label=allocation)
-        ax.set_yscale("log")
-        ax.set_xlabel("removed parameters of the decoder projections (%)")
-        ax.set_title(f"{method}, SmolLM2-135M")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("perplexity, wiki-offline (16 × 2048)")
-    axes[0].legend()
+    fig, axes = plt.subplots(len(STATS), len(METHODS), figsize=(5 * len(METHODS), 4 * len(STATS)), sharey=True)
+    for i, stats in enumerate(STATS):
+        for j, method in enumerate(METHODS):
+            ax = axes[i][j]
+            for allocation in ALLOCATIONS:
+                pts = sorted((r["target"] * 100, r["ppl"]) for r in rows
+                             if (r["method"], r["stats"], r["allocation"]) == (method, stats, allocation))
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=allocation)
+            ax.set_yscale("log")
+            ax.set_title(f"{method}, {stats} statistics", fontsize=10)
+            ax.set_xlabel("target sparsity of the decoder projections (%)")
+            ax.grid(alpha=0.3)
+        axes[i][0].set_ylabel("perplexity, wiki-offline (8 × 2048)")
+    axes[0][0].legend()
+    fig.suptitle("SmolLM2-135M: allocations compared with the same statistics source", fontsize=11)
     fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     fig.savefig(RESULTS / "allocation.png", dpi=120)
 
 
-def main() -> None:
-    m = machine()
-    rows = []
-    for method in METHODS:
-        for sparsity in SPARSITIES:
-            for allocation in ALLOCATIONS:
-                r = run_main(["--prune_method", method, "--allocation", allocation, "--sparsity_ratio", str(sparsity),
-                              *YARDSTICK, "--eval_dtype", "bfloat16"])
-                s = r["sparsity"]
-                rows.append({"method": method, "allocation": allocation, "target": sparsity,
-                             "achieved": s["achieved"], "drift": s.get("drift", 0.0),
-                             "ppl": r["perplexity"]["wiki-offline"]["ppl"], "prune_s": r["time_s"]["prune"]})
-                print(rows[-1], flush=True)
+def _cell(by: dict, *k) -> str:
+    return f"{by[k]['ppl']:.2f}" if k in by else "—"
+
+
+def report(m: dict) -> None:
+    done = finished()
+    rows = list(done.values())
+    by = {(r["method"], r["stats"], r["allocation"], r["target"]): r for r in rows}
     plot(rows)
-    by = {(r["method"], r["allocation"], r["target"]): r for r in rows}
-    checks = {}
-    for method in METHODS:
-        best = all(min(ALLOCATIONS, key=lambda a: by[(method, a, s)]["ppl"]) == "mosaic" for s in SPARSITIES if s >= 0.6)
-        gain = 1 - by[(method, "mosaic", 0.8)]["ppl"] / by[(method, "uniform", 0.8)]["ppl"]
-        checks[f"{method}: mosaic lowest ppl at every S ≥ 0.6"] = best
-        checks[f"{method}: mosaic ≥ 30% below uniform at 0.8 (got {gain:.0%})"] = gain >= 0.30
-    lines = ["# Allocation benchmark: SmolLM2-135M, perplexity by allocation and sparsity", "",
+    lines = ["# Allocation benchmark: SmolLM2-135M, like for like", "",
              f"Machine: {machine_line(m)}.", "",
-             "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0); perplexity on the first 16 windows × "
+             "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0); perplexity on the first 8 windows × "
              "2048 tokens of the held-out wiki-offline split with bf16 forwards (`--eval_dtype bfloat16`); "
-             "`--Hyper_m 5 --Lamda 0.08` (defaults, tuned on calibration-split text only); model fp32, calibration "
-             "forwards bf16 (auto). *Prune* is the wall time of profiling + pruning. Produced by "
-             "`python benchmark/bench_allocation.py`; plot: `allocation.png`.", "",
-             "| method | S | uniform | owl | mosaic | mosaic_ref | mosaic vs uniform | mosaic_ref drift |",
+             "`--Hyper_m 5 --Lamda 0.08` (defaults, never tuned on the eval split); model fp32, calibration "
+             "forwards bf16 (auto). Produced by `python benchmark/bench_allocation.py`; plot: `allocation.png`.", "",
+             "**What each comparison holds fixed.** Within a row, the four allocations share the kernel, the "
+             "calibration windows and the statistics source the weights are pruned from (`--calib_stats`); only "
+             "the per-projection sparsities differ. `sequential`: each layer is pruned from the activations of the "
+             "already-pruned layers before it (true-sequential within the layer; the reference pruning pass). "
+             "`dense`: from the dense model's activations (Wanda prunes from the profiling pass's own statistics). "
+             "The outlier profile that drives owl/mosaic/mosaic_ref always comes from the dense model. Rows with the "
+             "same method and S differ in the statistics source only.", "",
+             "| method | statistics | S | uniform | owl | mosaic | mosaic_ref | mosaic vs uniform |",
              "|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
-        for s in SPARSITIES:
-            cells = [f"{by[(method, a, s)]['ppl']:.2f}" for a in ALLOCATIONS]
-            best = min(ALLOCATIONS, key=lambda a: by[(method, a, s)]["ppl"])
-            cells = [f"**{c}**" if a == best else c for a, c in zip(ALLOCATIONS, cells)]
-            gain = by[(method, "mosaic", s)]["ppl"] / by[(method, "uniform", s)]["ppl"] - 1
-            lines.append(f"| {method} | {s} | {' | '.join(cells)} | {gain:+.1%} | "
-                         f"{by[(method, 'mosaic_ref', s)]['drift']:+.4f} |")
-    lines += ["", "Achieved overall sparsity and pruning time (s):", "",
-              "| method | S | " + " | ".join(f"{a} achieved / s" for a in ALLOCATIONS) + " |",
+        for s in sorted(SPARSITIES):
+            for stats in STATS:
+                cells = [_cell(by, method, stats, a, s) for a in ALLOCATIONS]
+                have = [a for a in ALLOCATIONS if (method, stats, a, s) in by]
+                if not have:
+                    continue
+                best = min(have, key=lambda a: by[(method, stats, a, s)]["ppl"])
+                cells = [f"**{c}**" if a == best else c for a, c in zip(ALLOCATIONS, cells)]
+                u, mo = by.get((method, stats, "uniform", s)), by.get((method, stats, "mosaic", s))
+                gain = f"{mo['ppl'] / u['ppl'] - 1:+.1%}" if u and mo else "—"
+                lines.append(f"| {method} | {stats} | {s} | {' | '.join(cells)} | {gain} |")
+    lines += ["", "Statistics source alone (same allocation, same kernel): dense vs sequential perplexity.", "",
+              "| method | S | " + " | ".join(f"{a}: dense / sequential" for a in ALLOCATIONS) + " |",
               "|---|---|" + "---|" * len(ALLOCATIONS)]
     for method in METHODS:
-        for s in SPARSITIES:
-            lines.append(f"| {method} | {s} | " + " | ".join(
-                f"{by[(method, a, s)]['achieved']:.4f} / {by[(method, a, s)]['prune_s']:.1f}" for a in ALLOCATIONS) + " |")
-    lines += ["", "Targets (issue 3):", *[f"- {k}: **{'met' if v else 'MISSED'}**" for k, v in checks.items()], NOTES]
-    write("allocation", "\n".join(lines), {"machine": m, "rows": rows, "checks": checks})
+        for s in sorted(SPARSITIES):
+            cells = []
+            for a in ALLOCATIONS:
+                d, q = by.get((method, "dense", a, s)), by.get((method, "sequential", a, s))
+                cells.append(f"{d['ppl'] / q['ppl'] - 1:+.0%}" if d and q else "—")
+            if set(cells) == {"—"}:
+                continue
+            lines.append(f"| {method} | {s} | " + " | ".join(cells) + " |")
+    lines += ["", "Achieved overall sparsity, mosaic_ref's drift from the target, and profile + prune wall time (s; "
+              "indicative only: this sweep shared the 2 cores with other jobs, so times are not comparable between "
+              "cells; `core.md` has timings on an idle machine):", "",
+              "| method | statistics | S | " + " | ".join(f"{a}" for a in ALLOCATIONS) + " |",
+              "|---|---|---|" + "---|" * len(ALLOCATIONS)]
+    for method in METHODS:
+        for s in sorted(SPARSITIES):
+            for stats in STATS:
+                if not any((method, stats, a, s) in by for a in ALLOCATIONS):
+                    continue
+                cells = []
+                for a in ALLOCATIONS:
+                    r = by.get((method, stats, a, s))
+                    cells.append("—" if r is None else f"{r['achieved']:.4f} / {r['prune_s']:.0f} s"
+                                 + (f" (drift {r['drift']:+.4f})" if a == "mosaic_ref" else ""))
+                lines.append(f"| {method} | {stats} | {s} | " + " | ".join(cells) + " |")
+    missing = [f"{m} {st} S={s}" for s in sorted(SPARSITIES) for m in METHODS for st in STATS
+               if not all((m, st, a, s) in by for a in ALLOCATIONS)]
+    if missing:
+        lines += ["", f"**Not measured (yet)**: {', '.join(missing)}. The sweep runs the most informative targets "
+                  "first and resumes where it stopped (`results/allocation_runs.jsonl`); these cells did not fit this "
+                  "session's CPU budget."]
+    notes = RESULTS / "allocation_notes.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    write("allocation", "\n".join(lines) + "\n", {"machine": m, "settings": SETTINGS, "rows": rows})
 
 
 if __name__ == "__main__":
-    main()
+    m = machine()
+    if "--report" not in sys.argv:
+        sweep()
+    report(m)

@@ -90,7 +90,7 @@ def main() -> None:
     }
     lines = ["# Composite benchmark: SmolLM2-135M, size and speed of structured removal", "",
              f"Machine: {machine_line(m)}.", "",
-             f"Settings: `{METHOD}`, calibration 32 × 512 tokens of wiki-offline (seed 0), `--round_to 8`; perplexity "
+             f"Settings: `{METHOD}`, calibration 32 × 512 tokens of wiki-offline (seed 0), `--round_to 8`, sequential statistics for every row (`--calib_stats sequential`); perplexity "
              "on the first 16 windows × 2048 tokens of the held-out wiki-offline split (bf16 forwards). S = share of "
              "decoder projection weights removed in total, R = share removed structurally (heads and MLP channels); "
              "the tied 28M-parameter embedding is never pruned. Disk: the fp32 safetensors checkpoint. Latency: "

