@@ -222,12 +222,19 @@ def read_file(path: str | os.PathLike) -> AllocationFile:
     return AllocationFile(sparsity, plan, meta)
 
 
-def check_file(f: AllocationFile, path: str, n_layers: int, target: float, nm: tuple[int, int] | None,
-               structured_ratio: float) -> None:
-    """The file must fit the model and agree with the run's target, pattern and structured share."""
-    option = "allocation_file"
+def check_layers(f: AllocationFile, path: str, n_layers: int) -> None:
     if len(f.sparsity) != n_layers:
-        raise OptionError(option, f"{path} has {len(f.sparsity)} layers of sparsity; this model has {n_layers}")
+        raise OptionError("allocation_file", f"{path} has {len(f.sparsity)} layers of sparsity; this model has "
+                          f"{n_layers}")
+
+
+def check_file(f: AllocationFile, path: str, n_layers: int | None, target: float, nm: tuple[int, int] | None,
+               structured_ratio: float) -> None:
+    """The file must fit the model (``n_layers``; None before it is loaded) and agree with the run's
+    target, pattern and structured share."""
+    option = "allocation_file"
+    if n_layers is not None:
+        check_layers(f, path, n_layers)
     declared = f.meta.get("target")
     if isinstance(declared, int | float) and abs(declared - target) > 1e-9:
         raise OptionError(option, f"{path} was made for a target sparsity of {declared:g}, but --sparsity_ratio is "

@@ -130,6 +130,14 @@ def flag(option: str) -> str:
     return f"--{option}"
 
 
+def describe(err: BaseException) -> str:
+    """One line for an error: the flag and message of an OptionError, else the type and first line."""
+    if isinstance(err, OptionError):
+        return f"{flag(err.option)}: {err.message}"
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run, and turn library errors into one line each: bad input exits 2 with nothing written; a failed or
     interrupted evaluation exits 1 (130 for Ctrl-C) with the pruned model already saved."""
@@ -140,12 +148,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
         run(parse_options(argv, prog))
     except OptionError as e:
-        print(f"{prog}: error: {flag(e.option)}: {e.message}", file=sys.stderr)
+        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         return 2
     except EvaluationError as e:
-        cause = e.cause
-        why = (f"{flag(cause.option)}: {cause.message}" if isinstance(cause, OptionError)
-               else f"{type(cause).__name__}: {str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ''}")
+        why = describe(e.cause)
         where = " and ".join(e.saved) if e.saved else "nowhere (no --save or --save_model was given)"
         what = "interrupted" if e.status == "interrupted" else f"failed ({why})"
         print(f"{prog}: error: evaluation {what}; the pruned run is saved in {where}, with the results of "

@@ -22,6 +22,7 @@ import torch
 
 from mosaic import __version__
 from mosaic import allocate as alloc
+from mosaic.adapter import PROJECTIONS
 from mosaic.calibrate import Activations, capture, check_staged_forward, layer_kwargs, on_device, working_copy
 from mosaic.data import KNOWN, calibration_windows, eval_tokens
 from mosaic.errors import EvaluationError, OptionError
@@ -184,6 +185,12 @@ def _number(value, option: str, *, positive: bool = True) -> None:
         raise OptionError(option, f"must be >= 0, got {value}")
 
 
+def _fraction(value, option: str) -> None:
+    """A share of weights or entries to prune: finite and in [0, 1) (NaN fails every comparison)."""
+    if value is not None and not (math.isfinite(value) and 0 <= value < 1):
+        raise OptionError(option, f"must be in [0, 1), got {value}")
+
+
 def _dataset(name: str, option: str) -> None:
     if name not in KNOWN and not Path(name).expanduser().exists():
         raise OptionError(option, f"unknown dataset '{name}' (and no such file); use one of {', '.join(KNOWN)} "
@@ -199,8 +206,7 @@ def validate(opts: Options) -> Plan:
     """Check every option before any work and derive the plan."""
     if opts.prune_method not in METHODS:
         raise OptionError("prune_method", f"unknown method '{opts.prune_method}'; choose from {', '.join(METHODS)}")
-    if not (math.isfinite(opts.sparsity_ratio) and 0 <= opts.sparsity_ratio < 1):
-        raise OptionError("sparsity_ratio", f"must be in [0, 1), got {opts.sparsity_ratio}")
+    _fraction(opts.sparsity_ratio, "sparsity_ratio")
     nm = parse_sparsity_type(opts.sparsity_type, opts.sparsity_ratio)
     method = METHODS[opts.prune_method]
     if opts.allocation is not None and opts.allocation not in alloc.ALLOCATIONS:
@@ -255,8 +261,7 @@ def validate(opts: Options) -> Plan:
             raise OptionError("allocation_file", f"{opts.allocation_file} is a directory; give a .json file path")
         if Path(opts.allocation_file).is_file():
             file = alloc.read_file(opts.allocation_file)
-            alloc.check_file(file, opts.allocation_file, len(file.sparsity), opts.sparsity_ratio, nm,
-                             opts.structured_ratio)
+            alloc.check_file(file, opts.allocation_file, None, opts.sparsity_ratio, nm, opts.structured_ratio)
     if kernel is None or kernel.stats == "none":
         mode = None
     elif opts.calib_stats == "dense":
@@ -278,9 +283,7 @@ def kv_spec(opts: Options, evaluates: bool) -> KVSparsity | None:
     if k is None and v is None:
         return None
     for option in ("kv_sparsity", "k_sparsity", "v_sparsity"):
-        value = getattr(opts, option)
-        if value is not None and not (math.isfinite(value) and 0 <= value < 1):
-            raise OptionError(option, f"must be in [0, 1), got {value}")
+        _fraction(getattr(opts, option), option)
     if not evaluates:
         raise OptionError("kv_sparsity", "KV-cache sparsity applies to evaluation: give --eval_datasets or "
                           "--eval_zero_shot")
@@ -333,9 +336,8 @@ def load(opts: Options, plan: Plan, timer: Timer) -> Setup:
     model, adapter = loaded.model, loaded.adapter
     check_finite(model)
     n_layers = len(adapter.layers(model))
-    if plan.allocation_file is not None and len(plan.allocation_file.sparsity) != n_layers:
-        raise OptionError("allocation_file", f"{opts.allocation_file} has {len(plan.allocation_file.sparsity)} "
-                          f"layers of sparsity; this model has {n_layers}")
+    if plan.allocation_file is not None:
+        alloc.check_layers(plan.allocation_file, opts.allocation_file, n_layers)
     compute = compute_device(model)
     ctx = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     seqlen, eval_seqlen = min(opts.seqlen, ctx), min(opts.eval_seqlen, ctx)
@@ -427,14 +429,14 @@ def allocate_step(setup: Setup, plan: Plan, profile: Profile | None, opts: Optio
     if plan.allocation_file is not None:
         sparsity, nm = plan.allocation_file.sparsity, plan.allocation_file.nm or nm
         if plan.allocation_file.nm is not None:
-            sparsity = [dict.fromkeys(row, pattern[0] / pattern[1]) for row, pattern in zip(sparsity, nm)]
+            sparsity = nm_map(nm)
         return Allocation(sparsity, nm, f"file:{opts.allocation_file}", target, params, structure, composite)
     if plan.allocation == "owl_nm":
         nm = alloc.owl_nm(profile.layer_ratios, plan.nm[0], plan.nm[1], plan.lamda)
         if len(set(nm)) == 1:
             log.warning("wanda_owl_structure: every layer got %d:%d (λ=%g is too small to move N by one); "
                         "raise --Lamda (the OWL reference uses 2)", *nm[0], plan.lamda)
-        sparsity = [dict.fromkeys(row, pattern[0] / pattern[1]) for row, pattern in zip(uniform_map(n, 0), nm)]
+        sparsity = nm_map(nm)
     elif plan.allocation == "uniform":
         sparsity = uniform_map(n, target)
     else:
@@ -445,6 +447,11 @@ def allocate_step(setup: Setup, plan: Plan, profile: Profile | None, opts: Optio
                           "target": opts.sparsity_ratio, "structured_ratio": opts.structured_ratio,
                           "unstructured_target": target, "Lamda": plan.lamda, "Hyper_m": plan.hyper_m})
     return Allocation(sparsity, nm, plan.allocation, target, params, structure, composite)
+
+
+def nm_map(nm: NMPlan) -> SparsityMap:
+    """What an N:M plan prunes: N/M of every projection of each layer."""
+    return [dict.fromkeys(PROJECTIONS, n / m) for n, m in nm]
 
 
 def projection_params(setup: Setup) -> list[dict[str, int]]:
@@ -562,10 +569,14 @@ class Saved:
         return [str(p) for p in (self.checkpoint, self.results_dir) if p is not None]
 
     def update(self, results: dict) -> None:
-        if self.results_dir is None:
-            return
-        replace_file(self.results_dir / "results.json", lambda tmp: write_json(tmp, results))
-        replace_file(self.results_dir / "summary.txt", lambda tmp: tmp.write_text(summary_text(results) + "\n"))
+        if self.results_dir is not None:
+            write_record(self.results_dir, results)
+
+
+def write_record(directory: Path, results: dict) -> None:
+    """results.json and summary.txt, each replaced atomically."""
+    replace_file(directory / "results.json", lambda tmp: write_json(tmp, results))
+    replace_file(directory / "summary.txt", lambda tmp: tmp.write_text(summary_text(results) + "\n"))
 
 
 def export(setup: Setup, results: dict, opts: Options, timer: Timer) -> Saved:
@@ -582,10 +593,8 @@ def export(setup: Setup, results: dict, opts: Options, timer: Timer) -> Saved:
         results["checkpoint"] = {"path": str(opts.save_model), "safetensors_bytes": size}
 
     def write_results(directory: Path) -> None:
-        results["time_s"] = timer.seconds
-        results["memory"] = peak_memory()
-        write_json(directory / "results.json", results)
-        (directory / "summary.txt").write_text(summary_text(results) + "\n")
+        stamp(results, timer)
+        write_record(directory, results)
         write_plots(results, directory)
 
     write_outputs(opts.save, opts.save_model, opts.overwrite, write_results, write_model)
@@ -686,9 +695,14 @@ def kv_report(config, spec: KVSparsity, context: int = 2048) -> dict:
 
 
 def _progress(results: dict, timer: Timer, saved: Saved) -> None:
+    stamp(results, timer)
+    saved.update(results)
+
+
+def stamp(results: dict, timer: Timer) -> None:
+    """Time per phase and peak memory so far, into the record."""
     results["time_s"] = timer.seconds
     results["memory"] = peak_memory()
-    saved.update(results)
 
 
 # --- helpers -----------------------------------------------------------------------------------------

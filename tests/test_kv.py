@@ -304,6 +304,12 @@ LONG = SimpleNamespace(prefill=20, length=320, spec=KVSparsity(0.7, 0.5, window=
 LONG_PRUNED = LONG.length - 1 - LONG.spec.window  # after the last step: 311 pruned, 9 dense
 
 
+def decode_both(model, ids: torch.Tensor, prefill: int, spec: KVSparsity, **options):
+    """((logits, zero-filled reference cache), (logits, MustafarCache(**options))) after the same decoding."""
+    return (decode_step_by_step(model, ids, prefill, spec, cache=zero_filled_cache(model, spec)),
+            decode_step_by_step(model, ids, prefill, spec, **options))
+
+
 @pytest.fixture(scope="module")
 def long_reference():
     """Prefill 20 + decode 300 on a tiny llama (batch 2: 4 streams per layer) with the zero-filled cache."""
@@ -393,8 +399,7 @@ def test_held_keys_and_values_decompress_to_the_pruned_dense_tensors(long_decode
                          ids=["reference", "per_channel_v"])
 def test_other_criteria_over_compressed_chunks_match_the_zero_filled_cache(spec):
     model, ids = tiny_model("qwen2"), prompt(length=160, seed=4)
-    expected, ref = decode_step_by_step(model, ids, 20, spec, cache=zero_filled_cache(model, spec))
-    logits, cache = decode_step_by_step(model, ids, 20, spec, chunk=64)
+    (expected, ref), (logits, cache) = decode_both(model, ids, 20, spec, chunk=64)
     assert len(cache.layers[0].k.chunks) == 2
     assert torch.equal(logits, expected)
     assert all(torch.equal(a, b) for layer, r in zip(cache.layers, ref.layers)
@@ -429,9 +434,7 @@ def test_beam_search_reorders_compressed_chunks_like_the_zero_filled_cache():
 @pytest.mark.parametrize("keep", [False, True], ids=["on_read", "kept"])
 def test_batch_reorder_select_and_repeat_move_compressed_chunks_with_their_rows(keep):
     model, ids, spec = tiny_model("llama"), prompt(length=110, seed=7), KVSparsity(0.7, 0.7, window=8)
-    ref = zero_filled_cache(model, spec)
-    decode_step_by_step(model, ids[:, :100], 20, spec, cache=ref)
-    _, cache = decode_step_by_step(model, ids[:, :100], 20, spec, chunk=64, keep_decompressed=keep)
+    (_, ref), (_, cache) = decode_both(model, ids[:, :100], 20, spec, chunk=64, keep_decompressed=keep)
     assert len(cache.layers[0].k.chunks) == 1  # 91 pruned: one chunk and 27 staged
     for op, arg in (("reorder_cache", torch.tensor([1, 0])), ("batch_select_indices", torch.tensor([0])),
                     ("batch_repeat_interleave", 2)):  # ends with row 1, twice
@@ -449,9 +452,7 @@ def test_batch_reorder_select_and_repeat_move_compressed_chunks_with_their_rows(
 @pytest.mark.parametrize("keep", [False, True], ids=["on_read", "kept"])
 def test_crop_into_a_chunk_keeps_tokens_pruned_and_decoding_matches(keep):
     model, ids, spec = tiny_model("llama"), prompt(length=190, seed=6), KVSparsity(0.7, 0.7, window=8)
-    ref = zero_filled_cache(model, spec)
-    decode_step_by_step(model, ids[:, :150], 20, spec, cache=ref)
-    _, cache = decode_step_by_step(model, ids[:, :150], 20, spec, chunk=64, keep_decompressed=keep)
+    (_, ref), (_, cache) = decode_both(model, ids[:, :150], 20, spec, chunk=64, keep_decompressed=keep)
     assert len(cache.layers[0].k.chunks) == 2  # 141 pruned
     for c in (ref, cache):
         c.crop(-3)  # inside the window

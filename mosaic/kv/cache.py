@@ -110,7 +110,7 @@ class _Stream:
 
     def zeros(self) -> tuple[int, int]:
         """Zeros and entries among the pruned tokens."""
-        pruned = [decompress(c) for c in self.chunks] + [self.staging]
+        pruned = [*self.decompressed(), self.staging]
         return sum(int((x == 0).sum()) for x in pruned), sum(x.numel() for x in pruned)
 
 

@@ -105,44 +105,43 @@ def prune_model(
     structure: list | None = None,
 ) -> list[dict]:
     """Prune every projection of every layer; returns notes (e.g. extra damping) per projection."""
-    options = options or {}
+    if kernel.stats == "none":
+        return prune_from_stats(model, adapter, kernel, sparsity, nm, None, compute, structure)
+    if acts is None:
+        raise ValueError(f"{kernel.name} needs calibration activations")
     notes: list[dict] = []
+    run_layers(model, adapter, acts, _group_pruner(adapter, kernel, sparsity, nm, options or {}, structure, notes),
+               mode=mode, hessian=kernel.stats == "hessian", compute=compute, calib_dtype=calib_dtype,
+               desc=f"prune ({kernel.name})")
+    return notes
+
+
+def prune_from_stats(model: nn.Module, adapter: Adapter, kernel: Kernel, sparsity: SparsityMap, nm: NMPlan,
+                     stats: list[dict[tuple[str, ...], InputStats]] | None, compute: torch.device | None = None,
+                     structure: list | None = None) -> list[dict]:
+    """Prune with statistics kept from an earlier dense pass (Wanda with ``calib_stats="dense"``: the
+    profiling pass's own statistics, so no second pass over the calibration data), or with none
+    (magnitude). Gives the same weights as a dense-mode ``prune_model``, which computes the same statistics."""
+    compute = compute or next(model.parameters()).device
+    notes: list[dict] = []
+    on_group = _group_pruner(adapter, kernel, sparsity, nm, {}, structure, notes)
+    for index, layer in enumerate(tqdm(adapter.layers(model), desc=f"prune ({kernel.name})", leave=False)):
+        with on_device(layer, compute) as device:
+            for group in GROUPS:
+                on_group(index, layer, group, stats[index][group].to(device) if stats is not None else None)
+    return notes
+
+
+def _group_pruner(adapter: Adapter, kernel: Kernel, sparsity: SparsityMap, nm: NMPlan, options: dict,
+                  structure: list | None, notes: list[dict]):
+    """The engine callback that prunes one group as allocated, collecting the kernel's notes per layer."""
 
     def on_group(index: int, layer: nn.Module, group: tuple[str, ...], stats) -> None:
         plan = structure[index] if structure else None
         for note in prune_group(adapter, layer, group, stats, kernel, sparsity[index], nm[index], options, plan):
             notes.append({"layer": index, **note})
 
-    if kernel.stats == "none":
-        compute = compute or next(model.parameters()).device
-        for index, layer in enumerate(tqdm(adapter.layers(model), desc=f"prune ({kernel.name})", leave=False)):
-            with on_device(layer, compute):
-                for group in GROUPS:
-                    on_group(index, layer, group, None)
-    else:
-        if acts is None:
-            raise ValueError(f"{kernel.name} needs calibration activations")
-        run_layers(model, adapter, acts, on_group, mode=mode, hessian=kernel.stats == "hessian",
-                   compute=compute, calib_dtype=calib_dtype, desc=f"prune ({kernel.name})")
-    return notes
-
-
-def prune_from_stats(model: nn.Module, adapter: Adapter, kernel: Kernel, sparsity: SparsityMap, nm: NMPlan,
-                     stats: list[dict[tuple[str, ...], InputStats]], compute: torch.device | None = None,
-                     structure: list | None = None) -> list[dict]:
-    """Prune with statistics kept from an earlier dense pass (Wanda with ``calib_stats="dense"``: the
-    profiling pass's own statistics, so no second pass over the calibration data). Gives the same
-    weights as a dense-mode ``prune_model``, which computes the same statistics."""
-    compute = compute or next(model.parameters()).device
-    notes: list[dict] = []
-    for index, layer in enumerate(tqdm(adapter.layers(model), desc=f"prune ({kernel.name})", leave=False)):
-        with on_device(layer, compute) as device:
-            for group in GROUPS:
-                group_stats = stats[index][group].to(device) if kernel.stats != "none" else None
-                for note in prune_group(adapter, layer, group, group_stats, kernel, sparsity[index], nm[index], {},
-                                        structure[index] if structure else None):
-                    notes.append({"layer": index, **note})
-    return notes
+    return on_group
 
 
 def measure(model: nn.Module, adapter: Adapter) -> dict:
