@@ -62,7 +62,12 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--Lamda", type=float, default=None,
                    help="allocation half-range λ (0.08; 2 for wanda_owl_structure, as OWL's N:M)")
     g.add_argument("--blocksize", type=int, default=d.blocksize, help="SparseGPT column block")
-    g.add_argument("--percdamp", type=float, default=d.percdamp, help="SparseGPT damping, fraction of mean diag(H)")
+    g.add_argument("--percdamp", type=float, default=d.percdamp,
+                   help="SparseGPT and ALPS damping, fraction of mean diag(H)")
+    g.add_argument("--alps_rho0", type=float, default=d.alps_rho0, help="ALPS: initial ADMM penalty ρ (0.1)")
+    g.add_argument("--alps_max_iter", type=int, default=d.alps_max_iter, help="ALPS: ADMM iteration cap (300)")
+    g.add_argument("--alps_cg_iters", type=int, default=d.alps_cg_iters,
+                   help="ALPS: conjugate-gradient iterations on the final support (10)")
 
     g = p.add_argument_group("calibration")
     g.add_argument("--calib_dataset", default=d.calib_dataset, help="wiki-offline, c4, wikitext2, or a .txt/.jsonl path")

@@ -90,6 +90,9 @@ class Options:
     true_sequential: bool = True
     blocksize: int = 128
     percdamp: float = 0.01
+    alps_rho0: float = 0.1  # ALPS: initial ADMM penalty, iteration cap, CG iterations on the final support
+    alps_max_iter: int = 300
+    alps_cg_iters: int = 10
     eval_datasets: str = "wiki-offline"
     eval_windows: int | None = None
     eval_seqlen: int = 2048
@@ -220,8 +223,9 @@ def validate(opts: Options) -> Plan:
     composite = opts.sparsity_type == "composite"
     _number(opts.structured_ratio, "structured_ratio", positive=False)
     if composite:
-        if method.kernel not in ("wanda", "sparsegpt"):
-            raise OptionError("sparsity_type", f"composite needs a Wanda or SparseGPT method, not {opts.prune_method}")
+        if method.kernel not in ("wanda", "sparsegpt", "alps"):
+            raise OptionError("sparsity_type", f"composite needs a Wanda, SparseGPT or ALPS method, "
+                              f"not {opts.prune_method}")
         if not 0 <= opts.structured_ratio <= opts.sparsity_ratio:
             raise OptionError("structured_ratio", f"must be in [0, --sparsity_ratio {opts.sparsity_ratio:g}], "
                               f"got {opts.structured_ratio:g}")
@@ -230,7 +234,8 @@ def validate(opts: Options) -> Plan:
     if opts.uniform_widths and not composite:
         raise OptionError("uniform_widths", "applies to --sparsity_type composite only")
     for option in ("round_to", "nsamples", "seqlen", "calib_batch_size", "eval_windows", "eval_seqlen",
-                   "eval_batch_size", "blocksize", "percdamp", "Hyper_m", "zs_batch_size", "zs_limit"):
+                   "eval_batch_size", "blocksize", "percdamp", "Hyper_m", "zs_batch_size", "zs_limit",
+                   "alps_rho0", "alps_max_iter", "alps_cg_iters"):
         _number(getattr(opts, option), option)
     _number(opts.Lamda, "Lamda", positive=False)
     if nm and opts.blocksize % nm[1]:
@@ -504,11 +509,16 @@ def prune_step(setup: Setup, calib: Calibration | None, allocation: Allocation, 
                 check_staged(setup, acts)
             notes = prune_model(model, adapter, kernel, allocation.sparsity, allocation.nm, acts,
                                 mode=plan.mode or "sequential", compute=setup.compute, calib_dtype=setup.calib_dtype,
-                                options={"blocksize": opts.blocksize, "percdamp": opts.percdamp}, structure=structure)
+                                options=kernel_options(opts), structure=structure)
     if structure is not None:
         with timer("restructure"):
             restructure(model, adapter, structure)
     return notes
+
+
+def kernel_options(opts: Options) -> dict:
+    return {"blocksize": opts.blocksize, "percdamp": opts.percdamp, "alps_rho0": opts.alps_rho0,
+            "alps_max_iter": opts.alps_max_iter, "alps_cg_iters": opts.alps_cg_iters}
 
 
 def check_staged(setup: Setup, acts: Activations) -> None:
@@ -519,6 +529,16 @@ def check_staged(setup: Setup, acts: Activations) -> None:
         h = acts.hidden[0].to(device, setup.calib_dtype)
         tol = 1e-4 if h.dtype == torch.float32 else 2e-2
         check_staged_forward(setup.adapter, work, h, layer_kwargs(acts, 0, h, device, {}), atol=tol)
+
+
+def alps_report(notes: list[dict], opts: Options) -> dict:
+    """ALPS's knobs, iterations per projection and time per phase, summed from the kernel's notes."""
+    iters = [n["alps_iters"] for n in notes if "alps_iters" in n]
+    return {"rho0": opts.alps_rho0, "max_iter": opts.alps_max_iter, "cg_iters": opts.alps_cg_iters,
+            "iterations": {"mean": sum(iters) / max(len(iters), 1), "min": min(iters, default=0),
+                           "max": max(iters, default=0), "at_cap": sum(i >= opts.alps_max_iter for i in iters)},
+            "start_kept": sum(bool(n.get("alps_start_kept")) for n in notes),
+            "seconds": {k: sum(n.get(f"{k}_s", 0.0) for n in notes) for k in ("eigh", "admm", "cg")}}
 
 
 # --- record, export ----------------------------------------------------------------------------------
@@ -553,6 +573,8 @@ def record(setup: Setup, plan: Plan, allocation: Allocation, profile: Profile | 
     }
     if allocation.composite is not None:
         results["composite"] = allocation.composite
+    if plan.kernel is not None and plan.kernel.name == "alps":
+        results["alps"] = alps_report(notes, opts)
     if profile is not None:
         results["profile"] = profile.to_json()
     return results

@@ -52,6 +52,11 @@ def summary_text(r: dict) -> str:
         lines.append(f"  numerics     SparseGPT needed more damping for {len(damped)} projections (up to "
                      f"{max(n['damp'] for n in damped):g} × mean diag H instead of {a.get('percdamp', 0.01):g}); "
                      "see notes in results.json")
+    if "alps" in r:
+        al = r["alps"]
+        lines.append(f"  alps         ADMM iterations {al['iterations']['min']}–{al['iterations']['max']} "
+                     f"(mean {al['iterations']['mean']:.0f}, {al['iterations']['at_cap']} at the cap); "
+                     + ", ".join(f"{k} {v:.1f} s" for k, v in al["seconds"].items()))
     for name, p in r["perplexity"].items():
         lines.append(f"  perplexity   {name}: {p['ppl']:.3f} ({p['windows']} windows × {p['seqlen']} tokens)")
     if "kv_cache" in r:

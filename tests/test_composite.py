@@ -196,7 +196,7 @@ def test_uniform_widths_give_a_plain_family_checkpoint(tmp_path, tokenizer):
         assert torch.equal(reloaded(ids()).logits, model(ids()).logits)
 
 
-@pytest.mark.parametrize("method", ["wanda_mosaic", "sparsegpt_mosaic", "sparsegpt"])
+@pytest.mark.parametrize("method", ["wanda_mosaic", "sparsegpt_mosaic", "sparsegpt", "alps"])
 def test_composite_run_removes_s_in_total_and_r_structurally(tmp_path, tiny_dirs, calib_file, method):
     out = tmp_path / "run"
     rc = main(["--model", str(tiny_dirs["qwen2"]), "--prune_method", method, "--sparsity_type", "composite",

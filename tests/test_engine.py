@@ -47,7 +47,7 @@ def test_layerwise_perplexity_equals_a_plain_forward(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "alps"])
 @pytest.mark.parametrize("kind", ["unstructured", "2:4", "4:8"])
 def test_every_method_and_type_reaches_the_exact_target(family, method, kind):
     model = tiny_model(family)

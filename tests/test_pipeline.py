@@ -38,7 +38,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("stats", ["sequential", "dense"])
-@pytest.mark.parametrize("kernel", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("kernel", ["wanda", "sparsegpt", "alps"])
 def test_the_same_map_gives_bit_identical_weights_whichever_method_name_applies_it(tmp_path, tiny_dirs, calib_file,
                                                                                    kernel, stats):
     """{kernel}_mosaic writes its map; {kernel} applying that file must give the very same model, and so

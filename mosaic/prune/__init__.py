@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from mosaic.adapter import GROUPS, PROJECTIONS, Adapter
 from mosaic.calibrate import Activations, on_device, run_layers
-from mosaic.prune import magnitude, sparsegpt, wanda
+from mosaic.prune import alps, magnitude, sparsegpt, wanda
 from mosaic.stats import InputStats
 
 
@@ -30,6 +30,7 @@ KERNELS: dict[str, Kernel] = {
     "magnitude": Kernel("magnitude", "none", magnitude.prune),
     "wanda": Kernel("wanda", "norms", wanda.prune),
     "sparsegpt": Kernel("sparsegpt", "hessian", sparsegpt.prune),
+    "alps": Kernel("alps", "hessian", alps.prune),
 }
 
 
@@ -51,6 +52,9 @@ METHODS: dict[str, Method] = {
     "magnitude_mosaic": Method("magnitude", "mosaic"),
     "wanda_mosaic": Method("wanda", "mosaic"),
     "sparsegpt_mosaic": Method("sparsegpt", "mosaic"),
+    "alps": Method("alps", "uniform"),
+    "alps_owl": Method("alps", "owl"),
+    "alps_mosaic": Method("alps", "mosaic"),
     "wanda_owl_structure": Method("wanda", "owl_nm"),
 }
 

@@ -22,13 +22,33 @@ def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = flat.kthvalue(k).values
+    threshold = kth_smallest(flat, k)
     mask = flat < threshold
     missing = k - int(mask.sum())
     if missing > 0:  # fill from the ties at the threshold, in index order
         ties = (flat == threshold).nonzero().squeeze(1)[:missing]
         mask[ties] = True
     return mask.view_as(scores)
+
+
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) of a 1-D tensor; the same value as ``kthvalue``, several times
+    faster on large tensors: a strided sample brackets it, and only the values in the bracket are
+    searched (ALPS selects over whole matrices at every iteration)."""
+    n = flat.numel()
+    if n < 1 << 16:
+        return flat.kthvalue(k).values
+    sample = flat[:: n // 8192].sort().values
+    s = sample.numel()
+    at = k / n * s
+    margin = 4 * (at * (1 - k / n)) ** 0.5 + 2
+    lo = sample[int(at - margin)] if at - margin >= 0 else flat.min()
+    hi = sample[int(at + margin)] if at + margin < s else flat.max()
+    below = int((flat < lo).count_nonzero())
+    band = flat[(flat >= lo) & (flat <= hi)]
+    if below < k <= below + band.numel():
+        return band.kthvalue(k - below).values
+    return flat.kthvalue(k).values  # the sample misled us (heavy ties, adversarial order)
 
 
 def row_counts(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,0 +1,191 @@
+"""ALPS (Meng, Behdin, Wang, Mazumder, NeurIPS 2024): one-shot pruning as a constrained least-squares
+problem, min ‖X(W − Ŵ)ᵀ‖² s.t. a sparsity pattern, solved by ADMM with a penalty (ρ) schedule driven by
+how much the support still changes, then refined on the final support by conjugate gradients.
+
+Numerics as the official code: damping ``percdamp · mean(diag H)`` (part of the objective), the diagonal
+normalisation H ← S⁻¹HS⁻¹ with S = √diag H (so H has a unit diagonal and needs no other preconditioner),
+variables B = W·S (kept in the weights' [out, in] layout, so each projection is a block of rows; the official
+code holds the transpose), the target B₀·H, (H + ρI)⁻¹ from one fp64 eigendecomposition, the first
+support from the largest |B₀| (= |W|·‖X_j‖), ρ₀ = 0.1, checks every 3 iterations, a 300-iteration cap.
+
+What differs, none of it changing the algorithm:
+- Projections sharing an input (q/k/v, gate/up) share H: their rows of B are solved in one ADMM,
+  each with its own exact budget of round(s·numel) pruned weights (the official code has one budget
+  per matrix; it never sees shared inputs).
+- The projection onto the budget is a ``kthvalue`` threshold, not a full top-k sort.
+- CG computes H·P once per iteration, and its stopping test reads the residual on the support (the
+  official test reads the unmasked one, which never vanishes, so it always ran to the cap).
+- (H + ρI)⁻¹ is rebuilt from the fp64 eigenvectors in fp32 (the precision the official code uses it in),
+  and the device is the weights' (no hard-coded CUDA); the ρ reset keeps the dense start at hand.
+- ADMM's final support competes with the initial one (both refined by the same CG), per projection.
+- Columns removed whole (composite pruning) are dropped from the problem, so the solve moves their
+  contribution onto the kept columns; the sparsities then apply to what is kept.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mosaic.prune.masks import n_of_m, smallest_k, target_count
+from mosaic.stats import InputStats
+
+
+def normalise(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Damped H scaled to a unit diagonal, and the scale S = √diag(H + damp·I)."""
+    H = hessian.clone()
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    scale = H.diagonal().sqrt() + 1e-8
+    return H / scale.unsqueeze(1) / scale.unsqueeze(0), scale
+
+
+def projector(segments: list[tuple[int, int, int]], nm: tuple[int, int] | None):
+    """P_k as a keep mask of Z [out, in]: in each segment of rows (one projection) keep all but its
+    ``pruned`` smallest |Z|; with N:M, prune N of every M consecutive inputs of each row."""
+
+    def keep(Z: torch.Tensor) -> torch.Tensor:
+        if nm is not None:
+            return ~n_of_m(Z.abs(), *nm)
+        mask = torch.ones_like(Z, dtype=torch.bool)
+        for r0, r1, pruned in segments:
+            if pruned:
+                torch.logical_not(smallest_k(Z[r0:r1].abs(), pruned), out=mask[r0:r1])
+        return mask
+
+    return keep
+
+
+def admm(H: torch.Tensor, target: torch.Tensor, B0: torch.Tensor, keep, kept: int, rho: float,
+         max_iter: int, update_iter: int = 3, switch_iter: int = 30) -> tuple[torch.Tensor, dict]:
+    """The ADMM loop with the official ρ schedule; returns B (not yet projected) and what it did."""
+    L, Q = torch.linalg.eigh(H.double())
+    L, Q = L.float(), Q.float()  # (H + ρI)⁻¹ = Q diag(1/(L+ρ)) Qᵀ, rebuilt in fp32 as the official uses it
+    eigh_done = time.perf_counter()
+
+    def inverse(r: float) -> torch.Tensor:
+        return (Q / (L + r)) @ Q.t()
+
+    support0 = keep(B0)
+    D0 = B0 * support0
+    D, V, support = D0.clone(), torch.zeros_like(B0), support0
+    B, rhs, Z = torch.empty_like(B0), torch.empty_like(B0), torch.empty_like(B0)
+    Hinv, raised, it, change = inverse(rho), False, 0, 0
+    for it in range(1, max_iter + 1):
+        torch.add(target, D, alpha=rho, out=rhs).sub_(V)
+        torch.mm(rhs, Hinv, out=B)  # B = (T − V + ρD)(H + ρI)⁻¹, H symmetric
+        torch.add(B, V, alpha=1 / rho, out=Z)
+        new = keep(Z)
+        torch.mul(Z, new, out=D)
+        V.add_(B, alpha=rho).sub_(D, alpha=rho)
+        if it % update_iter:
+            continue
+        change = int((new != support).count_nonzero())
+        support = new
+        if change > 0.1 * kept:
+            rho, raised = rho * 1.3, True
+        elif change > 0.005 * kept:
+            rho, raised = rho * 1.2, True
+        elif change:
+            if raised:
+                rho *= 1.1
+            else:  # support still moving at a tiny ρ: start over with a smaller one
+                rho /= 5
+                D, V = D0.clone(), torch.zeros_like(B0)
+        elif raised:
+            break
+        else:
+            rho /= 5
+        rho = min(rho, 1e6)
+        if it > switch_iter and change < 3e-4 * kept:
+            break
+        Hinv = inverse(rho)
+    return B, {"iterations": it, "rho": rho, "support_change": change / max(kept, 1), "eigh_done": eigh_done}
+
+
+def conjugate_gradient(H: torch.Tensor, target: torch.Tensor, X: torch.Tensor, support: torch.Tensor,
+                       iters: int, rtol: float = 1e-4) -> tuple[torch.Tensor, int]:
+    """Solve x_S H_SS = target_S for every row at once (one matmul per iteration), from X on the
+    support; stops when every row's residual on the support is below ``rtol`` of its target."""
+    X = X * support
+    R = (target - X @ H) * support
+    P = R.clone()
+    rr = R.square().sum(1, keepdim=True)
+    tol = (rtol * (target * support).norm(dim=1, keepdim=True)).square()
+    done = 0
+    while done < iters and not bool((rr <= tol).all()):
+        done += 1
+        HP = (P @ H).mul_(support)
+        curvature = (P * HP).sum(1, keepdim=True)
+        alpha = torch.where(curvature > 0, rr / curvature, torch.zeros_like(rr))
+        X.addcmul_(alpha, P)
+        R.addcmul_(alpha, HP, value=-1)
+        rr_next = R.square().sum(1, keepdim=True)
+        beta = torch.where(rr > 0, rr_next / rr, torch.zeros_like(rr))
+        P = R + beta * P
+        rr = rr_next
+    return X, done
+
+
+def objective(H: torch.Tensor, B: torch.Tensor, B0: torch.Tensor) -> float:
+    """‖X(W − Ŵ)ᵀ‖² in the normalised variables (with the damping ridge), up to a constant factor."""
+    diff = B - B0
+    return float((diff * (diff @ H)).sum())
+
+
+def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float],
+          nm: tuple[int, int] | None = None, percdamp: float = 0.01, forced_columns: torch.Tensor | None = None,
+          alps_rho0: float = 0.1, alps_max_iter: int = 300, alps_cg_iters: int = 10, **_) -> list[dict]:
+    """Prune the weights of one projection group in place; one info dict per projection.
+
+    Besides ADMM's support, the initial one (refined by the same CG) is kept for any projection where
+    it fits better: ADMM is a heuristic on a non-convex problem and, with H = I, can end up a little off
+    magnitude pruning, the exact optimum. On real activations this almost never applies
+    (``alps_start_kept`` in the notes says when it did)."""
+    if nm is None and not any(sparsities) and (forced_columns is None or not bool(forced_columns.any())):
+        return [{} for _ in weights]
+    device = weights[0].device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    H, scale = normalise(stats.hessian().to(device), percdamp)
+    B0 = torch.cat([w.float() for w in weights], dim=0) * scale  # [out, in]
+    target = B0 @ H
+    columns = None
+    if forced_columns is not None and bool(forced_columns.any()):
+        if nm is not None:
+            raise ValueError("N:M cannot be combined with structured column removal")
+        columns = (~forced_columns.to(device)).nonzero().squeeze(1)
+        H, B0, target = H[columns][:, columns], B0[:, columns].contiguous(), target[:, columns].contiguous()
+    inputs = B0.shape[1]
+    segments, r0 = [], 0
+    for w, s in zip(weights, sparsities):
+        segments.append((r0, r0 + w.shape[0], target_count(inputs * w.shape[0], s)))
+        r0 += w.shape[0]
+    kept = B0.numel() - (B0.numel() * nm[0] // nm[1] if nm else sum(p for _, _, p in segments))
+    keep = projector(segments, nm)
+
+    B, info = admm(H, target, B0, keep, kept, alps_rho0, alps_max_iter)
+    sync()
+    admm_done = time.perf_counter()
+    B, cg_iters = conjugate_gradient(H, target, B, keep(B), alps_cg_iters)
+    start_over, _ = conjugate_gradient(H, target, B0, keep(B0), alps_cg_iters)
+    worse = [r0 for r0, r1, _ in segments
+             if objective(H, B[r0:r1], B0[r0:r1]) > objective(H, start_over[r0:r1], B0[r0:r1])]
+    for r0, r1, _ in segments:
+        if r0 in worse:
+            B[r0:r1] = start_over[r0:r1]
+    sync()
+    if columns is not None:
+        full = torch.zeros(B.shape[0], forced_columns.numel(), device=device)
+        full[:, columns] = B
+        B = full
+    W = B / scale
+    for w, part in zip(weights, W.split([w.shape[0] for w in weights])):
+        w.copy_(part)
+    end = time.perf_counter()
+    seconds = {"eigh_s": info["eigh_done"] - start, "admm_s": admm_done - info["eigh_done"],
+               "cg_s": end - admm_done}
+    infos = [{"alps_iters": info["iterations"], "alps_rho": info["rho"], "alps_cg_iters": cg_iters,
+              **({"alps_start_kept": True} if r0 in worse else {})} for r0, _, _ in segments]
+    infos[0].update(seconds)  # the group's time, once
+    return infos
