@@ -41,6 +41,14 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--device_map", default=None,
                    help="accelerate device map for models larger than one device (e.g. auto); layers run where they live")
     g.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub")
+    g.add_argument("--offload", default=d.offload, choices=("auto", "none", "disk"),
+                   help="disk: stream one decoder layer at a time from the safetensors shards to the --save_model "
+                        "shards (models larger than memory); auto (default): disk when the weights exceed "
+                        "--max_memory; none: always in memory")
+    g.add_argument("--max_memory", default=None,
+                   help="host memory budget for --offload auto, e.g. 64GB (default: 80%% of what is available)")
+    g.add_argument("--resume", action="store_true",
+                   help="streaming: continue a killed run with the same options from its last finished layer")
 
     g = p.add_argument_group("pruning")
     g.add_argument("--prune_method", default=d.prune_method, help=f"one of: {', '.join(METHODS)}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mosaic import __version__
+from mosaic import __version__, stream
 from mosaic import allocate as alloc
 from mosaic.adapter import PROJECTIONS
 from mosaic.calibrate import Activations, capture, check_staged_forward, layer_kwargs, on_device, working_copy
@@ -107,6 +107,9 @@ class Options:
     save: str | None = None
     save_model: str | None = None
     overwrite: bool = False
+    offload: str = "auto"  # none: in memory; disk: stream layer by layer; auto: disk when it would not fit
+    max_memory: str | None = None  # host memory budget for offload auto (default: what is available)
+    resume: bool = False  # continue a killed streamed run from its last finished layer
     extra: dict = field(default_factory=dict)  # how the run was invoked, for the record
 
 
@@ -270,10 +273,23 @@ def validate(opts: Options) -> Plan:
         mode = "sequential" if opts.true_sequential else "reference"
     kv = kv_spec(opts, bool(names) or tasks is not None)
     lamda, hyper_m = alloc.hyper_defaults(allocation)
-    return Plan(kernel=kernel, allocation=allocation, allocation_file=file, nm=nm, composite=composite, mode=mode,
+    plan = Plan(kernel=kernel, allocation=allocation, allocation_file=file, nm=nm, composite=composite, mode=mode,
                 lamda=lamda if opts.Lamda is None else opts.Lamda,
                 hyper_m=hyper_m if opts.Hyper_m is None else opts.Hyper_m,
                 eval_names=names, zs_tasks=tasks, offline=offline, kv=kv)
+    check_offload(opts, plan)
+    return plan
+
+
+def check_offload(opts: Options, plan: Plan) -> None:
+    if opts.offload not in stream.OFFLOAD:
+        raise OptionError("offload", f"'{opts.offload}' is not one of {', '.join(stream.OFFLOAD)}")
+    if opts.max_memory is not None:
+        stream.parse_memory(opts.max_memory)
+    if opts.resume and opts.offload == "none":
+        raise OptionError("resume", "continues a streamed run: use it with --offload disk (or auto)")
+    if opts.offload == "disk" or opts.resume:
+        stream.check_streamable(plan, opts)
 
 
 def kv_spec(opts: Options, evaluates: bool) -> KVSparsity | None:
@@ -319,6 +335,7 @@ class Setup:
     seqlen: int
     eval_seqlen: int
     before: dict  # parameter report of the unpruned model
+    stream: stream.StreamRun | None = None  # the model streamed from disk (its weights on the meta device)
 
     @property
     def model(self):
@@ -331,8 +348,10 @@ class Setup:
 
 def load(opts: Options, plan: Plan, timer: Timer) -> Setup:
     with timer("load"):
-        loaded = load_model(opts.model, dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir,
-                            device_map=opts.device_map, offline=opts.offline)
+        streamed = stream.open_run(opts, plan)
+        loaded = streamed.loaded if streamed else load_model(
+            opts.model, dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir, device_map=opts.device_map,
+            offline=opts.offline)
     model, adapter = loaded.model, loaded.adapter
     check_finite(model)
     n_layers = len(adapter.layers(model))
@@ -346,7 +365,8 @@ def load(opts: Options, plan: Plan, timer: Timer) -> Setup:
     dtype = next(model.parameters()).dtype
     return Setup(loaded=loaded, compute=compute, n_layers=n_layers, dtype=dtype,
                  calib_dtype=resolve_calib_dtype(opts.calib_dtype, dtype, compute), seqlen=seqlen,
-                 eval_seqlen=eval_seqlen, before=parameter_report(model))
+                 eval_seqlen=eval_seqlen, before=streamed.before if streamed else parameter_report(model),
+                 stream=streamed)
 
 
 def check_finite(model) -> None:
@@ -378,7 +398,8 @@ class Calibration:
 
     def activations(self, setup: Setup) -> Activations:
         """Fresh layer-0 inputs (each pass over the layers consumes its own)."""
-        return capture(setup.model, setup.adapter, self.windows, self.batch_size)
+        with setup.stream.streamed.held("embed") if setup.stream else nullcontext():
+            return capture(setup.model, setup.adapter, self.windows, self.batch_size)
 
 
 def calibration(setup: Setup, plan: Plan, opts: Options, timer: Timer) -> Calibration | None:
@@ -396,7 +417,8 @@ def profile_step(setup: Setup, calib: Calibration | None, plan: Plan, timer: Tim
         return None
     with timer("profile"):
         return profile_model(setup.model, setup.adapter, calib.activations(setup), plan.hyper_m,
-                             compute=setup.compute, calib_dtype=setup.calib_dtype)
+                             compute=setup.compute, calib_dtype=setup.calib_dtype,
+                             scope=setup.stream.streamed.held if setup.stream else None)
 
 
 # --- allocate ----------------------------------------------------------------------------------------
@@ -491,6 +513,8 @@ def prune_step(setup: Setup, calib: Calibration | None, allocation: Allocation, 
     """Prune every projection as allocated, from the statistics the plan's mode names; then remove the
     planned heads and channels physically (composite). Returns notes (e.g. extra damping)."""
     kernel = plan.kernel
+    if setup.stream is not None:
+        return prune_streamed(setup, calib, allocation, profile, plan, opts, timer)
     if kernel is None:
         return []
     model, adapter, structure = setup.model, setup.adapter, allocation.structure
@@ -511,6 +535,22 @@ def prune_step(setup: Setup, calib: Calibration | None, allocation: Allocation, 
     return notes
 
 
+def prune_streamed(setup: Setup, calib: Calibration | None, allocation: Allocation, profile: Profile | None,
+                   plan: Plan, opts: Options, timer: Timer) -> list[dict]:
+    """The same pruning, one layer in memory at a time, each written as it is done (the dense model is
+    copied through when nothing is pruned)."""
+    kernel = plan.kernel
+    dense_wanda = kernel is not None and plan.mode == "dense" and kernel.stats == "norms"
+    with timer("prune"):
+        return setup.stream.prune(
+            kernel=kernel, sparsity=allocation.sparsity, nm=allocation.nm,
+            activations=(lambda: calib.activations(setup)) if calib else None, mode=plan.mode,
+            compute=setup.compute, calib_dtype=setup.calib_dtype,
+            options={"blocksize": opts.blocksize, "percdamp": opts.percdamp},
+            run_options=asdict(opts), stats=profile.stats if dense_wanda else None,
+            check=(lambda acts: check_staged(setup, acts)) if plan.mode in ("sequential", "reference") else None)
+
+
 def check_staged(setup: Setup, acts: Activations) -> None:
     """Guard the one-pass engine: the staged forward must reproduce layer 0's own forward."""
     layer = setup.adapter.layers(setup.model)[0]
@@ -527,7 +567,7 @@ def record(setup: Setup, plan: Plan, allocation: Allocation, profile: Profile | 
            opts: Options) -> dict:
     """results.json as it stands once pruning is done; evaluation fills in the rest."""
     model, loaded = setup.model, setup.loaded
-    achieved = measure(model, setup.adapter)
+    achieved = setup.stream.achieved if setup.stream else measure(model, setup.adapter)
     sparsity = sparsity_report(opts.sparsity_ratio, allocation.sparsity, achieved, profile, allocation.composite)
     if allocation.sparsity is not None and allocation.source != "uniform":
         sparsity["allocated_overall"] = alloc.overall(allocation.sparsity, allocation.params)
@@ -546,11 +586,14 @@ def record(setup: Setup, plan: Plan, allocation: Allocation, profile: Profile | 
                      "allocation": allocation.source, "Lamda": plan.lamda, "Hyper_m": plan.hyper_m,
                      "nm": nm if any(nm) else None},
         "sparsity": sparsity,
-        "parameters": {"before": setup.before, "after": parameter_report(model)},
+        "parameters": {"before": setup.before,
+                       "after": setup.stream.after if setup.stream else parameter_report(model)},
         "perplexity": {},
         "notes": notes,
         "evaluation": {"status": "pending"},
     }
+    if setup.stream is not None:
+        results["streaming"] = setup.stream.report()
     if allocation.composite is not None:
         results["composite"] = allocation.composite
     if profile is not None:
@@ -589,7 +632,10 @@ def export(setup: Setup, results: dict, opts: Options, timer: Timer) -> Saved:
 
     def write_model(directory: Path) -> None:
         with timer("save_model"):
-            size = save_checkpoint(setup.model, setup.loaded.tokenizer, directory, manifest)
+            if setup.stream is not None:
+                size = setup.stream.finish(directory, setup.loaded.tokenizer, manifest)
+            else:
+                size = save_checkpoint(setup.model, setup.loaded.tokenizer, directory, manifest)
         results["checkpoint"] = {"path": str(opts.save_model), "safetensors_bytes": size}
 
     def write_results(directory: Path) -> None:
@@ -663,7 +709,8 @@ def _evaluate(setup: Setup, texts: dict[str, torch.Tensor], saved: Saved, result
             results["perplexity"][name] = perplexity(
                 setup.model, setup.adapter, ids, setup.eval_seqlen, opts.eval_windows, opts.eval_batch_size,
                 setup.compute, desc=f"ppl {name}",
-                dtype=None if opts.eval_dtype == "model" else getattr(torch, opts.eval_dtype))
+                dtype=None if opts.eval_dtype == "model" else getattr(torch, opts.eval_dtype),
+                scope=setup.stream.reader(saved.checkpoint) if setup.stream else None)
         _progress(results, timer, saved)
     if plan.zs_tasks is not None:
         with timer("zero_shot"):
