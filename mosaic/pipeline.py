@@ -50,6 +50,7 @@ from mosaic.restructure import (
     geometry,
     kept_params,
     plan_structure,
+    reconfigure,
     restructure,
     unit_scores,
 )
@@ -486,13 +487,16 @@ def plan_composite(setup: Setup, profile: Profile, plan: Plan, opts: Options) ->
     sparsity the kept weights need so that R plus it make S of the original weights."""
     n_layers = setup.n_layers
     layers = list(setup.adapter.layers(setup.model))
+    held = setup.stream.streamed.held if setup.stream else lambda index: nullcontext()
     R = opts.structured_ratio
     if plan.allocation in ("uniform", "owl_nm") or R == 0:
         budget_map = uniform_map(n_layers, R)
     else:
         budget_map = alloc.allocate(plan.allocation, profile, n_layers, R, plan.lamda)
-    scores = [unit_scores(setup.adapter, layer, profile.norms(i, ("o",)), profile.norms(i, ("down",)))
-              for i, layer in enumerate(layers)]
+    scores = []
+    for i, layer in enumerate(layers):
+        with held(i):
+            scores.append(unit_scores(setup.adapter, layer, profile.norms(i, ("o",)), profile.norms(i, ("down",))))
     budgets = budgets_from_allocation(budget_map, profile.params)
     structure = plan_structure(setup.adapter, layers, scores, budgets, round_to=opts.round_to,
                                uniform_widths=opts.uniform_widths)
@@ -542,13 +546,17 @@ def prune_streamed(setup: Setup, calib: Calibration | None, allocation: Allocati
     kernel = plan.kernel
     dense_wanda = kernel is not None and plan.mode == "dense" and kernel.stats == "norms"
     with timer("prune"):
-        return setup.stream.prune(
+        notes = setup.stream.prune(
             kernel=kernel, sparsity=allocation.sparsity, nm=allocation.nm,
             activations=(lambda: calib.activations(setup)) if calib else None, mode=plan.mode,
             compute=setup.compute, calib_dtype=setup.calib_dtype,
             options={"blocksize": opts.blocksize, "percdamp": opts.percdamp},
             run_options=asdict(opts), stats=profile.stats if dense_wanda else None,
-            check=(lambda acts: check_staged(setup, acts)) if plan.mode in ("sequential", "reference") else None)
+            check=(lambda acts: check_staged(setup, acts)) if plan.mode in ("sequential", "reference") else None,
+            structure=allocation.structure)
+    if allocation.structure is not None:
+        reconfigure(setup.model, allocation.structure)  # the layers were sliced as they were written
+    return notes
 
 
 def check_staged(setup: Setup, acts: Activations) -> None:

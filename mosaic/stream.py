@@ -243,9 +243,6 @@ def skeleton(path: str, dtype: torch.dtype) -> nn.Module:
 
 def check_streamable(plan, opts) -> None:
     """What streaming cannot do (yet), refused before any work."""
-    if plan.composite:
-        raise OptionError("offload", "composite pruning changes layer widths, which streaming does not write yet; "
-                          "run it in memory (--offload none)")
     if plan.zs_tasks is not None:
         raise OptionError("eval_zero_shot", "zero-shot evaluation needs the whole model in memory, and this run "
                           "streams it; evaluate the saved checkpoint on a larger machine, or drop --eval_zero_shot")
@@ -415,15 +412,17 @@ class StreamRun:
 
     def prune(self, *, kernel, sparsity, nm, activations: Callable[[], Activations] | None, mode: str | None,
               compute: torch.device, calib_dtype, options: dict, run_options: dict, stats=None,
-              check: Callable[[Activations], None] | None = None) -> list[dict]:
-        """Prune layer by layer (or copy, with no ``kernel``) into the partial directory; returns the notes."""
+              check: Callable[[Activations], None] | None = None, structure: list | None = None) -> list[dict]:
+        """Prune layer by layer (or copy, with no ``kernel``) into the partial directory; returns the notes.
+        With a composite ``structure`` each layer is sliced to its plan before it is written."""
         from mosaic.prune import _group_pruner
+        from mosaic.restructure import apply
 
         s = self.streamed
         progress = self.progress = self._start(fingerprint(run_options, sparsity, nm))
         on_group = None
         if kernel is not None:
-            on_group = _group_pruner(s.adapter, kernel, sparsity, nm, options, None, progress.notes)
+            on_group = _group_pruner(s.adapter, kernel, sparsity, nm, options, structure, progress.notes)
         if progress.next_layer == 0:
             self._copy("embed", progress)
         acts = None
@@ -435,6 +434,8 @@ class StreamRun:
                 before = _counts(tensors)
                 del tensors
                 yield
+                if structure is not None:
+                    apply(s.adapter, [s.modules[index][0]], [structure[index]])
                 state = s.state(index)
                 write_shard(self.partial / self._shard(index), state)
                 _add(progress.before, before)
@@ -503,6 +504,7 @@ class StreamRun:
         write_index(directory, shards)
         make_serializable(model)
         use_cache, model.config.use_cache = model.config.use_cache, True
+        model.config.architectures = [type(model).__name__]  # as save_pretrained sets it
         try:
             model.config.save_pretrained(directory)
             if model.can_generate() and getattr(model, "generation_config", None) is not None:
@@ -510,6 +512,10 @@ class StreamRun:
         finally:
             model.config.use_cache = use_cache
         tokenizer.save_pretrained(directory)
+        if getattr(model.config, "auto_map", None):  # per-layer widths: ship the modeling code, as save_checkpoint
+            from mosaic.modeling import MODELING_FILE
+
+            shutil.copy(MODELING_FILE, directory / MODELING_FILE.name)
         write_json(directory / "mosaic.json", manifest)
         shutil.rmtree(self.partial, ignore_errors=True)
         return sum(f.stat().st_size for f in directory.glob("*.safetensors"))

@@ -19,14 +19,17 @@ from mosaic.pipeline import Options, run
 LAYERS = 3
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory, tokenizer) -> Path:
-    """A tiny LLaMA (tied embeddings) in several shards with an index, as save_pretrained writes big models."""
-    d = tmp_path_factory.mktemp("sharded-llama")
-    tiny_model("llama", layers=LAYERS).save_pretrained(d, max_shard_size="200KB")
+def save_sharded(d: Path, family: str, tokenizer) -> Path:
+    tiny_model(family, layers=LAYERS).save_pretrained(d, max_shard_size="200KB")
     tokenizer.save_pretrained(d)
     assert len(list(d.glob("model-*.safetensors"))) >= 3 and (d / "model.safetensors.index.json").is_file()
     return d
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tokenizer) -> Path:
+    """A tiny LLaMA (tied embeddings) in several shards with an index, as save_pretrained writes big models."""
+    return save_sharded(tmp_path_factory.mktemp("sharded-llama"), "llama", tokenizer)
 
 
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -54,10 +57,12 @@ def options(model: Path, calib: Path, out: Path, **kw) -> Options:
     return Options(**{**base, **kw})
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude", "wanda_owl"])
-def test_streamed_checkpoint_is_bit_identical_to_the_in_memory_one(tmp_path, sharded, calib_file, method):
-    memory = run(options(sharded, calib_file, tmp_path / "memory", prune_method=method, offload="none"))
-    streamed = run(options(sharded, calib_file, tmp_path / "streamed", prune_method=method, offload="disk"))
+@pytest.mark.parametrize("method, stats", [("wanda", "sequential"), ("sparsegpt", "sequential"), ("magnitude", "sequential"),
+                                           ("wanda_owl", "sequential"), ("wanda", "dense"), ("sparsegpt", "dense")])
+def test_streamed_checkpoint_is_bit_identical_to_the_in_memory_one(tmp_path, sharded, calib_file, method, stats):
+    kw = dict(prune_method=method, calib_stats=stats)
+    memory = run(options(sharded, calib_file, tmp_path / "memory", offload="none", **kw))
+    streamed = run(options(sharded, calib_file, tmp_path / "streamed", offload="disk", **kw))
     assert "streaming" not in memory
     assert streamed["streaming"]["peak_layers_in_memory"] == 1  # the streamed path was taken, one layer at a time
     out = tmp_path / "streamed"
@@ -70,9 +75,11 @@ def test_streamed_checkpoint_is_bit_identical_to_the_in_memory_one(tmp_path, sha
     assert streamed["sparsity"]["achieved"] > 0.4
 
 
-def test_the_streamed_checkpoint_loads_and_evaluates_like_the_in_memory_one(tmp_path, sharded, calib_file):
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])  # tied head; untied head; q/k/v biases
+def test_the_streamed_checkpoint_loads_and_evaluates_like_the_in_memory_one(tmp_path, tokenizer, calib_file, family):
     from transformers import AutoModelForCausalLM
 
+    sharded = save_sharded(tmp_path / "model", family, tokenizer)
     kw = dict(prune_method="sparsegpt", eval_datasets=str(calib_file), eval_seqlen=64, eval_windows=3)
     memory = run(options(sharded, calib_file, tmp_path / "memory", offload="none", **kw))
     streamed = run(options(sharded, calib_file, tmp_path / "streamed", offload="disk", **kw))
@@ -151,3 +158,19 @@ def test_what_streaming_cannot_do_is_refused_in_one_line(tmp_path, sharded, cali
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().count("\n") == 0 and flag in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_a_streamed_composite_run_writes_the_sliced_widths(tmp_path, sharded, calib_file, uniform):
+    kw = dict(prune_method="wanda_owl", sparsity_type="composite", sparsity_ratio=0.5, structured_ratio=0.25,
+              uniform_widths=uniform, round_to=8, eval_datasets=str(calib_file), eval_seqlen=64, eval_windows=2)
+    memory = run(options(sharded, calib_file, tmp_path / "memory", offload="none", **kw))
+    streamed = run(options(sharded, calib_file, tmp_path / "streamed", offload="disk", **kw))
+    assert streamed["streaming"]["peak_layers_in_memory"] == 1
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
+    widths = [layer["intermediate"] for layer in streamed["composite"]["layers"]]
+    up = tensors(tmp_path / "streamed")
+    assert [up[f"model.layers.{i}.mlp.up_proj.weight"].shape[0] for i in range(LAYERS)] == widths
+    assert min(widths) < 128  # really sliced
+    assert streamed["perplexity"] == memory["perplexity"]
+    assert (tmp_path / "streamed" / "modeling_mosaic.py").is_file() == (not uniform)
