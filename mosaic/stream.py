@@ -1,7 +1,7 @@
 """Streaming: prune a model larger than memory, one decoder layer at a time, from disk to disk.
 
 The model is built on the meta device (no weights). ``Streamed.held(part)`` materialises one part from
-the checkpoint's safetensors shards (lazy reads with ``safe_open``: only that part's tensors) and
+the checkpoint's safetensors shards (plain reads of only that part's tensors, no memory map) and
 releases it afterwards; the parts are ``"embed"``, each decoder layer ``i`` and ``"head"`` (final norm
 and LM head; a tied head reads the embedding's tensor). The layer-wise engine (``run_layers``) and the
 perplexity loop take such a scope, so the same kernels and the same engine run, one layer in memory.
@@ -73,59 +73,71 @@ class ShardSource:
     """The tensors of a safetensors checkpoint (one file or shards with an index), read on demand."""
 
     def __init__(self, directory: str | os.PathLike):
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         if (self.directory / INDEX).is_file():
             weight_map = json.loads((self.directory / INDEX).read_text())["weight_map"]
             self.files = {name: self.directory / file for name, file in weight_map.items()}
         elif (self.directory / SINGLE).is_file():
-            with safe_open(self.directory / SINGLE, "pt") as f:
-                self.files = dict.fromkeys(f.keys(), self.directory / SINGLE)
+            self.files = dict.fromkeys(_header(self.directory / SINGLE)[0], self.directory / SINGLE)
         else:
             raise OptionError("offload", f"{self.directory} holds no safetensors weights ({SINGLE} or {INDEX}); "
                               "streaming reads safetensors checkpoints only")
 
     def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
+        """The named tensors, floating ones as ``dtype``. Read with plain file reads into fresh tensors
+        rather than through a memory map, so the file's pages never count in this process's RSS."""
         missing = [n for n in names if n not in self.files]
         if missing:
             raise OptionError("model", f"{self.directory} lacks tensor {missing[0]}")
         out = {}
         for file in dict.fromkeys(self.files[n] for n in names):
-            with safe_open(file, "pt") as f:
+            header, base = _header(file)
+            with open(file, "rb", buffering=0) as f:
                 for n in names:
-                    if self.files[n] == file:
-                        t = f.get_tensor(n)
-                        out[n] = t.to(dtype) if t.is_floating_point() else t
+                    if self.files[n] != file:
+                        continue
+                    info = header[n]
+                    start, end = info["data_offsets"]
+                    t = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+                    if end > start:
+                        f.seek(base + start)
+                        view = memoryview(t.view(-1).view(torch.uint8).numpy())
+                        got = 0
+                        while got < end - start:
+                            got += f.readinto(view[got:])
+                    out[n] = t.to(dtype) if t.is_floating_point() else t
         return out
 
     def nbytes(self, dtype: torch.dtype) -> int:
         """What the weights take in memory as ``dtype`` (floating tensors; others as stored)."""
-        from safetensors import safe_open
-
         total = 0
         for file in set(self.files.values()):
-            with safe_open(file, "pt") as f:
-                for n in list(f.keys()):
-                    part = f.get_slice(n)
-                    numel = 1
-                    for s in part.get_shape():
-                        numel *= s
-                    stored = part.get_dtype()
-                    total += numel * (dtype.itemsize if stored.startswith(("F", "BF")) else _itemsize(stored))
+            for info in _header(file)[0].values():
+                stored = _DTYPES[info["dtype"]]
+                numel = 1
+                for d in info["shape"]:
+                    numel *= d
+                total += numel * (dtype.itemsize if stored.is_floating_point else stored.itemsize)
         return total
 
 
-def _itemsize(code: str) -> int:
-    digits = "".join(c for c in code if c.isdigit())
-    return max(1, int(digits or 8) // 8)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data offsets) and where its data begins."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
 
 
 def _counts(tensors: dict[str, torch.Tensor]) -> dict:
     return {"total": sum(t.numel() for t in tensors.values()),
-            "nonzero": sum(int((t != 0).sum()) for t in tensors.values()),
+            "nonzero": sum(int(torch.count_nonzero(t)) for t in tensors.values()),
             "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
 
 
@@ -315,27 +327,52 @@ def shard_name(k: int, n: int) -> str:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """One shard, atomically (a killed run leaves the old file or none, never half of one)."""
-    from safetensors.torch import save_file
+    """One safetensors shard, atomically (a killed run leaves the old file or none, never half of one).
+    Written straight from the tensors' memory: ``safetensors.torch.save_file`` first copies every
+    tensor into a bytes object, which would double a layer's footprint while it is written."""
+    codes = {t: c for c, t in _DTYPES.items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
 
-    replace_file(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for t in tensors.values():
+                if t.numel():
+                    f.write(memoryview(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()))
+
+    replace_file(path, write)
+
+
+def _return_freed_memory() -> None:
+    """glibc serves a freed layer-sized block's successors from its heap, which then only grows (about a
+    layer per layer streamed); serving blocks of 1 MiB and more by mmap returns them to the OS on free."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def write_index(directory: Path, shards: list[str]) -> dict:
     """``model.safetensors.index.json`` as ``save_pretrained`` writes it, from the shards' headers."""
-    from safetensors import safe_open
-
     weight_map, size, params = {}, 0, 0
     for shard in shards:
-        with safe_open(directory / shard, "pt") as f:
-            for n in list(f.keys()):
-                part = f.get_slice(n)
-                numel = 1
-                for s in part.get_shape():
-                    numel *= s
-                weight_map[n] = shard
-                params += numel
-                size += numel * _itemsize(part.get_dtype())
+        for n, info in _header(directory / shard)[0].items():
+            weight_map[n] = shard
+            start, end = info["data_offsets"]
+            size += end - start
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            params += numel
     index = {"metadata": {"total_parameters": params, "total_size": size}, "weight_map": weight_map}
     (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return index
@@ -369,6 +406,7 @@ class StreamRun:
     """One streamed pruning pass into ``.<save_model>.partial``, and the evaluation scope afterwards."""
 
     def __init__(self, streamed: Streamed, loaded, save_model: Path, resume: bool):
+        _return_freed_memory()
         self.streamed, self.loaded, self.resume = streamed, loaded, resume
         self.partial = save_model.with_name(f".{save_model.name}.partial")
         self.progress: Progress | None = None
@@ -532,7 +570,8 @@ def _measure(adapter, layer: nn.Module) -> dict:
     """One layer's share of ``prune.measure``."""
     row, zeros, total = {}, 0, 0
     for name, proj in adapter.projections(layer).items():
-        z, n = int((proj.weight == 0).sum()), proj.weight.numel()
+        n = proj.weight.numel()
+        z = n - int(torch.count_nonzero(proj.weight))  # no int64 copy of the weight, as (w == 0).sum() makes
         row[name] = z / n
         zeros += z
         total += n
