@@ -168,4 +168,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except MemoryError as e:  # torch.OutOfMemoryError (a device out of memory) is a RuntimeError
+        print(f"{prog}: error: {out_of_memory(e)}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":
+            raise
+        print(f"{prog}: error: {out_of_memory(e)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def out_of_memory(err: BaseException) -> str:
+    """One line for running out of (device or host) memory, naming the knobs that lower the need."""
+    where = "the device" if type(err).__name__ == "OutOfMemoryError" else "host memory"
+    return (f"out of memory on {where}; lower --calib_batch_size or --nsamples, or stream the model one layer "
+            "at a time with --offload disk (see --max_memory)")

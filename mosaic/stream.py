@@ -351,14 +351,24 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _return_freed_memory() -> None:
-    """glibc serves a freed layer-sized block's successors from its heap, which then only grows (about a
-    layer per layer streamed); serving blocks of 1 MiB and more by mmap returns them to the OS on free."""
+    """Hand freed heap pages back to the OS: glibc serves the next layer-sized blocks from a heap that
+    otherwise only grows (RSS grew by about a layer per layer streamed)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 (glibc only)
+        return libc
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+_LIBC = _libc()
 
 
 def write_index(directory: Path, shards: list[str]) -> dict:
@@ -406,7 +416,6 @@ class StreamRun:
     """One streamed pruning pass into ``.<save_model>.partial``, and the evaluation scope afterwards."""
 
     def __init__(self, streamed: Streamed, loaded, save_model: Path, resume: bool):
-        _return_freed_memory()
         self.streamed, self.loaded, self.resume = streamed, loaded, resume
         self.partial = save_model.with_name(f".{save_model.name}.partial")
         self.progress: Progress | None = None
@@ -486,6 +495,7 @@ class StreamRun:
                     os.kill(os.getpid(), signal.SIGKILL)
             finally:
                 s.release(index)
+                _return_freed_memory()
 
         start = progress.next_layer
         if kernel is None or kernel.stats == "none" or stats is not None:

@@ -174,3 +174,17 @@ def test_a_streamed_composite_run_writes_the_sliced_widths(tmp_path, sharded, ca
     assert min(widths) < 128  # really sliced
     assert streamed["perplexity"] == memory["perplexity"]
     assert (tmp_path / "streamed" / "modeling_mosaic.py").is_file() == (not uniform)
+
+
+def test_running_out_of_device_memory_is_one_line_naming_the_knobs(monkeypatch, capsys):
+    import mosaic.pipeline as pipeline
+    from mosaic.cli import main
+
+    def out_of_memory(opts):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nGPU 0 has ...")
+
+    monkeypatch.setattr(pipeline, "run", out_of_memory)
+    assert main(["--eval_datasets", "none"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "on the device" in err
+    assert all(flag in err for flag in ("--calib_batch_size", "--nsamples", "--offload disk"))
