@@ -57,10 +57,13 @@ def options(model: Path, calib: Path, out: Path, **kw) -> Options:
     return Options(**{**base, **kw})
 
 
-@pytest.mark.parametrize("method, stats", [("wanda", "sequential"), ("sparsegpt", "sequential"), ("magnitude", "sequential"),
-                                           ("wanda_owl", "sequential"), ("wanda", "dense"), ("sparsegpt", "dense")])
-def test_streamed_checkpoint_is_bit_identical_to_the_in_memory_one(tmp_path, sharded, calib_file, method, stats):
-    kw = dict(prune_method=method, calib_stats=stats)
+@pytest.mark.parametrize("kw", [
+    dict(prune_method="wanda"), dict(prune_method="sparsegpt"), dict(prune_method="magnitude"),
+    dict(prune_method="wanda_owl"), dict(prune_method="sparsegpt_mosaic", sparsity_ratio=0.6),
+    dict(prune_method="wanda", calib_stats="dense"), dict(prune_method="sparsegpt", calib_stats="dense"),
+    dict(prune_method="sparsegpt", sparsity_type="2:4"), dict(prune_method="wanda", true_sequential=False),
+], ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_streamed_checkpoint_is_bit_identical_to_the_in_memory_one(tmp_path, sharded, calib_file, kw):
     memory = run(options(sharded, calib_file, tmp_path / "memory", offload="none", **kw))
     streamed = run(options(sharded, calib_file, tmp_path / "streamed", offload="disk", **kw))
     assert "streaming" not in memory
@@ -73,6 +76,14 @@ def test_streamed_checkpoint_is_bit_identical_to_the_in_memory_one(tmp_path, sha
     assert streamed["sparsity"] == memory["sparsity"]
     assert streamed["parameters"] == memory["parameters"]
     assert streamed["sparsity"]["achieved"] > 0.4
+
+
+def test_a_dense_streamed_run_copies_the_model_through(tmp_path, sharded, calib_file):
+    result = run(options(sharded, calib_file, tmp_path / "dense", prune_method="dense", offload="disk"))
+    assert result["streaming"]["peak_layers_in_memory"] == 1
+    source, copied = tensors(sharded), tensors(tmp_path / "dense")
+    assert copied.keys() == source.keys() - {"lm_head.weight"}  # tied: save_pretrained leaves the head out
+    assert all(torch.equal(copied[n], source[n]) for n in copied)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])  # tied head; untied head; q/k/v biases
