@@ -281,17 +281,27 @@ def choose(opts, plan, path: str, dtype: torch.dtype) -> ShardSource | None:
             raise
         return None
     if opts.offload == "auto" and not opts.resume:
-        need = source.nbytes(dtype)
+        weights = source.nbytes(dtype)
+        acts = activation_bytes(path, opts, dtype) if plan.needs_calibration else 0
         budget = parse_memory(opts.max_memory) if opts.max_memory else available_memory()
-        if need <= budget:
+        if weights + acts <= budget:
             return None
-        log.warning("the weights (%.2f GiB as %s) exceed the memory budget (%.2f GiB%s): streaming one layer at "
-                    "a time from disk (--offload disk)", need / 2**30, str(dtype).replace("torch.", ""),
-                    budget / 2**30, ", --max_memory" if opts.max_memory else "")
+        log.warning("the weights (%.2f GiB as %s) and calibration activations (%.2f GiB) exceed the memory budget "
+                    "(%.2f GiB%s): streaming one layer at a time from disk (--offload disk)", weights / 2**30,
+                    str(dtype).replace("torch.", ""), acts / 2**30, budget / 2**30,
+                    ", --max_memory" if opts.max_memory else "")
     check_streamable(plan, opts)
     if opts.device_map:
         log.info("streaming: --device_map is not used; each layer runs on the compute device")
     return source
+
+
+def activation_bytes(path: str, opts, dtype: torch.dtype) -> int:
+    """A layer's calibration inputs and outputs, all windows (the engine holds both while it runs a layer)."""
+    from transformers import AutoConfig
+
+    hidden = AutoConfig.from_pretrained(path).hidden_size
+    return 2 * opts.nsamples * opts.seqlen * hidden * dtype.itemsize
 
 
 def open_run(opts, plan) -> StreamRun | None:
