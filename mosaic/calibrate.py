@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 
 import torch
@@ -176,12 +176,16 @@ def run_layers(
     compute: torch.device | None = None,
     calib_dtype: torch.dtype | None = None,
     desc: str = "layers",
+    scope: Callable[[int], AbstractContextManager] | None = None,
+    start: int = 0,
 ) -> None:
     """Walk all decoder layers, calling ``on_group`` with each group's input statistics.
 
     ``acts.hidden`` is advanced to each layer's outputs as it goes (the last layer's outputs are
     not computed in reference mode, and not kept). With ``calib_dtype`` the forwards run in that dtype on
-    a copy of each layer, while ``on_group`` sees (and prunes) the layer itself.
+    a copy of each layer, while ``on_group`` sees (and prunes) the layer itself. ``scope(index)`` wraps
+    each layer's turn (streaming: materialise the layer, then write and release it, with ``acts.hidden``
+    already advanced); ``start`` skips the layers before it (``acts`` then holds that layer's inputs).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
@@ -190,28 +194,34 @@ def run_layers(
     cache: dict = {}
     if calib_dtype is not None:
         acts.hidden = [h.to(calib_dtype) for h in acts.hidden]
-    for index in tqdm(range(len(layers)), desc=desc, unit="layer", leave=False):
-        layer = layers[index]
-        last = index == len(layers) - 1
-        with on_device(layer, compute) as device:
-            work = working_copy(layer, calib_dtype)
-
-            def on_work_group(i, _work, group, stats, layer=layer, work=work):
-                on_group(i, layer, group, stats)
-                _sync(adapter, work, layer, group)
-
-            kwargs = [layer_kwargs(acts, index, h, device, cache) for h in acts.hidden]
-            inputs = [h.to(device) for h in acts.hidden]
-            if mode == "sequential":
-                outputs = _sequential(adapter, work, index, inputs, kwargs, on_work_group, hessian)
-            else:
-                outputs = _dense_stages(adapter, work, index, inputs, kwargs, on_work_group, hessian)
-                if mode == "reference" and not last:
-                    outputs = [_tensor(work(h, **kw)) for h, kw in zip(inputs, kwargs)]
-            del work
-            if not last:
-                acts.hidden = [o.to(h.device) for o, h in zip(outputs, acts.hidden)]
+    for index in tqdm(range(start, len(layers)), desc=desc, unit="layer", leave=False):
+        with scope(index) if scope is not None else nullcontext():
+            _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, calib_dtype, cache)
         cache = {k: v for k, v in cache.items() if k[1] != index}  # this layer's kwargs are done
+
+
+def _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, calib_dtype, cache) -> None:
+    """One layer's turn: its groups' statistics to ``on_group``, and ``acts.hidden`` advanced past it."""
+    layer = layers[index]
+    last = index == len(layers) - 1
+    with on_device(layer, compute) as device:
+        work = working_copy(layer, calib_dtype)
+
+        def on_work_group(i, _work, group, stats, layer=layer, work=work):
+            on_group(i, layer, group, stats)
+            _sync(adapter, work, layer, group)
+
+        kwargs = [layer_kwargs(acts, index, h, device, cache) for h in acts.hidden]
+        inputs = [h.to(device) for h in acts.hidden]
+        if mode == "sequential":
+            outputs = _sequential(adapter, work, index, inputs, kwargs, on_work_group, hessian)
+        else:
+            outputs = _dense_stages(adapter, work, index, inputs, kwargs, on_work_group, hessian)
+            if mode == "reference" and not last:
+                outputs = [_tensor(work(h, **kw)) for h, kw in zip(inputs, kwargs)]
+        del work
+        if not last:
+            acts.hidden = [o.to(h.device) for o, h in zip(outputs, acts.hidden)]
 
 
 def _collect(runs: list, hessian: bool) -> InputStats:

@@ -41,6 +41,14 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--device_map", default=None,
                    help="accelerate device map for models larger than one device (e.g. auto); layers run where they live")
     g.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub")
+    g.add_argument("--offload", default=d.offload, choices=("auto", "none", "disk"),
+                   help="disk: stream one decoder layer at a time from the safetensors shards to the --save_model "
+                        "shards (models larger than memory); auto (default): disk when the weights exceed "
+                        "--max_memory; none: always in memory")
+    g.add_argument("--max_memory", default=None,
+                   help="host memory budget for --offload auto, e.g. 64GB (default: 80%% of what is available)")
+    g.add_argument("--resume", action="store_true",
+                   help="streaming: continue a killed run with the same options from its last finished layer")
 
     g = p.add_argument_group("pruning")
     g.add_argument("--prune_method", default=d.prune_method, help=f"one of: {', '.join(METHODS)}")
@@ -165,4 +173,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except MemoryError as e:  # torch.OutOfMemoryError (a device out of memory) is a RuntimeError
+        print(f"{prog}: error: {out_of_memory(e)}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":
+            raise
+        print(f"{prog}: error: {out_of_memory(e)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def out_of_memory(err: BaseException) -> str:
+    """One line for running out of (device or host) memory, naming the knobs that lower the need."""
+    where = "the device" if type(err).__name__ == "OutOfMemoryError" else "host memory"
+    return (f"out of memory on {where}; lower --calib_batch_size or --nsamples, or stream the model one layer "
+            "at a time with --offload disk (see --max_memory)")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mosaic import __version__
+from mosaic import __version__, stream
 from mosaic import allocate as alloc
 from mosaic.adapter import PROJECTIONS
 from mosaic.calibrate import Activations, capture, check_staged_forward, layer_kwargs, on_device, working_copy
@@ -50,6 +50,7 @@ from mosaic.restructure import (
     geometry,
     kept_params,
     plan_structure,
+    reconfigure,
     restructure,
     unit_scores,
 )
@@ -110,6 +111,9 @@ class Options:
     save: str | None = None
     save_model: str | None = None
     overwrite: bool = False
+    offload: str = "auto"  # none: in memory; disk: stream layer by layer; auto: disk when it would not fit
+    max_memory: str | None = None  # host memory budget for offload auto (default: what is available)
+    resume: bool = False  # continue a killed streamed run from its last finished layer
     extra: dict = field(default_factory=dict)  # how the run was invoked, for the record
 
 
@@ -275,10 +279,23 @@ def validate(opts: Options) -> Plan:
         mode = "sequential" if opts.true_sequential else "reference"
     kv = kv_spec(opts, bool(names) or tasks is not None)
     lamda, hyper_m = alloc.hyper_defaults(allocation)
-    return Plan(kernel=kernel, allocation=allocation, allocation_file=file, nm=nm, composite=composite, mode=mode,
+    plan = Plan(kernel=kernel, allocation=allocation, allocation_file=file, nm=nm, composite=composite, mode=mode,
                 lamda=lamda if opts.Lamda is None else opts.Lamda,
                 hyper_m=hyper_m if opts.Hyper_m is None else opts.Hyper_m,
                 eval_names=names, zs_tasks=tasks, offline=offline, kv=kv)
+    check_offload(opts, plan)
+    return plan
+
+
+def check_offload(opts: Options, plan: Plan) -> None:
+    if opts.offload not in stream.OFFLOAD:
+        raise OptionError("offload", f"'{opts.offload}' is not one of {', '.join(stream.OFFLOAD)}")
+    if opts.max_memory is not None:
+        stream.parse_memory(opts.max_memory)
+    if opts.resume and opts.offload == "none":
+        raise OptionError("resume", "continues a streamed run: use it with --offload disk (or auto)")
+    if opts.offload == "disk" or opts.resume:
+        stream.check_streamable(plan, opts)
 
 
 def kv_spec(opts: Options, evaluates: bool) -> KVSparsity | None:
@@ -324,6 +341,7 @@ class Setup:
     seqlen: int
     eval_seqlen: int
     before: dict  # parameter report of the unpruned model
+    stream: stream.StreamRun | None = None  # the model streamed from disk (its weights on the meta device)
 
     @property
     def model(self):
@@ -336,8 +354,10 @@ class Setup:
 
 def load(opts: Options, plan: Plan, timer: Timer) -> Setup:
     with timer("load"):
-        loaded = load_model(opts.model, dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir,
-                            device_map=opts.device_map, offline=opts.offline)
+        streamed = stream.open_run(opts, plan)
+        loaded = streamed.loaded if streamed else load_model(
+            opts.model, dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir, device_map=opts.device_map,
+            offline=opts.offline)
     model, adapter = loaded.model, loaded.adapter
     check_finite(model)
     n_layers = len(adapter.layers(model))
@@ -351,7 +371,8 @@ def load(opts: Options, plan: Plan, timer: Timer) -> Setup:
     dtype = next(model.parameters()).dtype
     return Setup(loaded=loaded, compute=compute, n_layers=n_layers, dtype=dtype,
                  calib_dtype=resolve_calib_dtype(opts.calib_dtype, dtype, compute), seqlen=seqlen,
-                 eval_seqlen=eval_seqlen, before=parameter_report(model))
+                 eval_seqlen=eval_seqlen, before=streamed.before if streamed else parameter_report(model),
+                 stream=streamed)
 
 
 def check_finite(model) -> None:
@@ -383,7 +404,8 @@ class Calibration:
 
     def activations(self, setup: Setup) -> Activations:
         """Fresh layer-0 inputs (each pass over the layers consumes its own)."""
-        return capture(setup.model, setup.adapter, self.windows, self.batch_size)
+        with setup.stream.streamed.held("embed") if setup.stream else nullcontext():
+            return capture(setup.model, setup.adapter, self.windows, self.batch_size)
 
 
 def calibration(setup: Setup, plan: Plan, opts: Options, timer: Timer) -> Calibration | None:
@@ -401,7 +423,8 @@ def profile_step(setup: Setup, calib: Calibration | None, plan: Plan, timer: Tim
         return None
     with timer("profile"):
         return profile_model(setup.model, setup.adapter, calib.activations(setup), plan.hyper_m,
-                             compute=setup.compute, calib_dtype=setup.calib_dtype)
+                             compute=setup.compute, calib_dtype=setup.calib_dtype,
+                             scope=setup.stream.streamed.held if setup.stream else None)
 
 
 # --- allocate ----------------------------------------------------------------------------------------
@@ -469,13 +492,16 @@ def plan_composite(setup: Setup, profile: Profile, plan: Plan, opts: Options) ->
     sparsity the kept weights need so that R plus it make S of the original weights."""
     n_layers = setup.n_layers
     layers = list(setup.adapter.layers(setup.model))
+    held = setup.stream.streamed.held if setup.stream else lambda index: nullcontext()
     R = opts.structured_ratio
     if plan.allocation in ("uniform", "owl_nm") or R == 0:
         budget_map = uniform_map(n_layers, R)
     else:
         budget_map = alloc.allocate(plan.allocation, profile, n_layers, R, plan.lamda)
-    scores = [unit_scores(setup.adapter, layer, profile.norms(i, ("o",)), profile.norms(i, ("down",)))
-              for i, layer in enumerate(layers)]
+    scores = []
+    for i, layer in enumerate(layers):
+        with held(i):
+            scores.append(unit_scores(setup.adapter, layer, profile.norms(i, ("o",)), profile.norms(i, ("down",))))
     budgets = budgets_from_allocation(budget_map, profile.params)
     structure = plan_structure(setup.adapter, layers, scores, budgets, round_to=opts.round_to,
                                uniform_widths=opts.uniform_widths)
@@ -496,6 +522,8 @@ def prune_step(setup: Setup, calib: Calibration | None, allocation: Allocation, 
     """Prune every projection as allocated, from the statistics the plan's mode names; then remove the
     planned heads and channels physically (composite). Returns notes (e.g. extra damping)."""
     kernel = plan.kernel
+    if setup.stream is not None:
+        return prune_streamed(setup, calib, allocation, profile, plan, opts, timer)
     if kernel is None:
         return []
     model, adapter, structure = setup.model, setup.adapter, allocation.structure
@@ -519,6 +547,26 @@ def prune_step(setup: Setup, calib: Calibration | None, allocation: Allocation, 
 def kernel_options(opts: Options) -> dict:
     return {"blocksize": opts.blocksize, "percdamp": opts.percdamp, "alps_rho0": opts.alps_rho0,
             "alps_max_iter": opts.alps_max_iter, "alps_cg_iters": opts.alps_cg_iters}
+
+
+def prune_streamed(setup: Setup, calib: Calibration | None, allocation: Allocation, profile: Profile | None,
+                   plan: Plan, opts: Options, timer: Timer) -> list[dict]:
+    """The same pruning, one layer in memory at a time, each written as it is done (the dense model is
+    copied through when nothing is pruned)."""
+    kernel = plan.kernel
+    dense_wanda = kernel is not None and plan.mode == "dense" and kernel.stats == "norms"
+    with timer("prune"):
+        notes = setup.stream.prune(
+            kernel=kernel, sparsity=allocation.sparsity, nm=allocation.nm,
+            activations=(lambda: calib.activations(setup)) if calib else None, mode=plan.mode,
+            compute=setup.compute, calib_dtype=setup.calib_dtype,
+            options=kernel_options(opts),
+            run_options=asdict(opts), stats=profile.stats if dense_wanda else None,
+            check=(lambda acts: check_staged(setup, acts)) if plan.mode in ("sequential", "reference") else None,
+            structure=allocation.structure)
+    if allocation.structure is not None:
+        reconfigure(setup.model, allocation.structure)  # the layers were sliced as they were written
+    return notes
 
 
 def check_staged(setup: Setup, acts: Activations) -> None:
@@ -547,7 +595,7 @@ def record(setup: Setup, plan: Plan, allocation: Allocation, profile: Profile | 
            opts: Options) -> dict:
     """results.json as it stands once pruning is done; evaluation fills in the rest."""
     model, loaded = setup.model, setup.loaded
-    achieved = measure(model, setup.adapter)
+    achieved = setup.stream.achieved if setup.stream else measure(model, setup.adapter)
     sparsity = sparsity_report(opts.sparsity_ratio, allocation.sparsity, achieved, profile, allocation.composite)
     if allocation.sparsity is not None and allocation.source != "uniform":
         sparsity["allocated_overall"] = alloc.overall(allocation.sparsity, allocation.params)
@@ -566,11 +614,14 @@ def record(setup: Setup, plan: Plan, allocation: Allocation, profile: Profile | 
                      "allocation": allocation.source, "Lamda": plan.lamda, "Hyper_m": plan.hyper_m,
                      "nm": nm if any(nm) else None},
         "sparsity": sparsity,
-        "parameters": {"before": setup.before, "after": parameter_report(model)},
+        "parameters": {"before": setup.before,
+                       "after": setup.stream.after if setup.stream else parameter_report(model)},
         "perplexity": {},
         "notes": notes,
         "evaluation": {"status": "pending"},
     }
+    if setup.stream is not None:
+        results["streaming"] = setup.stream.report()
     if allocation.composite is not None:
         results["composite"] = allocation.composite
     if plan.kernel is not None and plan.kernel.name == "alps":
@@ -611,7 +662,10 @@ def export(setup: Setup, results: dict, opts: Options, timer: Timer) -> Saved:
 
     def write_model(directory: Path) -> None:
         with timer("save_model"):
-            size = save_checkpoint(setup.model, setup.loaded.tokenizer, directory, manifest)
+            if setup.stream is not None:
+                size = setup.stream.finish(directory, setup.loaded.tokenizer, manifest)
+            else:
+                size = save_checkpoint(setup.model, setup.loaded.tokenizer, directory, manifest)
         results["checkpoint"] = {"path": str(opts.save_model), "safetensors_bytes": size}
 
     def write_results(directory: Path) -> None:
@@ -685,7 +739,8 @@ def _evaluate(setup: Setup, texts: dict[str, torch.Tensor], saved: Saved, result
             results["perplexity"][name] = perplexity(
                 setup.model, setup.adapter, ids, setup.eval_seqlen, opts.eval_windows, opts.eval_batch_size,
                 setup.compute, desc=f"ppl {name}",
-                dtype=None if opts.eval_dtype == "model" else getattr(torch, opts.eval_dtype))
+                dtype=None if opts.eval_dtype == "model" else getattr(torch, opts.eval_dtype),
+                scope=setup.stream.reader(saved.checkpoint) if setup.stream else None)
         _progress(results, timer, saved)
     if plan.zs_tasks is not None:
         with timer("zero_shot"):

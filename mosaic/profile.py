@@ -54,8 +54,10 @@ def layer_profile(weights: dict[str, torch.Tensor], norms: dict[str, torch.Tenso
 
 @torch.no_grad()
 def profile_model(model: nn.Module, adapter: Adapter, acts: Activations, hyper_m: float, *,
-                  compute: torch.device | None = None, calib_dtype: torch.dtype | None = None) -> Profile:
-    """One dense pass over the calibration activations (``acts`` is consumed: it ends at the last layer)."""
+                  compute: torch.device | None = None, calib_dtype: torch.dtype | None = None,
+                  scope=None) -> Profile:
+    """One dense pass over the calibration activations (``acts`` is consumed: it ends at the last layer);
+    ``scope`` as in ``run_layers`` (a streamed model holds one layer at a time)."""
     n_layers = len(adapter.layers(model))
     ratios: list = [None] * n_layers
     layer_ratios: list = [None] * n_layers
@@ -72,5 +74,5 @@ def profile_model(model: nn.Module, adapter: Adapter, acts: Activations, hyper_m
         stats[index] = {g: v.to(torch.device("cpu")) for g, v in stats[index].items()}
 
     run_layers(model, adapter, acts, on_group, mode="dense", compute=compute, calib_dtype=calib_dtype,
-               desc="profile")
+               desc="profile", scope=scope)
     return Profile(ratios=ratios, layer_ratios=layer_ratios, params=params, stats=stats, hyper_m=hyper_m)

@@ -235,8 +235,12 @@ def restructured_config(model: nn.Module, plans: list[LayerPlan]):
 
 def restructure(model: nn.Module, adapter: Adapter, plans: list[LayerPlan]) -> None:
     """Slice the model to ``plans`` and give it the matching config and class (save_pretrained-ready)."""
-    layers = list(adapter.layers(model))
-    apply(adapter, layers, plans)
+    apply(adapter, list(adapter.layers(model)), plans)
+    reconfigure(model, plans)
+
+
+def reconfigure(model: nn.Module, plans: list[LayerPlan]) -> None:
+    """The config and class that match sliced layers (a streamed model's layers are sliced one by one)."""
     old = model.config
     config, model_class = restructured_config(model, plans)
     config.use_cache = False

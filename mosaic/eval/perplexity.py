@@ -11,6 +11,8 @@ evaluated on a GPU never needs more than one layer there.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -32,20 +34,24 @@ def perplexity(
     compute: torch.device | None = None,
     desc: str = "perplexity",
     dtype: torch.dtype | None = None,
+    scope: Callable | None = None,
 ) -> dict:
     """``dtype`` runs the forwards in a per-layer working copy of that dtype (e.g. bf16 for an fp32
-    model: about half the CPU time); the weights themselves are never cast."""
+    model: about half the CPU time); the weights themselves are never cast. ``scope(part)`` holds a
+    part ("embed", layer index, "head") while it runs: a streamed model materialises it from disk."""
     windows_available = ids.numel() // seqlen
     n = windows_available if max_windows is None else min(windows_available, max_windows)
     if n == 0:
         raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     windows = ids[: n * seqlen].view(n, seqlen)
     compute = compute or next(model.parameters()).device
-    acts = capture(model, adapter, windows, batch_size)
+    held = scope or (lambda part: nullcontext())
+    with held("embed"):
+        acts = capture(model, adapter, windows, batch_size)
     cache: dict = {}
     layers = adapter.layers(model)
     for index in tqdm(range(len(layers)), desc=desc, unit="layer", leave=False):
-        with on_device(layers[index], compute) as device:
+        with held(index), on_device(layers[index], compute) as device:
             work = working_copy(layers[index], dtype)
             outputs = []
             for h in acts.hidden:
@@ -53,7 +59,8 @@ def perplexity(
                 outputs.append(_tensor(work(x, **layer_kwargs(acts, index, x, device, cache))).to(h.device))
             acts.hidden = outputs
     losses = []
-    with on_device(adapter.final_norm(model), compute) as device, on_device(adapter.lm_head(model), compute):
+    with (held("head"), on_device(adapter.final_norm(model), compute) as device,
+          on_device(adapter.lm_head(model), compute)):
         norm, head = working_copy(adapter.final_norm(model), dtype), working_copy(adapter.lm_head(model), dtype)
         for h, batch in zip(acts.hidden, windows.split(batch_size)):
             logits = head(norm(h.to(device))).float()

@@ -1,0 +1,599 @@
+"""Streaming: prune a model larger than memory, one decoder layer at a time, from disk to disk.
+
+The model is built on the meta device (no weights). ``Streamed.held(part)`` materialises one part from
+the checkpoint's safetensors shards (plain reads of only that part's tensors, no memory map) and
+releases it afterwards; the parts are ``"embed"``, each decoder layer ``i`` and ``"head"`` (final norm
+and LM head; a tied head reads the embedding's tensor). The layer-wise engine (``run_layers``) and the
+perplexity loop take such a scope, so the same kernels and the same engine run, one layer in memory.
+
+``StreamRun.prune`` writes each pruned layer into its own shard as soon as it is done, in a hidden
+``.<name>.partial`` directory beside ``--save_model``; after each layer the next layer's inputs and a
+progress record are saved atomically there, so a killed run continues with ``resume``. ``finish``
+moves the shards into the output directory with the index, config, tokenizer and ``mosaic.json``:
+the files ``save_pretrained`` writes, and the same tensors as the in-memory path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mosaic.adapter import GROUPS, adapter_for
+from mosaic.calibrate import Activations, on_device, run_layers
+from mosaic.errors import OptionError
+from mosaic.export import make_serializable, replace_file, write_json
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+STATE = "stream-state"  # resume records inside the partial directory
+STOP_AFTER = "MOSAIC_STREAM_STOP_AFTER"  # test hook: SIGKILL this process once layer N is saved
+OFFLOAD = ("auto", "none", "disk")
+HEADROOM = 0.8  # share of the available host memory the default budget allows
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes of a size such as ``64GB``, ``500MiB`` or ``1e9``."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not match or match.group(2) not in _UNITS or float(match.group(1)) <= 0:
+        raise OptionError("max_memory", f"'{text}' is not a size; use e.g. 64GB, 500MiB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def available_memory() -> int:
+    """Host memory this run may use by default: what is available now, with headroom."""
+    try:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    except ImportError:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(HEADROOM * free)
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+class ShardSource:
+    """The tensors of a safetensors checkpoint (one file or shards with an index), read on demand."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        if (self.directory / INDEX).is_file():
+            weight_map = json.loads((self.directory / INDEX).read_text())["weight_map"]
+            self.files = {name: self.directory / file for name, file in weight_map.items()}
+        elif (self.directory / SINGLE).is_file():
+            self.files = dict.fromkeys(_header(self.directory / SINGLE)[0], self.directory / SINGLE)
+        else:
+            raise OptionError("offload", f"{self.directory} holds no safetensors weights ({SINGLE} or {INDEX}); "
+                              "streaming reads safetensors checkpoints only")
+
+    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The named tensors, floating ones as ``dtype``. Read with plain file reads into fresh tensors
+        rather than through a memory map, so the file's pages never count in this process's RSS."""
+        missing = [n for n in names if n not in self.files]
+        if missing:
+            raise OptionError("model", f"{self.directory} lacks tensor {missing[0]}")
+        out = {}
+        for file in dict.fromkeys(self.files[n] for n in names):
+            header, base = _header(file)
+            with open(file, "rb", buffering=0) as f:
+                for n in names:
+                    if self.files[n] != file:
+                        continue
+                    info = header[n]
+                    start, end = info["data_offsets"]
+                    t = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+                    if end > start:
+                        f.seek(base + start)
+                        view = memoryview(t.view(-1).view(torch.uint8).numpy())
+                        got = 0
+                        while got < end - start:
+                            got += f.readinto(view[got:])
+                    out[n] = t.to(dtype) if t.is_floating_point() else t
+        return out
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        """What the weights take in memory as ``dtype`` (floating tensors; others as stored)."""
+        total = 0
+        for file in set(self.files.values()):
+            for info in _header(file)[0].values():
+                stored = _DTYPES[info["dtype"]]
+                numel = 1
+                for d in info["shape"]:
+                    numel *= d
+                total += numel * (dtype.itemsize if stored.is_floating_point else stored.itemsize)
+        return total
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data offsets) and where its data begins."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _counts(tensors: dict[str, torch.Tensor]) -> dict:
+    return {"total": sum(t.numel() for t in tensors.values()),
+            "nonzero": sum(int(torch.count_nonzero(t)) for t in tensors.values()),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+
+
+def _add(into: dict, counts: dict) -> None:
+    for k, v in counts.items():
+        into[k] = into.get(k, 0) + v
+
+
+# --- the model on the meta device ---------------------------------------------------------------------
+
+class Streamed:
+    """A model skeleton whose parts are materialised from ``source`` one at a time."""
+
+    def __init__(self, model: nn.Module, source: ShardSource, dtype: torch.dtype):
+        self.model, self.source, self.dtype = model, source, dtype
+        self.adapter = adapter_for(model)
+        names = {id(m): n for n, m in model.named_modules()}
+        a = self.adapter
+        self.modules: dict = {"embed": [a.embed_tokens(model)], "head": [a.final_norm(model), a.lm_head(model)]}
+        self.modules.update({i: [layer] for i, layer in enumerate(a.layers(model))})
+        self.prefix = {part: [names[id(m)] for m in mods] for part, mods in self.modules.items()}
+        self.tied = tied_names(model)
+        self.live = 0  # decoder layers materialised right now
+        self.peak_live = 0  # ... and at most, over the run (tests check it is 1)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.modules) - 2
+
+    def names(self, part) -> list[str]:
+        return [f"{p}.{n}" for p, m in zip(self.prefix[part], self.modules[part]) for n in m.state_dict()]
+
+    def saved_names(self, part) -> list[str]:
+        """What ``save_pretrained`` writes of this part: tied copies are left out."""
+        return [n for n in self.names(part) if n not in self.tied]
+
+    def load(self, part) -> dict[str, torch.Tensor]:
+        names = self.names(part)
+        reads = self.source.read([self.tied.get(n, n) for n in names], self.dtype)
+        tensors = {n: reads[self.tied.get(n, n)] for n in names}
+        for name, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise OptionError("model", f"weight {name} holds NaN or inf values; repair or re-download the checkpoint")
+            _assign(self.model, name, t)
+        if isinstance(part, int):
+            self.live += 1
+            self.peak_live = max(self.peak_live, self.live)
+        return tensors
+
+    def release(self, part) -> None:
+        for m in self.modules[part]:
+            m.to("meta")
+        if isinstance(part, int):
+            self.live -= 1
+
+    @contextmanager
+    def held(self, part) -> Iterator[None]:
+        self.load(part)
+        try:
+            yield
+        finally:
+            self.release(part)
+
+    def state(self, part) -> dict[str, torch.Tensor]:
+        """The part's current tensors under their checkpoint names (tied copies left out)."""
+        keep = set(self.saved_names(part))
+        out = {}
+        for prefix, m in zip(self.prefix[part], self.modules[part]):
+            for n, t in m.state_dict().items():
+                if f"{prefix}.{n}" in keep:
+                    out[f"{prefix}.{n}"] = t.detach().contiguous()
+        return out
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """Tied tensor name -> the name it shares storage with (the LM head and the embedding)."""
+    config = model.config
+    if not getattr(config, "tie_word_embeddings", False):
+        return {}
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(keys, list | tuple):
+        keys = dict.fromkeys(keys, "model.embed_tokens.weight")
+    return dict(keys)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor
+
+
+def skeleton(path: str, dtype: torch.dtype) -> nn.Module:
+    """The model with its weights on the meta device (buffers such as RoPE frequencies are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    model.config.use_cache = False
+    try:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass
+    return model
+
+
+# --- choosing and opening ---------------------------------------------------------------------------
+
+def check_streamable(plan, opts) -> None:
+    """What streaming cannot do (yet), refused before any work."""
+    if plan.zs_tasks is not None:
+        raise OptionError("eval_zero_shot", "zero-shot evaluation needs the whole model in memory, and this run "
+                          "streams it; evaluate the saved checkpoint on a larger machine, or drop --eval_zero_shot")
+    if plan.kv is not None:
+        raise OptionError("kv_sparsity", "KV-cache sparsity evaluation is not streamed; run it in memory")
+    if not opts.save_model:
+        raise OptionError("save_model", "streaming writes each pruned layer to disk as it goes: give --save_model")
+
+
+def choose(opts, plan, path: str, dtype: torch.dtype) -> ShardSource | None:
+    """The source to stream from, or None to load in memory: always with offload disk, and with offload
+    auto when the weights would not fit the memory budget."""
+    if opts.offload == "none":
+        return None
+    if not Path(path).is_dir():
+        if opts.offload == "disk":
+            raise OptionError("offload", f"streaming reads a local checkpoint; download {path} first "
+                              "(huggingface-cli download) and pass its directory")
+        return None
+    try:
+        source = ShardSource(path)
+    except OptionError:
+        if opts.offload == "disk":
+            raise
+        return None
+    if opts.offload == "auto" and not opts.resume:
+        weights = source.nbytes(dtype)
+        acts = activation_bytes(path, opts, dtype) if plan.needs_calibration else 0
+        budget = parse_memory(opts.max_memory) if opts.max_memory else available_memory()
+        if weights + acts <= budget:
+            return None
+        log.warning("the weights (%.2f GiB as %s) and calibration activations (%.2f GiB) exceed the memory budget "
+                    "(%.2f GiB%s): streaming one layer at a time from disk (--offload disk)", weights / 2**30,
+                    str(dtype).replace("torch.", ""), acts / 2**30, budget / 2**30,
+                    ", --max_memory" if opts.max_memory else "")
+    check_streamable(plan, opts)
+    if opts.device_map:
+        log.info("streaming: --device_map is not used; each layer runs on the compute device")
+    return source
+
+
+def activation_bytes(path: str, opts, dtype: torch.dtype) -> int:
+    """A layer's calibration inputs and outputs, all windows (the engine holds both while it runs a layer)."""
+    from transformers import AutoConfig
+
+    hidden = AutoConfig.from_pretrained(path).hidden_size
+    return 2 * opts.nsamples * opts.seqlen * hidden * dtype.itemsize
+
+
+def open_run(opts, plan) -> StreamRun | None:
+    """The streaming run for these options, or None to load the model in memory (``load_model``)."""
+    from mosaic.load import resolve_device, resolve_dtype, resolve_model
+
+    if opts.offload == "none":
+        return None
+    compute = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, compute)
+    path = resolve_model(opts.model, opts.cache_dir)
+    source = choose(opts, plan, path, dtype)
+    if source is None:
+        return None
+    from transformers import AutoTokenizer
+
+    from mosaic.load import Loaded
+    from mosaic.modeling import register
+
+    register()
+    model = skeleton(path, dtype)
+    model.compute_device = compute  # read by compute_device()
+    streamed = Streamed(model, source, dtype)
+    loaded = Loaded(model=model, tokenizer=AutoTokenizer.from_pretrained(path), adapter=streamed.adapter,
+                    source=opts.model, path=path)
+    return StreamRun(streamed, loaded, Path(opts.save_model), opts.resume)
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+def shard_name(k: int, n: int) -> str:
+    return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors shard, atomically (a killed run leaves the old file or none, never half of one).
+    Written straight from the tensors' memory: ``safetensors.torch.save_file`` first copies every
+    tensor into a bytes object, which would double a layer's footprint while it is written."""
+    codes = {t: c for c, t in _DTYPES.items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for t in tensors.values():
+                if t.numel():
+                    f.write(memoryview(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()))
+
+    replace_file(path, write)
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS: glibc serves the next layer-sized blocks from a heap that
+    otherwise only grows (RSS grew by about a layer per layer streamed)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
+
+def write_index(directory: Path, shards: list[str]) -> dict:
+    """``model.safetensors.index.json`` as ``save_pretrained`` writes it, from the shards' headers."""
+    weight_map, size, params = {}, 0, 0
+    for shard in shards:
+        for n, info in _header(directory / shard)[0].items():
+            weight_map[n] = shard
+            start, end = info["data_offsets"]
+            size += end - start
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            params += numel
+    index = {"metadata": {"total_parameters": params, "total_size": size}, "weight_map": weight_map}
+    (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return index
+
+
+@dataclass
+class Progress:
+    """What a streamed pass has finished: resumable from ``next_layer``."""
+
+    fingerprint: str
+    next_layer: int = 0  # layers before it are in their shards
+    inputs: str | None = None  # file with the inputs of ``next_layer`` (calibration activations)
+    notes: list = field(default_factory=list)
+    rows: list = field(default_factory=list)  # per layer: {"row": {projection: sparsity}, "zeros", "params"}
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+
+
+def fingerprint(options: dict, sparsity, nm) -> str:
+    """What decides the pruned weights: a resumed run must match it."""
+    skip = {"save", "save_model", "overwrite", "resume", "offload", "max_memory", "extra", "eval_datasets",
+            "eval_windows", "eval_seqlen", "eval_batch_size", "eval_dtype", "eval_zero_shot", "zs_limit",
+            "zs_batch_size", "kv_sparsity", "k_sparsity", "v_sparsity", "kv_window", "kv_method", "kv_reference",
+            "cache_dir", "offline", "device_map"}
+    doc = {k: v for k, v in sorted(options.items()) if k not in skip}
+    doc["allocation_map"], doc["nm"] = sparsity, nm
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class StreamRun:
+    """One streamed pruning pass into ``.<save_model>.partial``, and the evaluation scope afterwards."""
+
+    def __init__(self, streamed: Streamed, loaded, save_model: Path, resume: bool):
+        self.streamed, self.loaded, self.resume = streamed, loaded, resume
+        self.partial = save_model.with_name(f".{save_model.name}.partial")
+        self.progress: Progress | None = None
+        self.resumed_from: int | None = None
+        self.before: dict = {}  # parameter report of the unpruned model, filled by the pass
+
+    @property
+    def n_shards(self) -> int:
+        return self.streamed.n_layers + 2
+
+    def _shard(self, part) -> str:
+        k = 0 if part == "embed" else self.streamed.n_layers + 1 if part == "head" else part + 1
+        return shard_name(k, self.n_shards)
+
+    def _start(self, print_: str) -> Progress:
+        state = self.partial / STATE / "progress.json"
+        if self.resume and state.is_file():
+            done = Progress(**json.loads(state.read_text()))
+            if done.fingerprint != print_:
+                raise OptionError("resume", f"{self.partial} was written by a run with other pruning settings; "
+                                  "rerun with the same options, or without --resume to start over")
+            log.info("resuming at layer %d of %d from %s", done.next_layer, self.streamed.n_layers, self.partial)
+            self.resumed_from = done.next_layer
+            return done
+        if self.resume:
+            log.info("nothing to resume in %s: starting from the first layer", self.partial)
+        shutil.rmtree(self.partial, ignore_errors=True)
+        (self.partial / STATE).mkdir(parents=True)
+        return Progress(fingerprint=print_)
+
+    def _save(self, progress: Progress, hidden: list[torch.Tensor] | None) -> None:
+        state = self.partial / STATE
+        old = progress.inputs
+        progress.inputs = None
+        if hidden is not None:
+            progress.inputs = f"inputs-{progress.next_layer:05d}.pt"
+            replace_file(state / progress.inputs, lambda tmp: torch.save([h.cpu() for h in hidden], tmp))
+        replace_file(state / "progress.json", lambda tmp: write_json(tmp, progress.__dict__))
+        if old and old != progress.inputs:
+            (state / old).unlink(missing_ok=True)
+
+    def prune(self, *, kernel, sparsity, nm, activations: Callable[[], Activations] | None, mode: str | None,
+              compute: torch.device, calib_dtype, options: dict, run_options: dict, stats=None,
+              check: Callable[[Activations], None] | None = None, structure: list | None = None) -> list[dict]:
+        """Prune layer by layer (or copy, with no ``kernel``) into the partial directory; returns the notes.
+        With a composite ``structure`` each layer is sliced to its plan before it is written."""
+        from mosaic.prune import _group_pruner
+        from mosaic.restructure import apply
+
+        s = self.streamed
+        progress = self.progress = self._start(fingerprint(run_options, sparsity, nm))
+        on_group = None
+        if kernel is not None:
+            on_group = _group_pruner(s.adapter, kernel, sparsity, nm, options, structure, progress.notes)
+        if progress.next_layer == 0:
+            self._copy("embed", progress)
+        acts = None
+
+        @contextmanager
+        def layer(index: int) -> Iterator[None]:
+            tensors = s.load(index)
+            try:
+                before = _counts(tensors)
+                del tensors
+                yield
+                if structure is not None:
+                    apply(s.adapter, [s.modules[index][0]], [structure[index]])
+                state = s.state(index)
+                write_shard(self.partial / self._shard(index), state)
+                _add(progress.before, before)
+                _add(progress.after, _counts(state))
+                progress.rows.append(_measure(s.adapter, s.modules[index][0]))
+                progress.next_layer = index + 1
+                last = index == s.n_layers - 1
+                self._save(progress, None if acts is None or last else acts.hidden)
+                if os.environ.get(STOP_AFTER) == str(index):
+                    os.kill(os.getpid(), signal.SIGKILL)
+            finally:
+                s.release(index)
+                _return_freed_memory()
+
+        start = progress.next_layer
+        if kernel is None or kernel.stats == "none" or stats is not None:
+            for index in range(start, s.n_layers):
+                with layer(index), on_device(s.modules[index][0], compute) as device:
+                    for group in GROUPS if on_group else ():
+                        on_group(index, s.modules[index][0], group,
+                                 stats[index][group].to(device) if stats is not None else None)
+        elif start < s.n_layers:
+            acts = activations()
+            if start > 0:
+                acts.hidden = torch.load(self.partial / STATE / progress.inputs)
+            elif check is not None:
+                with s.held(0):
+                    check(acts)
+            run_layers(s.model, s.adapter, acts, on_group, mode=mode, hessian=kernel.stats == "hessian",
+                       compute=compute, calib_dtype=calib_dtype, desc=f"prune ({kernel.name}, streamed)",
+                       scope=layer, start=start)
+        self._copy("head", progress)
+        for k in ("total", "nonzero", "bytes"):
+            self.before[k] = progress.before.get(k, 0)
+        return progress.notes
+
+    def _copy(self, part, progress: Progress) -> None:
+        """Embedding or head: written unchanged."""
+        s = self.streamed
+        tensors = {n: t.contiguous() for n, t in s.source.read(s.saved_names(part), s.dtype).items()}
+        write_shard(self.partial / self._shard(part), tensors)
+        counts = _counts(tensors)  # the embedding's go into the first layer's saved progress; the head's last
+        _add(progress.before, counts)
+        _add(progress.after, counts)
+
+    def report(self) -> dict:
+        """For results.json: that the run streamed, from where it resumed, and layers held at once."""
+        return {"offload": "disk", "shards": self.n_shards, "resumed_from_layer": self.resumed_from,
+                "peak_layers_in_memory": self.streamed.peak_live}
+
+    @property
+    def achieved(self) -> dict:
+        rows = self.progress.rows
+        zeros, total = sum(r["zeros"] for r in rows), sum(r["params"] for r in rows)
+        return {"overall": zeros / max(total, 1), "zeros": zeros, "params": total, "per_layer": [r["row"] for r in rows]}
+
+    @property
+    def after(self) -> dict:
+        return dict(self.progress.after)
+
+    def finish(self, directory: Path, tokenizer, manifest: dict) -> int:
+        """Move the shards into ``directory`` with the index, config, tokenizer and manifest."""
+        model = self.streamed.model
+        shards = [shard_name(k, self.n_shards) for k in range(self.n_shards)]
+        for shard in shards:
+            os.replace(self.partial / shard, directory / shard)
+        write_index(directory, shards)
+        make_serializable(model)
+        use_cache, model.config.use_cache = model.config.use_cache, True
+        model.config.architectures = [type(model).__name__]  # as save_pretrained sets it
+        try:
+            model.config.save_pretrained(directory)
+            if model.can_generate() and getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(directory)
+        finally:
+            model.config.use_cache = use_cache
+        tokenizer.save_pretrained(directory)
+        if getattr(model.config, "auto_map", None):  # per-layer widths: ship the modeling code, as save_checkpoint
+            from mosaic.modeling import MODELING_FILE
+
+            shutil.copy(MODELING_FILE, directory / MODELING_FILE.name)
+        write_json(directory / "mosaic.json", manifest)
+        shutil.rmtree(self.partial, ignore_errors=True)
+        return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+    def reader(self, checkpoint: Path | None) -> Callable:
+        """The scope that evaluation uses: parts read from the written checkpoint."""
+        s = self.streamed
+        if checkpoint is not None:
+            s = Streamed(s.model, ShardSource(checkpoint), s.dtype)
+        return s.held
+
+
+def _measure(adapter, layer: nn.Module) -> dict:
+    """One layer's share of ``prune.measure``."""
+    row, zeros, total = {}, 0, 0
+    for name, proj in adapter.projections(layer).items():
+        n = proj.weight.numel()
+        z = n - int(torch.count_nonzero(proj.weight))  # no int64 copy of the weight, as (w == 0).sum() makes
+        row[name] = z / n
+        zeros += z
+        total += n
+    return {"row": row, "zeros": zeros, "params": total}
+

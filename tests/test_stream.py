@@ -1,0 +1,202 @@
+"""Streaming (--offload disk): one decoder layer in memory at a time, from sharded safetensors to sharded
+safetensors, resumable; the checkpoint must hold exactly the tensors the in-memory path writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, tiny_model
+from safetensors.torch import load_file
+
+from mosaic.pipeline import Options, run
+
+LAYERS = 3
+
+
+def save_sharded(d: Path, family: str, tokenizer) -> Path:
+    tiny_model(family, layers=LAYERS).save_pretrained(d, max_shard_size="200KB")
+    tokenizer.save_pretrained(d)
+    assert len(list(d.glob("model-*.safetensors"))) >= 3 and (d / "model.safetensors.index.json").is_file()
+    return d
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tokenizer) -> Path:
+    """A tiny LLaMA (tied embeddings) in several shards with an index, as save_pretrained writes big models."""
+    return save_sharded(tmp_path_factory.mktemp("sharded-llama"), "llama", tokenizer)
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / "model.safetensors.index.json"
+    if not index.is_file():
+        return load_file(directory / "model.safetensors")
+    out = {}
+    for file in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        out.update(load_file(directory / file))
+    return out
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    assert json.loads((a / "mosaic.json").read_text()) == json.loads((b / "mosaic.json").read_text())
+
+
+def options(model: Path, calib: Path, out: Path, **kw) -> Options:
+    base = dict(model=str(model), nsamples=8, seqlen=48, calib_batch_size=3, calib_dataset=str(calib),
+                eval_datasets="none", seed=1, save_model=str(out))
+    return Options(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw", [
+    dict(prune_method="wanda"), dict(prune_method="sparsegpt"), dict(prune_method="magnitude"),
+    dict(prune_method="wanda_owl"), dict(prune_method="sparsegpt_mosaic", sparsity_ratio=0.6),
+    dict(prune_method="wanda", calib_stats="dense"), dict(prune_method="sparsegpt", calib_stats="dense"),
+    dict(prune_method="sparsegpt", sparsity_type="2:4"), dict(prune_method="wanda", true_sequential=False),
+    dict(prune_method="alps_mosaic", sparsity_ratio=0.7, alps_max_iter=12),  # a non-default knob reaches both paths
+], ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_streamed_checkpoint_is_bit_identical_to_the_in_memory_one(tmp_path, sharded, calib_file, kw):
+    memory = run(options(sharded, calib_file, tmp_path / "memory", offload="none", **kw))
+    streamed = run(options(sharded, calib_file, tmp_path / "streamed", offload="disk", **kw))
+    assert "streaming" not in memory
+    assert streamed["streaming"]["peak_layers_in_memory"] == 1  # the streamed path was taken, one layer at a time
+    out = tmp_path / "streamed"
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) == LAYERS + 2 and (out / "model.safetensors.index.json").is_file()
+    assert not list(tmp_path.glob(".streamed*"))  # the partial directory is gone
+    assert_same_checkpoint(tmp_path / "memory", out)
+    assert streamed["sparsity"] == memory["sparsity"]
+    assert streamed["parameters"] == memory["parameters"]
+    assert streamed["sparsity"]["achieved"] > 0.4
+
+
+def test_a_dense_streamed_run_copies_the_model_through(tmp_path, sharded, calib_file):
+    result = run(options(sharded, calib_file, tmp_path / "dense", prune_method="dense", offload="disk"))
+    assert result["streaming"]["peak_layers_in_memory"] == 1
+    source, copied = tensors(sharded), tensors(tmp_path / "dense")
+    assert copied.keys() == source.keys() - {"lm_head.weight"}  # tied: save_pretrained leaves the head out
+    assert all(torch.equal(copied[n], source[n]) for n in copied)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])  # tied head; untied head; q/k/v biases
+def test_the_streamed_checkpoint_loads_and_evaluates_like_the_in_memory_one(tmp_path, tokenizer, calib_file, family):
+    from transformers import AutoModelForCausalLM
+
+    sharded = save_sharded(tmp_path / "model", family, tokenizer)
+    kw = dict(prune_method="sparsegpt", eval_datasets=str(calib_file), eval_seqlen=64, eval_windows=3)
+    memory = run(options(sharded, calib_file, tmp_path / "memory", offload="none", **kw))
+    streamed = run(options(sharded, calib_file, tmp_path / "streamed", offload="disk", **kw))
+    name = str(calib_file)
+    assert streamed["perplexity"][name] == memory["perplexity"][name]
+    ids = torch.randint(0, 512, (2, 32))
+    logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d).eval()(ids).logits for d in ("memory", "streamed")]
+    assert torch.equal(*logits)
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def test_a_run_killed_after_a_layer_resumes_to_the_same_checkpoint_bit_for_bit(tmp_path, sharded, calib_file):
+    args = ["--model", str(sharded), "--prune_method", "sparsegpt", "--nsamples", "8", "--seqlen", "48",
+            "--calib_batch_size", "3", "--calib_dataset", str(calib_file), "--eval_datasets", "none",
+            "--offload", "disk"]
+    whole = _cli(*args, "--save_model", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    out = tmp_path / "resumed"
+    killed = _cli(*args, "--save_model", str(out), "--save", str(tmp_path / "run"),
+                  env={"MOSAIC_STREAM_STOP_AFTER": "1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL after layer 1 was written
+    partial = tmp_path / ".resumed.partial"
+    progress = json.loads((partial / "stream-state" / "progress.json").read_text())
+    assert progress["next_layer"] == 2 and progress["inputs"] == "inputs-00002.pt"
+    assert not out.exists()
+
+    resumed = _cli(*args, "--save_model", str(out), "--save", str(tmp_path / "run"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["streaming"]["resumed_from_layer"] == 2
+    assert not partial.exists()
+    assert_same_checkpoint(tmp_path / "whole", out)
+    whole_results = run(options(sharded, calib_file, tmp_path / "memory", prune_method="sparsegpt", offload="none"))
+    assert results["sparsity"] == whole_results["sparsity"]
+    assert results["parameters"] == whole_results["parameters"]
+
+
+def test_resume_refuses_a_partial_run_with_other_settings(tmp_path, sharded, calib_file):
+    out = tmp_path / "out"
+    killed = _cli("--model", str(sharded), "--prune_method", "wanda", "--nsamples", "4", "--seqlen", "32",
+                  "--calib_dataset", str(calib_file), "--eval_datasets", "none", "--offload", "disk",
+                  "--save_model", str(out), env={"MOSAIC_STREAM_STOP_AFTER": "0"})
+    assert killed.returncode == -9
+    again = _cli("--model", str(sharded), "--prune_method", "wanda", "--nsamples", "4", "--seqlen", "32",
+                 "--calib_dataset", str(calib_file), "--eval_datasets", "none", "--offload", "disk",
+                 "--save_model", str(out), "--resume", "--sparsity_ratio", "0.6")
+    assert again.returncode == 2
+    assert again.stderr.strip().count("\n") == 0 and "--resume" in again.stderr
+
+
+def test_offload_auto_streams_when_the_weights_exceed_the_budget(tmp_path, sharded, calib_file, caplog):
+    small = run(options(sharded, calib_file, tmp_path / "auto", max_memory="100KB"))
+    assert small["streaming"]["offload"] == "disk"
+    assert "exceed the memory budget" in caplog.text
+    roomy = run(options(sharded, calib_file, tmp_path / "roomy", max_memory="10GB"))
+    assert "streaming" not in roomy
+    assert_same_checkpoint(tmp_path / "auto", tmp_path / "roomy")
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--offload", "none", "--resume"], "--resume"),
+    (["--eval_zero_shot", "piqa"], "--eval_zero_shot"),
+    (["--save_model", ""], "--save_model"),
+    (["--max_memory", "lots"], "--max_memory"),
+])
+def test_what_streaming_cannot_do_is_refused_in_one_line(tmp_path, sharded, calib_file, extra, flag):
+    args = ["--model", str(sharded), "--calib_dataset", str(calib_file), "--eval_datasets", "none",
+            "--offload", "disk", "--save_model", str(tmp_path / "out"), *extra]
+    proc = _cli(*args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().count("\n") == 0 and flag in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_a_streamed_composite_run_writes_the_sliced_widths(tmp_path, sharded, calib_file, uniform):
+    kw = dict(prune_method="wanda_owl", sparsity_type="composite", sparsity_ratio=0.5, structured_ratio=0.25,
+              uniform_widths=uniform, round_to=8, eval_datasets=str(calib_file), eval_seqlen=64, eval_windows=2)
+    memory = run(options(sharded, calib_file, tmp_path / "memory", offload="none", **kw))
+    streamed = run(options(sharded, calib_file, tmp_path / "streamed", offload="disk", **kw))
+    assert streamed["streaming"]["peak_layers_in_memory"] == 1
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
+    widths = [layer["intermediate"] for layer in streamed["composite"]["layers"]]
+    up = tensors(tmp_path / "streamed")
+    assert [up[f"model.layers.{i}.mlp.up_proj.weight"].shape[0] for i in range(LAYERS)] == widths
+    assert min(widths) < 128  # really sliced
+    assert streamed["perplexity"] == memory["perplexity"]
+    assert (tmp_path / "streamed" / "modeling_mosaic.py").is_file() == (not uniform)
+
+
+def test_running_out_of_device_memory_is_one_line_naming_the_knobs(monkeypatch, capsys):
+    import mosaic.pipeline as pipeline
+    from mosaic.cli import main
+
+    def out_of_memory(opts):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nGPU 0 has ...")
+
+    monkeypatch.setattr(pipeline, "run", out_of_memory)
+    assert main(["--eval_datasets", "none"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "on the device" in err
+    assert all(flag in err for flag in ("--calib_batch_size", "--nsamples", "--offload disk"))
