@@ -41,7 +41,7 @@ from mosaic.prune import NMPlan, SparsityMap, uniform_map
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("uniform", "owl", "mosaic", "mosaic_ref")
+ALLOCATIONS = ("uniform", "owl", "mosaic", "mosaic_ref", "search")
 # (λ, M) when --Lamda / --Hyper_m are not given: the papers' unstructured defaults (OWL README: λ=0.08,
 # M=5), and for OWL's layer-wise N:M the values its README uses for 5:8 (λ=2, M=6). With λ=0.08 the
 # N:M offsets c − mean(c) lie in (−0.08, 0.08) and round to 0 everywhere: a no-op.

@@ -62,9 +62,11 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--uniform_widths", action="store_true",
                    help="composite: the same widths in every layer, so the checkpoint is a plain family config")
     g.add_argument("--allocation", default=None,
-                   help="uniform, owl, mosaic or mosaic_ref (default: implied by the method name)")
+                   help="uniform, owl, mosaic, mosaic_ref or search (default: implied by the method name)")
     g.add_argument("--allocation_file", default=None,
                    help="JSON sparsity map: written after profiling; if it exists, applied instead of profiling")
+    g.add_argument("--search_windows", type=int, default=d.search_windows,
+                   help="allocation search: held-out calibration windows that score each allocation (8)")
     g.add_argument("--Hyper_m", type=float, default=None,
                    help="outlier threshold M: scores above M × mean (5; 6 for wanda_owl_structure, as OWL's N:M)")
     g.add_argument("--Lamda", type=float, default=None,

@@ -55,6 +55,7 @@ from mosaic.restructure import (
     unit_scores,
 )
 from mosaic.restructure import summary as structure_summary
+from mosaic.search import search
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class Options:
     alps_rho0: float = 0.1  # ALPS: initial ADMM penalty, iteration cap, CG iterations on the final support
     alps_max_iter: int = 300
     alps_cg_iters: int = 10
+    search_windows: int = 8  # --allocation search: held-out calibration windows that score allocations
     eval_datasets: str = "wiki-offline"
     eval_windows: int | None = None
     eval_seqlen: int = 2048
@@ -155,7 +157,7 @@ def run(opts: Options) -> dict:
     texts = evaluation_texts(setup, plan, timer)
     calib = calibration(setup, plan, opts, timer)
     profile = profile_step(setup, calib, plan, timer)
-    allocation = allocate_step(setup, plan, profile, opts)
+    allocation = allocate_step(setup, plan, profile, opts, calib, timer)
     notes = prune_step(setup, calib, allocation, profile, plan, opts, timer)
     results = record(setup, plan, allocation, profile, notes, opts)
     saved = export(setup, results, opts, timer)
@@ -235,11 +237,14 @@ def validate(opts: Options) -> Plan:
                               f"got {opts.structured_ratio:g}")
     elif opts.structured_ratio:
         raise OptionError("structured_ratio", "removes whole heads and channels: add --sparsity_type composite")
+    if allocation == "search" and composite:
+        raise OptionError("allocation", "search does not plan composite widths yet; use mosaic or owl with "
+                          "--sparsity_type composite")
     if opts.uniform_widths and not composite:
         raise OptionError("uniform_widths", "applies to --sparsity_type composite only")
     for option in ("round_to", "nsamples", "seqlen", "calib_batch_size", "eval_windows", "eval_seqlen",
                    "eval_batch_size", "blocksize", "percdamp", "Hyper_m", "zs_batch_size", "zs_limit",
-                   "alps_rho0", "alps_max_iter", "alps_cg_iters"):
+                   "alps_rho0", "alps_max_iter", "alps_cg_iters", "search_windows"):
         _number(getattr(opts, option), option)
     _number(opts.Lamda, "Lamda", positive=False)
     if nm and opts.blocksize % nm[1]:
@@ -401,6 +406,7 @@ def evaluation_texts(setup: Setup, plan: Plan, timer: Timer) -> dict[str, torch.
 class Calibration:
     windows: torch.Tensor  # [nsamples, seqlen] token ids
     batch_size: int
+    held_out: torch.Tensor | None = None  # allocation search: windows drawn after these, never in statistics
 
     def activations(self, setup: Setup) -> Activations:
         """Fresh layer-0 inputs (each pass over the layers consumes its own)."""
@@ -412,9 +418,10 @@ def calibration(setup: Setup, plan: Plan, opts: Options, timer: Timer) -> Calibr
     if not plan.needs_calibration:
         return None
     with timer("calibration_data"):
-        windows = calibration_windows(setup.loaded.tokenizer, opts.calib_dataset, opts.nsamples, setup.seqlen,
-                                      opts.seed)
-    return Calibration(windows, opts.calib_batch_size)
+        extra = opts.search_windows if plan.allocation == "search" and plan.allocation_file is None else 0
+        windows = calibration_windows(setup.loaded.tokenizer, opts.calib_dataset, opts.nsamples + extra,
+                                      setup.seqlen, opts.seed)  # the same first nsamples windows either way
+    return Calibration(windows[:opts.nsamples], opts.calib_batch_size, windows[opts.nsamples:] if extra else None)
 
 
 def profile_step(setup: Setup, calib: Calibration | None, plan: Plan, timer: Timer) -> Profile | None:
@@ -440,9 +447,11 @@ class Allocation:
     params: list[dict[str, int]] | None  # the weights the map is weighted by (the kept ones, for composite)
     structure: list | None = None
     composite: dict | None = None
+    search: dict | None = None  # the search's candidates and their KL (allocation search)
 
 
-def allocate_step(setup: Setup, plan: Plan, profile: Profile | None, opts: Options) -> Allocation:
+def allocate_step(setup: Setup, plan: Plan, profile: Profile | None, opts: Options,
+                  calib: Calibration | None = None, timer: Timer | None = None) -> Allocation:
     n = setup.n_layers
     if plan.kernel is None:
         return Allocation(None, [None] * n, None, opts.sparsity_ratio, None)
@@ -467,6 +476,10 @@ def allocate_step(setup: Setup, plan: Plan, profile: Profile | None, opts: Optio
         sparsity = nm_map(nm)
     elif plan.allocation == "uniform":
         sparsity = uniform_map(n, target)
+    elif plan.allocation == "search":
+        with timer("search") if timer else nullcontext():
+            found = search_step(setup, plan, profile, opts, calib, params, target)
+        sparsity = found.sparsity
     else:
         sparsity = alloc.allocate(plan.allocation, replace(profile, params=params), n, target, plan.lamda)
     if opts.allocation_file:
@@ -474,7 +487,18 @@ def allocate_step(setup: Setup, plan: Plan, profile: Profile | None, opts: Optio
                          {"model": opts.model, "method": opts.prune_method, "allocation": plan.allocation,
                           "target": opts.sparsity_ratio, "structured_ratio": opts.structured_ratio,
                           "unstructured_target": target, "Lamda": plan.lamda, "Hyper_m": plan.hyper_m})
-    return Allocation(sparsity, nm, plan.allocation, target, params, structure, composite)
+    return Allocation(sparsity, nm, plan.allocation, target, params, structure, composite,
+                      found.to_json() if plan.allocation == "search" else None)
+
+
+def search_step(setup: Setup, plan: Plan, profile: Profile, opts: Options, calib: Calibration, params, target):
+    """The `search` allocation, seeded with the outlier-based `mosaic` map (see mosaic/search.py)."""
+    if setup.stream is not None:
+        raise OptionError("allocation", "search needs the model in memory; use --offload none")
+    seed_map = alloc.allocate("mosaic", replace(profile, params=params), setup.n_layers, target, plan.lamda)
+    return search(setup.model, setup.adapter, plan.kernel, calib.activations(setup), calib.held_out, params,
+                  target, seed_map, batch_size=2, seed=opts.seed, options=kernel_options(opts),
+                  compute=setup.compute, calib_dtype=setup.calib_dtype)
 
 
 def nm_map(nm: NMPlan) -> SparsityMap:
@@ -624,6 +648,8 @@ def record(setup: Setup, plan: Plan, allocation: Allocation, profile: Profile | 
         results["streaming"] = setup.stream.report()
     if allocation.composite is not None:
         results["composite"] = allocation.composite
+    if allocation.search is not None:
+        results["search"] = allocation.search
     if plan.kernel is not None and plan.kernel.name == "alps":
         results["alps"] = alps_report(notes, opts)
     if profile is not None:

@@ -37,7 +37,7 @@ KERNELS: dict[str, Kernel] = {
 @dataclass(frozen=True)
 class Method:
     kernel: str | None  # None: evaluate only
-    allocation: str  # uniform | owl | mosaic | mosaic_ref | owl_nm
+    allocation: str  # uniform | owl | mosaic | mosaic_ref | owl_nm | search
 
 
 # Names from the reference code (Wanda, OWL, Mosaic) work unchanged.
@@ -55,6 +55,10 @@ METHODS: dict[str, Method] = {
     "alps": Method("alps", "uniform"),
     "alps_owl": Method("alps", "owl"),
     "alps_mosaic": Method("alps", "mosaic"),
+    "magnitude_search": Method("magnitude", "search"),
+    "wanda_search": Method("wanda", "search"),
+    "sparsegpt_search": Method("sparsegpt", "search"),
+    "alps_search": Method("alps", "search"),
     "wanda_owl_structure": Method("wanda", "owl_nm"),
 }
 

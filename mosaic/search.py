@@ -1,0 +1,227 @@
+"""The `search` allocation: one sparsity per projection, chosen by the pruned model's own output error.
+
+1. Statistics: one dense pass over the calibration windows collects every group's Hessian XᵀX.
+2. Sensitivity: on held-out windows (never used for the statistics), the dense model's next-token
+   distribution p is sampled and one backward pass gives each projection's per-output-channel Fisher
+   G_i = E[(∂ log p(ŷ)/∂y_i)²]. To second order, pruning a projection by ΔW raises KL(p ‖ p̂) by
+   ½ Σ_i G_i · ΔW_i H ΔW_iᵀ (the first-order term vanishes at the dense model).
+3. Curves: the kernel prunes every projection at a few levels around the target, from the dense
+   statistics, and each level's KL increase is measured with that formula.
+4. Solve: minimise the summed curves subject to Σ n_j·s_j = S·N, exactly, by water-filling along the
+   convex hull of each curve (the Lagrangian solution; the last step is split, so the weighted mean is
+   the target to float precision and each projection within one weight).
+5. Guard: the uniform map, the outlier-based `mosaic` map (the seed) and the solution are each applied
+   (the kernel on the dense statistics) and scored by the true KL on the held-out windows; the best is
+   returned, so the search never returns something worse than where it started.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mosaic.adapter import GROUPS, PROJECTIONS, Adapter
+from mosaic.calibrate import Activations, run_layers
+from mosaic.stats import InputStats
+
+log = logging.getLogger(__name__)
+
+SparsityMap = list[dict[str, float]]
+LEVELS = (-0.2, -0.15, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.2)  # around the target
+
+
+@dataclass
+class SearchResult:
+    sparsity: SparsityMap
+    chosen: str  # which candidate won: search, seed or uniform
+    fitness: dict[str, float]  # KL(dense ‖ pruned) per candidate, nats per token, on the held-out windows
+    levels: list[float]
+    tokens: int
+
+    def to_json(self) -> dict:
+        return {"chosen": self.chosen, "fitness_kl": self.fitness, "levels": self.levels, "tokens": self.tokens}
+
+
+def dense_hessians(model: nn.Module, adapter: Adapter, acts: Activations, compute=None,
+                   calib_dtype=None) -> list[dict[tuple[str, ...], InputStats]]:
+    """Every group's input statistics, with Hessians, from the dense model (kept on CPU)."""
+    stats: list[dict] = [{} for _ in adapter.layers(model)]
+
+    def on_group(index, _layer, group, group_stats):
+        stats[index][group] = group_stats.to(torch.device("cpu"))
+
+    run_layers(model, adapter, acts, on_group, mode="dense", hessian=True, compute=compute,
+               calib_dtype=calib_dtype, desc="search: statistics")
+    return stats
+
+
+def teacher(model: nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The dense model's next-token log-probabilities on the held-out windows, [tokens, vocab] on CPU."""
+    out = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for batch in windows.split(batch_size):
+            logits = model(batch.to(device)).logits[:, :-1].float()
+            out.append(F.log_softmax(logits, -1).reshape(-1, logits.shape[-1]).cpu())
+    return torch.cat(out)
+
+
+def kl(model: nn.Module, windows: torch.Tensor, reference: torch.Tensor, batch_size: int) -> float:
+    """Mean KL(dense ‖ model) per predicted token."""
+    device = next(model.parameters()).device
+    total, row = 0.0, 0
+    with torch.no_grad():
+        for batch in windows.split(batch_size):
+            logits = model(batch.to(device)).logits[:, :-1].float()
+            logq = F.log_softmax(logits, -1).reshape(-1, logits.shape[-1]).cpu()
+            logp = reference[row:row + logq.shape[0]]
+            total += float((logp.exp() * (logp - logq)).sum())
+            row += logq.shape[0]
+    return total / max(row, 1)
+
+
+def fisher(model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int,
+           seed: int) -> list[dict[str, torch.Tensor]]:
+    """Per projection, the mean squared gradient of log p(ŷ) w.r.t. each output channel, with ŷ sampled
+    from the dense model itself (the Fisher of its predictive distribution)."""
+    layers = adapter.layers(model)
+    sums = [{p: None for p in PROJECTIONS} for _ in layers]
+    gen = torch.Generator().manual_seed(seed)
+    hooks, tokens = [], 0
+
+    def keep_grad(i, p):
+        def hook(_module, _args, output):
+            def on_grad(g):
+                sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
+                sums[i][p] = sq if sums[i][p] is None else sums[i][p] + sq
+            output.register_hook(on_grad)
+        return hook
+
+    for i, layer in enumerate(layers):
+        for p in PROJECTIONS:
+            hooks.append(adapter.projection(layer, p).register_forward_hook(keep_grad(i, p)))
+    embed = model.get_input_embeddings()
+    hooks.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
+    requires = [q.requires_grad for q in model.parameters()]
+    model.requires_grad_(False)
+    device = next(model.parameters()).device
+    try:
+        for batch in windows.split(batch_size):
+            with torch.enable_grad():
+                logits = model(batch.to(device)).logits[:, :-1].float()
+                probs = F.softmax(logits.detach(), -1).reshape(-1, logits.shape[-1]).cpu()
+                sampled = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(device)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), sampled, reduction="sum")
+                loss.backward()
+            tokens += sampled.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+        for q, r in zip(model.parameters(), requires):
+            q.requires_grad_(r)
+    return [{p: s / max(tokens, 1) for p, s in row.items()} for row in sums]
+
+
+def curves(model: nn.Module, adapter: Adapter, kernel, stats, grads, target: float, levels: list[float],
+           options: dict) -> list[dict[str, list[float]]]:
+    """Predicted KL increase of each projection at each level: ½ Σ_i G_i ΔW_i H ΔW_iᵀ."""
+    out = []
+    layers = adapter.layers(model)
+    for index, layer in enumerate(tqdm(layers, desc="search: sensitivity", unit="layer", leave=False)):
+        row = {}
+        for group in GROUPS:
+            weights = [adapter.projection(layer, p).weight.data for p in group]
+            H = stats[index][group].hessian().to(weights[0].device)
+            for p in group:
+                row[p] = []
+            for level in levels:
+                pruned = [w.float().clone() for w in weights]
+                kernel.prune(pruned, stats[index][group].to(weights[0].device), [level] * len(group), None, **options)
+                for p, w, q in zip(group, weights, pruned):
+                    d = w.float() - q
+                    g = grads[index][p].to(d.device).unsqueeze(1)
+                    row[p].append(float(0.5 * (g * (d @ H) * d).sum()))
+        out.append(row)
+    return out
+
+
+def solve(curve_rows: list[dict[str, list[float]]], levels: list[float], params: list[dict[str, int]],
+          target: float) -> SparsityMap:
+    """Minimise Σ_j e_j(s_j) with Σ_j n_j s_j = target · Σ_j n_j: every matrix starts at its lowest level,
+    then the cheapest hull segments (KL per pruned weight) are taken in order, the last one in part."""
+    segments, start = [], []
+    for i, row in enumerate(curve_rows):
+        for p in PROJECTIONS:
+            n, e = params[i][p], row[p]
+            hull = [0]  # lower convex hull of (level, e), left to right
+            for k in range(1, len(levels)):
+                while len(hull) >= 2:
+                    a, b = hull[-2], hull[-1]
+                    if (e[b] - e[a]) * (levels[k] - levels[a]) >= (e[k] - e[a]) * (levels[b] - levels[a]):
+                        hull.pop()
+                    else:
+                        break
+                hull.append(k)
+            start.append((i, p, levels[0]))
+            for a, b in zip(hull, hull[1:]):
+                width = (levels[b] - levels[a]) * n  # weights this segment prunes
+                segments.append(((e[b] - e[a]) / width, i, p, levels[a], levels[b], n))
+    sparsity = [dict.fromkeys(PROJECTIONS, 0.0) for _ in curve_rows]
+    for i, p, s in start:
+        sparsity[i][p] = s
+    total = sum(params[i][p] for i in range(len(params)) for p in PROJECTIONS)
+    remaining = target * total - sum(params[i][p] * sparsity[i][p] for i in range(len(params)) for p in PROJECTIONS)
+    for _slope, i, p, lo, hi, n in sorted(segments, key=lambda s: s[0]):  # convex: each matrix's in order
+        if remaining <= 0:
+            break
+        step = min(hi - lo, remaining / n)
+        sparsity[i][p] = lo + step
+        remaining -= step * n
+    return sparsity
+
+
+def stitched(model: nn.Module, adapter: Adapter, kernel, stats, sparsity: SparsityMap, options: dict) -> nn.Module:
+    """A copy of the model with every projection pruned from the dense statistics (no sequential pass)."""
+    pruned = copy.deepcopy(model)
+    for index, layer in enumerate(adapter.layers(pruned)):
+        for group in GROUPS:
+            weights = [adapter.projection(layer, p).weight.data for p in group]
+            kernel.prune(weights, stats[index][group].to(weights[0].device), [sparsity[index][p] for p in group],
+                         None, **options)
+    return pruned
+
+
+def levels_around(target: float) -> list[float]:
+    return sorted({min(max(target + d, 0.0), 0.99) for d in LEVELS})
+
+
+def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, held_out: torch.Tensor,
+           params: list[dict[str, int]], target: float, seed_map: SparsityMap | None, *, batch_size: int,
+           seed: int, options: dict, compute=None, calib_dtype=None) -> SearchResult:
+    """The allocation minimising the predicted KL, guarded by the true KL of uniform and the seed map."""
+    from mosaic.prune import uniform_map
+
+    stats = dense_hessians(model, adapter, acts, compute, calib_dtype)
+    grads = fisher(model, adapter, held_out, batch_size, seed)
+    levels = levels_around(target)
+    curve_rows = curves(model, adapter, kernel, stats, grads, target, levels, options)
+    candidates = {"search": solve(curve_rows, levels, params, target),
+                  "uniform": uniform_map(len(params), target)}
+    if seed_map is not None:
+        candidates["seed"] = seed_map
+    reference = teacher(model, held_out, batch_size)
+    fitness = {}
+    bar = tqdm(candidates.items(), desc="search: fitness", leave=False)
+    for name, sparsity in bar:
+        fitness[name] = kl(stitched(model, adapter, kernel, stats, sparsity, options), held_out, reference, batch_size)
+        bar.set_postfix(kl=f"{fitness[name]:.4f}", candidate=name)
+    chosen = min(fitness, key=lambda k: (fitness[k], k != "search"))
+    log.info("search: KL on %d held-out tokens: %s; %s chosen", reference.shape[0],
+             ", ".join(f"{k} {v:.4f}" for k, v in fitness.items()), chosen)
+    return SearchResult(candidates[chosen], chosen, fitness, levels, reference.shape[0])
