@@ -1,0 +1,114 @@
+"""Allocation search vs the rules on SmolLM2-135M: {SparseGPT, Wanda} × {uniform, owl, mosaic, search} ×
+S ∈ {0.7, 0.6, 0.5, 0.8}: perplexity, search time, and the KL each allocation reaches.
+
+Within one (kernel, S) row only the allocation differs: the same 32 × 512 calibration windows of
+wiki-offline (seed 0), the same sequential statistics (the default) for the pruning itself, the same
+kernel. `search` additionally holds out the 8 windows drawn after those 32 (never used for statistics)
+to score allocations; every knob was fixed before looking at the evaluation split. Perplexity on the
+first 16 windows × 2048 tokens of the held-out wiki-offline split, bf16 forwards. The KL column is the
+search's own fitness: KL(dense ‖ pruned) per token on the held-out calibration windows, with every
+projection pruned from the dense statistics (the search's surrogate), for uniform, the mosaic seed and
+the search's solution. Rows identical to `bench_alps.py`'s SparseGPT rows (same options) are read from
+`alps_runs.jsonl` instead of being run again. Finished jobs are kept in ``results/search_runs.jsonl``.
+
+    python benchmark/bench_search.py            # the whole grid: ~3 h on 2 idle cores
+    python benchmark/bench_search.py --report   # only rebuild the table
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from common import RESULTS, machine, machine_line, write  # noqa: E402
+
+KERNELS = ("sparsegpt", "wanda")
+ALLOCATIONS = ("uniform", "owl", "mosaic", "search")
+SPARSITIES = (0.7, 0.6, 0.5, 0.8)
+RUNS = RESULTS / "search_runs.jsonl"
+SHARED = RESULTS / "alps_runs.jsonl"  # the same SparseGPT settings, measured by bench_alps.py
+SETTINGS = dict(nsamples=32, seqlen=512, eval_windows=16, eval_dtype="bfloat16")
+
+
+def rows() -> dict[tuple, dict]:
+    out = {}
+    if SHARED.exists():
+        for line in SHARED.read_text().splitlines():
+            r = json.loads(line)
+            if r["kernel"] == "sparsegpt" and r["type"] == "unstructured":
+                out[(r["kernel"], r["allocation"], r["target"])] = {**r, "from": "alps_runs.jsonl"}
+    if RUNS.exists():
+        for line in RUNS.read_text().splitlines():
+            r = json.loads(line)
+            out[(r["kernel"], r["allocation"], r["target"])] = r
+    return out
+
+
+def run_one(kernel: str, allocation: str, sparsity: float) -> dict:
+    from mosaic.pipeline import Options, run
+
+    start = time.perf_counter()
+    r = run(Options(prune_method=kernel, allocation=allocation, sparsity_ratio=sparsity, **SETTINGS))
+    row = {"kernel": kernel, "allocation": allocation, "target": sparsity, "achieved": r["sparsity"]["achieved"],
+           "ppl": r["perplexity"]["wiki-offline"]["ppl"], "prune_s": round(r["time_s"].get("prune", 0), 1),
+           "search_s": round(r["time_s"].get("search", 0), 1), "wall_s": round(time.perf_counter() - start, 1)}
+    if "search" in r:
+        row["search"] = r["search"]
+    return row
+
+
+def sweep() -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for sparsity in SPARSITIES:
+        for kernel in KERNELS:
+            for allocation in ALLOCATIONS:
+                if (kernel, allocation, sparsity) in rows():
+                    continue
+                row = run_one(kernel, allocation, sparsity)
+                with RUNS.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(row, flush=True)
+
+
+def report(m: dict) -> None:
+    by = rows()
+    lines = ["# Allocation search vs the rules: SmolLM2-135M", "", f"Machine: {machine_line(m)}.", "",
+             "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0), sequential statistics, 1% damping; "
+             "`search` holds out the next 8 calibration windows; perplexity on the first 16 windows × 2048 tokens "
+             "of the held-out wiki-offline split, bf16 forwards; M = 5, λ = 0.08 for owl/mosaic. Within a row only "
+             "the allocation differs. Produced by `python benchmark/bench_search.py`.", "",
+             "| kernel | S | uniform | owl | mosaic | search | search vs uniform | search time s | KL: uniform / "
+             "mosaic / search (chosen) |", "|---|---|---|---|---|---|---|---|---|"]
+    for kernel in KERNELS:
+        for s in sorted(SPARSITIES):
+            cells = [f"{by[(kernel, a, s)]['ppl']:.2f}" if (kernel, a, s) in by else "—" for a in ALLOCATIONS]
+            if set(cells) == {"—"}:
+                continue
+            u, q = by.get((kernel, "uniform", s)), by.get((kernel, "search", s))
+            gain = f"{q['ppl'] / u['ppl'] - 1:+.1%}" if u and q else "—"
+            t = f"{q['search_s']:.0f}" if q else "—"
+            if q:
+                fit = q["search"]["fitness_kl"]
+                kl = f"{fit['uniform']:.3f} / {fit.get('seed', float('nan')):.3f} / {fit['search']:.3f} " \
+                     f"({q['search']['chosen']})"
+            else:
+                kl = "—"
+            lines.append(f"| {kernel} | {s} | {' | '.join(cells)} | {gain} | {t} | {kl} |")
+    missing = [f"{k} {a} {s}" for s in sorted(SPARSITIES) for k in KERNELS for a in ALLOCATIONS
+               if (k, a, s) not in by]
+    if missing:
+        lines += ["", f"**Not measured (yet)**: {', '.join(missing)}. The sweep resumes from "
+                  "`results/search_runs.jsonl`."]
+    notes = RESULTS / "search_notes.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    write("search", "\n".join(lines) + "\n", {"machine": m, "settings": SETTINGS, "rows": list(by.values())})
+
+
+if __name__ == "__main__":
+    m = machine()
+    if "--report" not in sys.argv:
+        sweep()
+    report(m)
