@@ -20,6 +20,7 @@ from torch import nn
 from mosaic.adapter import Adapter, adapter_for
 from mosaic.errors import OptionError
 from mosaic.export import atomic_dir, make_serializable
+from mosaic.fit import Workload, describe, device_need
 from mosaic.hub import ensure_offline_if_unreachable
 
 log = logging.getLogger(__name__)
@@ -125,11 +126,13 @@ def load_model(
     cache_dir: str = "llm_weights",
     device_map: str | None = None,
     offline: bool = False,
+    work: Workload | None = None,
 ) -> Loaded:
     """Load model + tokenizer and the family adapter. Weights stay on CPU unless they fit the device.
 
     With ``device_map`` (e.g. ``auto``) accelerate places the layers (GPUs, CPU, disk) and the
-    layer-wise engine runs each layer where it lives.
+    layer-wise engine runs each layer where it lives. ``work`` (the calibration knobs) counts the
+    calibration working set with the weights when deciding whether the whole model fits the device.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -156,7 +159,7 @@ def load_model(
     model.eval()
     model.config.use_cache = False
     if not device_map:
-        place(model, compute)
+        place(model, compute, work=work)
     return Loaded(model=model, tokenizer=tokenizer, adapter=adapter, source=spec, path=path)
 
 
@@ -165,17 +168,22 @@ def load_pretrained(directory: str, *, dtype: str = "float32", device: str = "cp
     return load_model(directory, dtype=dtype, device=device).model
 
 
-def place(model: nn.Module, device: torch.device, headroom: float = 0.8) -> None:
-    """Move the whole model to ``device`` if it fits; otherwise keep it on CPU and let the layer-wise
-    engine bring one decoder layer at a time to the device (the SparseGPT memory trick)."""
+def place(model: nn.Module, device: torch.device, headroom: float = 0.8, work: Workload | None = None) -> None:
+    """Move the whole model to ``device`` if its weights and the calibration working set of ``work``
+    (``fit.device_need``) fit; otherwise keep it on CPU and let the layer-wise engine bring one decoder
+    layer at a time to the device (the SparseGPT memory trick). A no-op on CPU."""
     if device.type == "cpu":
         return
-    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    dtype = next(model.parameters()).dtype
+    need = device_need(model.config, weights, work, dtype) if work is not None else {"weights": weights}
     free, _ = torch.cuda.mem_get_info(device)
-    if need < headroom * free:
+    if sum(need.values()) < headroom * free:
         model.to(device)
     else:
-        log.warning("model (%.1f GiB) does not fit on %s; pruning layer by layer from CPU", need / 2**30, device)
+        log.warning("the model and its calibration working set, %s, do not fit in %.0f%% of the %.2f GiB free "
+                    "on %s: pruning one layer at a time from CPU", describe(need), 100 * headroom, free / 2**30,
+                    device)
     model.compute_device = device  # read by the engine
 
 

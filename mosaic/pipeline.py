@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mosaic import __version__, stream
+from mosaic import __version__, fit, stream
 from mosaic import allocate as alloc
 from mosaic.adapter import PROJECTIONS
 from mosaic.calibrate import Activations, capture, check_staged_forward, layer_kwargs, on_device, working_copy
@@ -357,7 +357,7 @@ def load(opts: Options, plan: Plan, timer: Timer) -> Setup:
         streamed = stream.open_run(opts, plan)
         loaded = streamed.loaded if streamed else load_model(
             opts.model, dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir, device_map=opts.device_map,
-            offline=opts.offline)
+            offline=opts.offline, work=workload(opts, plan))
     model, adapter = loaded.model, loaded.adapter
     check_finite(model)
     n_layers = len(adapter.layers(model))
@@ -373,6 +373,16 @@ def load(opts: Options, plan: Plan, timer: Timer) -> Setup:
                  calib_dtype=resolve_calib_dtype(opts.calib_dtype, dtype, compute), seqlen=seqlen,
                  eval_seqlen=eval_seqlen, before=streamed.before if streamed else parameter_report(model),
                  stream=streamed)
+
+
+def workload(opts: Options, plan: Plan) -> fit.Workload | None:
+    """The calibration knobs that decide whether the whole model fits the compute device with its working set."""
+    if not plan.needs_calibration:
+        return None
+    calib = None if opts.calib_dtype == "auto" else resolve_calib_dtype(opts.calib_dtype, torch.float32, None)
+    return fit.Workload(nsamples=opts.nsamples, seqlen=opts.seqlen, batch_size=opts.calib_batch_size,
+                        calib_dtype=calib, kernel=plan.kernel.name if plan.kernel else None,
+                        stats=plan.kernel.stats if plan.kernel else "none", mode=plan.mode)
 
 
 def check_finite(model) -> None:
