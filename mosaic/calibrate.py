@@ -128,8 +128,8 @@ def on_device(layer: nn.Module, compute: torch.device) -> Iterator[torch.device]
     param = next(layer.parameters())
     hooked = _accelerate_device(layer)
     if param.device.type == "meta":
-        raise NotImplementedError("layers offloaded to disk by accelerate cannot be pruned in place; "
-                                  "use --device_map with enough CPU memory or no --device_map")
+        raise NotImplementedError("layers offloaded by accelerate (weights on the meta device) cannot be pruned "
+                                  "in place; stream the checkpoint instead (--offload disk)")
     home = param.device
     target = compute if home.type == "cpu" and compute.type != "cpu" and hooked is None else home
     if target != home:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -61,6 +62,21 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     if spec not in _DTYPES:
         raise OptionError("dtype", f"'{spec}' is not a dtype; use auto, float32, bfloat16 or float16")
     return _DTYPES[spec]
+
+
+def parse_device_map(spec: str | None) -> str | dict | None:
+    """accelerate's device map: a strategy (auto, balanced, sequential), a device, or a JSON object of
+    module -> device ("cpu" or "disk" offloads it)."""
+    if spec is None or not spec.lstrip().startswith("{"):
+        return spec
+    try:
+        mapping = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise OptionError("device_map", f"is not valid JSON ({e.msg}); give auto or an object such as "
+                          "'{\"model.layers.0\": 0, \"\": \"cpu\"}'") from e
+    if not all(isinstance(k, str) and isinstance(v, str | int) for k, v in mapping.items()):
+        raise OptionError("device_map", "maps module names to devices: a GPU index, \"cpu\" or \"disk\"")
+    return mapping
 
 
 def smollm2_gguf() -> Path:
@@ -130,8 +146,9 @@ def load_model(
 ) -> Loaded:
     """Load model + tokenizer and the family adapter. Weights stay on CPU unless they fit the device.
 
-    With ``device_map`` (e.g. ``auto``) accelerate places the layers (GPUs, CPU, disk) and the
-    layer-wise engine runs each layer where it lives. ``work`` (the calibration knobs) counts the
+    With ``device_map`` (e.g. ``auto``, or a dict: ``parse_device_map``) accelerate places the layers and the
+    layer-wise engine runs each layer where it lives; layers it offloads to CPU or disk (weights on the meta
+    device) cannot be pruned in place: the pipeline streams those runs instead (``stream.instead_of_offload``). ``work`` (the calibration knobs) counts the
     calibration working set with the weights when deciding whether the whole model fits the device.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -153,7 +170,7 @@ def load_model(
     adapter = adapter_for(config)
     kwargs = dict(dtype=torch_dtype, cache_dir=cache_dir)
     if device_map:
-        kwargs["device_map"] = device_map
+        kwargs["device_map"] = parse_device_map(device_map)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
     model.eval()

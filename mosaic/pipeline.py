@@ -31,7 +31,7 @@ from mosaic.eval.perplexity import perplexity
 from mosaic.export import atomic_dir, check_writable, replace_file, save_checkpoint, write_json
 from mosaic.hub import hub_reachable
 from mosaic.kv import KVSparsity, kv_bytes, mustafar_attention
-from mosaic.load import DEFAULT_MODEL, Loaded, compute_device, load_model
+from mosaic.load import DEFAULT_MODEL, Loaded, compute_device, load_model, parse_device_map
 from mosaic.profile import Profile, profile_model
 from mosaic.prune import (
     KERNELS,
@@ -292,6 +292,8 @@ def check_offload(opts: Options, plan: Plan) -> None:
         raise OptionError("offload", f"'{opts.offload}' is not one of {', '.join(stream.OFFLOAD)}")
     if opts.max_memory is not None:
         stream.parse_memory(opts.max_memory)
+    if opts.device_map is not None:
+        parse_device_map(opts.device_map)
     if opts.resume and opts.offload == "none":
         raise OptionError("resume", "continues a streamed run: use it with --offload disk (or auto)")
     if opts.offload == "disk" or opts.resume:
@@ -358,6 +360,9 @@ def load(opts: Options, plan: Plan, timer: Timer) -> Setup:
         loaded = streamed.loaded if streamed else load_model(
             opts.model, dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir, device_map=opts.device_map,
             offline=opts.offline, work=workload(opts, plan))
+        if streamed is None and opts.device_map:  # a map that offloaded layers: streamed instead, or refused
+            streamed = stream.instead_of_offload(opts, plan, loaded)
+            loaded = streamed.loaded if streamed else loaded
     model, adapter = loaded.model, loaded.adapter
     check_finite(model)
     n_layers = len(adapter.layers(model))
