@@ -4,8 +4,9 @@
    we get layer-0 inputs and the exact keyword arguments (attention mask, RoPE position embeddings,
    position ids, ...) that each layer receives. Those are replayed for every layer.
 2. ``run_layers`` walks the layers. Only the current layer needs to be on the compute device; a
-   model kept on CPU is brought over one layer at a time, and with accelerate's ``device_map`` each
-   layer runs where it lives. For each layer it collects the input statistics of each projection
+   model kept on CPU is brought over one layer at a time (its calibration activations stay in pinned host
+   memory: each batch's layer output goes back as soon as it is finished), and with accelerate's
+   ``device_map`` each layer runs where it lives. For each layer it collects the input statistics of each projection
    group (q/k/v, o, gate/up, down) and hands them to a callback, in one of three modes:
 
    sequential  Each group's statistics come after earlier groups of the same layer were pruned
@@ -128,8 +129,8 @@ def on_device(layer: nn.Module, compute: torch.device) -> Iterator[torch.device]
     param = next(layer.parameters())
     hooked = _accelerate_device(layer)
     if param.device.type == "meta":
-        raise NotImplementedError("layers offloaded to disk by accelerate cannot be pruned in place; "
-                                  "use --device_map with enough CPU memory or no --device_map")
+        raise NotImplementedError("layers offloaded by accelerate (weights on the meta device) cannot be pruned "
+                                  "in place; stream the checkpoint instead (--offload disk)")
     home = param.device
     target = compute if home.type == "cpu" and compute.type != "cpu" and hooked is None else home
     if target != home:
@@ -212,9 +213,13 @@ def _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, c
             _sync(adapter, work, layer, group)
 
         kwargs = [layer_kwargs(acts, index, h, device, cache) for h in acts.hidden]
-        inputs = [h.to(device) for h in acts.hidden]
+        host = device.type == "cuda" and acts.hidden[0].device.type == "cpu"  # a GPU computes, the host keeps
+        if host:  # pinned: fast host <-> device copies, and the non-blocking upload below is safe
+            acts.hidden = [h if h.is_pinned() else h.pin_memory() for h in acts.hidden]
+        inputs = [h.to(device, non_blocking=host) for h in acts.hidden]
+        keep = _to_pinned_host if host and not last else None
         if mode == "sequential":
-            outputs = _sequential(adapter, work, index, inputs, kwargs, on_work_group, hessian)
+            outputs = _sequential(adapter, work, index, inputs, kwargs, on_work_group, hessian, keep)
         else:
             outputs = _dense_stages(adapter, work, index, inputs, kwargs, on_work_group, hessian)
             if mode == "reference" and not last:
@@ -235,11 +240,20 @@ def _collect(runs: list, hessian: bool) -> InputStats:
     return stats
 
 
-def _sequential(adapter, layer, index, inputs, kwargs, on_group, hessian) -> list[torch.Tensor]:
+def _sequential(adapter, layer, index, inputs, kwargs, on_group, hessian, keep=None) -> list[torch.Tensor]:
+    """``inputs`` is emptied (each staged forward holds its batch's input until the residual replaces it);
+    ``keep`` takes each batch's output as soon as it is finished (to host memory, when a GPU computes)."""
     runs = [adapter.staged_forward(layer, h, kw) for h, kw in zip(inputs, kwargs)]
+    inputs.clear()
     for group in GROUPS:
         on_group(index, layer, group, _collect(runs, hessian))
-    return [_finish(run) for run in runs]
+    keep = keep or (lambda out: out)
+    return [keep(_finish(run)) for run in runs]
+
+
+def _to_pinned_host(out: torch.Tensor) -> torch.Tensor:
+    """A finished batch's layer output, copied to pinned host memory; its device copy is freed at once."""
+    return torch.empty(out.shape, dtype=out.dtype, pin_memory=True).copy_(out)
 
 
 def _dense_stages(adapter, layer, index, inputs, kwargs, on_group, hessian) -> list[torch.Tensor]:

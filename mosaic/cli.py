@@ -39,7 +39,9 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=d.dtype, help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--device_map", default=None,
-                   help="accelerate device map for models larger than one device (e.g. auto); layers run where they live")
+                   help="accelerate device map for models larger than one device: auto, or a JSON object of module -> "
+                        "device; layers run where they live; a map that offloads layers to cpu/disk streams the "
+                        "checkpoint instead (as --offload disk)")
     g.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub")
     g.add_argument("--offload", default=d.offload, choices=("auto", "none", "disk"),
                    help="disk: stream one decoder layer at a time from the safetensors shards to the --save_model "

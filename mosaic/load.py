@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from torch import nn
 from mosaic.adapter import Adapter, adapter_for
 from mosaic.errors import OptionError
 from mosaic.export import atomic_dir, make_serializable
+from mosaic.fit import Workload, describe, device_need
 from mosaic.hub import ensure_offline_if_unreachable
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,21 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     if spec not in _DTYPES:
         raise OptionError("dtype", f"'{spec}' is not a dtype; use auto, float32, bfloat16 or float16")
     return _DTYPES[spec]
+
+
+def parse_device_map(spec: str | None) -> str | dict | None:
+    """accelerate's device map: a strategy (auto, balanced, sequential), a device, or a JSON object of
+    module -> device ("cpu" or "disk" offloads it)."""
+    if spec is None or not spec.lstrip().startswith("{"):
+        return spec
+    try:
+        mapping = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise OptionError("device_map", f"is not valid JSON ({e.msg}); give auto or an object such as "
+                          "'{\"model.layers.0\": 0, \"\": \"cpu\"}'") from e
+    if not all(isinstance(k, str) and isinstance(v, str | int) for k, v in mapping.items()):
+        raise OptionError("device_map", "maps module names to devices: a GPU index, \"cpu\" or \"disk\"")
+    return mapping
 
 
 def smollm2_gguf() -> Path:
@@ -125,11 +142,14 @@ def load_model(
     cache_dir: str = "llm_weights",
     device_map: str | None = None,
     offline: bool = False,
+    work: Workload | None = None,
 ) -> Loaded:
     """Load model + tokenizer and the family adapter. Weights stay on CPU unless they fit the device.
 
-    With ``device_map`` (e.g. ``auto``) accelerate places the layers (GPUs, CPU, disk) and the
-    layer-wise engine runs each layer where it lives.
+    With ``device_map`` (e.g. ``auto``, or a dict: ``parse_device_map``) accelerate places the layers and the
+    layer-wise engine runs each layer where it lives; layers it offloads to CPU or disk (weights on the meta
+    device) cannot be pruned in place: the pipeline streams those runs instead (``stream.instead_of_offload``). ``work`` (the calibration knobs) counts the
+    calibration working set with the weights when deciding whether the whole model fits the device.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -150,13 +170,13 @@ def load_model(
     adapter = adapter_for(config)
     kwargs = dict(dtype=torch_dtype, cache_dir=cache_dir)
     if device_map:
-        kwargs["device_map"] = device_map
+        kwargs["device_map"] = parse_device_map(device_map)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
     model.eval()
     model.config.use_cache = False
     if not device_map:
-        place(model, compute)
+        place(model, compute, work=work)
     return Loaded(model=model, tokenizer=tokenizer, adapter=adapter, source=spec, path=path)
 
 
@@ -165,17 +185,22 @@ def load_pretrained(directory: str, *, dtype: str = "float32", device: str = "cp
     return load_model(directory, dtype=dtype, device=device).model
 
 
-def place(model: nn.Module, device: torch.device, headroom: float = 0.8) -> None:
-    """Move the whole model to ``device`` if it fits; otherwise keep it on CPU and let the layer-wise
-    engine bring one decoder layer at a time to the device (the SparseGPT memory trick)."""
+def place(model: nn.Module, device: torch.device, headroom: float = 0.8, work: Workload | None = None) -> None:
+    """Move the whole model to ``device`` if its weights and the calibration working set of ``work``
+    (``fit.device_need``) fit; otherwise keep it on CPU and let the layer-wise engine bring one decoder
+    layer at a time to the device (the SparseGPT memory trick). A no-op on CPU."""
     if device.type == "cpu":
         return
-    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    dtype = next(model.parameters()).dtype
+    need = device_need(model.config, weights, work, dtype) if work is not None else {"weights": weights}
     free, _ = torch.cuda.mem_get_info(device)
-    if need < headroom * free:
+    if sum(need.values()) < headroom * free:
         model.to(device)
     else:
-        log.warning("model (%.1f GiB) does not fit on %s; pruning layer by layer from CPU", need / 2**30, device)
+        log.warning("the model and its calibration working set, %s, do not fit in %.0f%% of the %.2f GiB free "
+                    "on %s: pruning one layer at a time from CPU", describe(need), 100 * headroom, free / 2**30,
+                    device)
     model.compute_device = device  # read by the engine
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mosaic import __version__, stream
+from mosaic import __version__, fit, stream
 from mosaic import allocate as alloc
 from mosaic.adapter import PROJECTIONS
 from mosaic.calibrate import Activations, capture, check_staged_forward, layer_kwargs, on_device, working_copy
@@ -31,7 +31,7 @@ from mosaic.eval.perplexity import perplexity
 from mosaic.export import atomic_dir, check_writable, replace_file, save_checkpoint, write_json
 from mosaic.hub import hub_reachable
 from mosaic.kv import KVSparsity, kv_bytes, mustafar_attention
-from mosaic.load import DEFAULT_MODEL, Loaded, compute_device, load_model
+from mosaic.load import DEFAULT_MODEL, Loaded, compute_device, load_model, parse_device_map
 from mosaic.profile import Profile, profile_model
 from mosaic.prune import (
     KERNELS,
@@ -297,6 +297,8 @@ def check_offload(opts: Options, plan: Plan) -> None:
         raise OptionError("offload", f"'{opts.offload}' is not one of {', '.join(stream.OFFLOAD)}")
     if opts.max_memory is not None:
         stream.parse_memory(opts.max_memory)
+    if opts.device_map is not None:
+        parse_device_map(opts.device_map)
     if opts.resume and opts.offload == "none":
         raise OptionError("resume", "continues a streamed run: use it with --offload disk (or auto)")
     if opts.offload == "disk" or opts.resume:
@@ -362,7 +364,10 @@ def load(opts: Options, plan: Plan, timer: Timer) -> Setup:
         streamed = stream.open_run(opts, plan)
         loaded = streamed.loaded if streamed else load_model(
             opts.model, dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir, device_map=opts.device_map,
-            offline=opts.offline)
+            offline=opts.offline, work=workload(opts, plan))
+        if streamed is None and opts.device_map:  # a map that offloaded layers: streamed instead, or refused
+            streamed = stream.instead_of_offload(opts, plan, loaded)
+            loaded = streamed.loaded if streamed else loaded
     model, adapter = loaded.model, loaded.adapter
     check_finite(model)
     n_layers = len(adapter.layers(model))
@@ -378,6 +383,16 @@ def load(opts: Options, plan: Plan, timer: Timer) -> Setup:
                  calib_dtype=resolve_calib_dtype(opts.calib_dtype, dtype, compute), seqlen=seqlen,
                  eval_seqlen=eval_seqlen, before=streamed.before if streamed else parameter_report(model),
                  stream=streamed)
+
+
+def workload(opts: Options, plan: Plan) -> fit.Workload | None:
+    """The calibration knobs that decide whether the whole model fits the compute device with its working set."""
+    if not plan.needs_calibration:
+        return None
+    calib = None if opts.calib_dtype == "auto" else resolve_calib_dtype(opts.calib_dtype, torch.float32, None)
+    return fit.Workload(nsamples=opts.nsamples, seqlen=opts.seqlen, batch_size=opts.calib_batch_size,
+                        calib_dtype=calib, kernel=plan.kernel.name if plan.kernel else None,
+                        stats=plan.kernel.stats if plan.kernel else "none", mode=plan.mode)
 
 
 def check_finite(model) -> None:

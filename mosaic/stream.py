@@ -24,7 +24,7 @@ import shutil
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -328,6 +328,38 @@ def open_run(opts, plan) -> StreamRun | None:
     loaded = Loaded(model=model, tokenizer=AutoTokenizer.from_pretrained(path), adapter=streamed.adapter,
                     source=opts.model, path=path)
     return StreamRun(streamed, loaded, Path(opts.save_model), opts.resume)
+
+
+def offloaded(model: nn.Module) -> list[str]:
+    """The modules that accelerate's device map offloaded (their weights on the meta device, read from CPU
+    memory or disk at each forward): the layer-wise engine cannot prune those in place."""
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if not meta:
+        return []
+    mapped = [k for k in (getattr(model, "hf_device_map", None) or {})
+              if any(k == "" or n == k or n.startswith(k + ".") for n in meta)]
+    return mapped or [meta[0].rsplit(".", 1)[0]]
+
+
+def instead_of_offload(opts, plan, loaded) -> StreamRun | None:
+    """A ``device_map`` that offloaded layers to CPU or disk: stream the checkpoint one layer at a time
+    instead (``offload disk``), or refuse in one line when streaming cannot do this run. None when nothing
+    was offloaded."""
+    modules = offloaded(loaded.model)
+    if not modules:
+        return None
+    what = f"offloads {', '.join(modules[:3])}{' ...' if len(modules) > 3 else ''} to CPU/disk (weights on meta)"
+    fix = "use --offload disk (streams one layer at a time from the checkpoint) instead of this device map"
+    if opts.offload == "none":
+        raise OptionError("device_map", f"this map {what}, which cannot be pruned in place; {fix}")
+    try:
+        run = open_run(replace(opts, offload="disk"), plan)
+    except OptionError as e:
+        raise OptionError("device_map", f"this map {what}, which cannot be pruned in place, and streaming is not "
+                          f"possible ({e.message}); keep every layer on a device") from e
+    log.warning("--device_map %s, which the layer-wise engine cannot prune in place: streaming one layer at a "
+                "time from %s instead (--offload disk)", what, run.loaded.path)
+    return run
 
 
 # --- writing ------------------------------------------------------------------------------------------

@@ -120,3 +120,22 @@ def test_adapter_names_all_seven_projections():
     projections = adapter.projections(adapter.layers(model)[0])
     assert list(projections) == list(PROJECTIONS)
     assert projections["k"].out_features == 2 * 16  # 2 kv heads × head_dim 16 (GQA)
+
+
+def test_sequential_hands_each_output_over_as_it_finishes_and_frees_the_inputs():
+    """The hook that, with a GPU computing, moves each batch's layer output to pinned host memory at once
+    (``keep``): on CPU the outputs are the very same values with or without it, and the staged forwards
+    own the inputs (the caller's list is emptied, so the device can free each batch's input early)."""
+    from mosaic.calibrate import _sequential
+
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    acts = capture(model, adapter, token_batch(6, 32), batch_size=2)
+    layer = adapter.layers(model)[0]
+    kwargs = [acts.layer_kwargs[2][0]] * len(acts.hidden)
+    results, kept = [], []
+    for keep in (None, lambda out: kept.append(out) or out.clone()):
+        inputs = list(acts.hidden)
+        results.append(_sequential(adapter, layer, 0, inputs, kwargs, lambda *a: None, False, keep))
+        assert inputs == []
+    assert len(kept) == 3 and all(torch.equal(a, b) for a, b in zip(*results))

@@ -200,3 +200,44 @@ def test_running_out_of_device_memory_is_one_line_naming_the_knobs(monkeypatch, 
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "on the device" in err
     assert all(flag in err for flag in ("--calib_batch_size", "--nsamples", "--offload disk"))
+
+
+# accelerate offloads layer 1 to disk (its weights on the meta device); the rest stays in CPU memory
+DISK_MAP = json.dumps({"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                       "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+
+
+def test_device_map_that_offloads_streams_bit_identically(tmp_path, sharded, calib_file, caplog):
+    memory = run(options(sharded, calib_file, tmp_path / "memory", offload="none", prune_method="sparsegpt"))
+    with caplog.at_level("WARNING", logger="mosaic.stream"):
+        routed = run(options(sharded, calib_file, tmp_path / "routed", device_map=DISK_MAP, prune_method="sparsegpt"))
+    assert "offloads model.layers.1 to CPU/disk" in caplog.text and "--offload disk" in caplog.text
+    assert routed["streaming"]["peak_layers_in_memory"] == 1
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "routed")
+    assert routed["sparsity"] == memory["sparsity"]
+
+
+def test_device_map_that_offloads_is_refused_when_it_cannot_stream(tmp_path, sharded, calib_file):
+    from mosaic.errors import OptionError
+
+    with pytest.raises(OptionError) as none:
+        run(options(sharded, calib_file, tmp_path / "a", device_map=DISK_MAP, offload="none"))
+    with pytest.raises(OptionError) as unsaved:
+        run(options(sharded, calib_file, tmp_path / "c", device_map=DISK_MAP, save_model=None))
+    with pytest.raises(OptionError) as bad:
+        run(options(sharded, calib_file, tmp_path / "b", device_map="{model.layers.1: disk}"))
+    assert none.value.option == unsaved.value.option == bad.value.option == "device_map"
+    assert "model.layers.1" in none.value.message and "--offload disk" in none.value.message
+    assert "--save_model" in unsaved.value.message and "JSON" in bad.value.message
+    assert not (tmp_path / "a").exists()
+
+
+def test_device_map_refusal_is_one_line_from_the_cli(tmp_path, sharded, calib_file):
+    from conftest import run_cli
+
+    r = run_cli("--model", str(sharded), "--offload", "none", "--device_map", DISK_MAP, "--nsamples", "4",
+                "--seqlen", "32", "--calib_dataset", str(calib_file), "--eval_datasets", "none",
+                "--save_model", str(tmp_path / "x"))
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("main.py: error: --device_map: this map offloads model.layers.1") and "--offload disk" in last, last

@@ -1,0 +1,84 @@
+"""What a pruning run holds on the compute device at once, estimated from the config before any work.
+
+``load.place`` moves the whole model to the GPU only if the weights *and* this working set fit; otherwise
+the model stays on the host and the layer-wise engine brings one decoder layer at a time.
+
+The working set follows the engine (``calibrate.run_layers``): while a layer runs, the inputs of every
+calibration batch and their residual stream (later the layer outputs) are on the device, and the staged
+true-sequential forward keeps every batch paused at the same projection group, so the largest group input
+(the MLP intermediate, nsamples × seqlen × intermediate_size) exists for all batches at once. On top come
+one batch's MLP temporaries, the statistics of the group being pruned (a Hessian, fp32, in² entries; all
+four groups' at once in the dense and reference modes), the kernel's own matrices, and a copy of the layer
+in the calibration dtype when it differs from the model's. Attention scores are not counted (SDPA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The calibration knobs that decide the device working set (see ``device_need``)."""
+
+    nsamples: int
+    seqlen: int
+    batch_size: int
+    calib_dtype: torch.dtype | None = None  # None: the model's dtype
+    kernel: str | None = None  # kernel name (magnitude, wanda, sparsegpt, alps); None: nothing pruned
+    stats: str = "none"  # what the kernel reads: none | norms | hessian
+    mode: str | None = "sequential"  # engine mode; dense and reference hold all groups' statistics at once
+
+
+def _widest(config, per_layer: str, name: str) -> int:
+    return max(getattr(config, per_layer, None) or [getattr(config, name)])
+
+
+def groups(config) -> list[tuple[int, int]]:
+    """(out_features, in_features) of the four projection groups of the widest layer."""
+    h = config.hidden_size
+    heads = _widest(config, "layer_num_attention_heads", "num_attention_heads")
+    kv = _widest(config, "layer_num_key_value_heads", "num_key_value_heads") or heads
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    inter = _widest(config, "layer_intermediate_size", "intermediate_size")
+    return [((heads + 2 * kv) * head_dim, h), (h, heads * head_dim), (2 * inter, h), (h, inter)]
+
+
+def device_need(config, weights: int, work: Workload, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes the compute device holds at the peak of a layer's turn, by part, for a model whose
+    parameters take ``weights`` bytes in ``dtype``."""
+    calib = work.calib_dtype or dtype
+    c = calib.itemsize
+    seqlen = min(work.seqlen, int(getattr(config, "max_position_embeddings", work.seqlen) or work.seqlen))
+    tokens, batch = work.nsamples * seqlen, min(work.batch_size, work.nsamples) * seqlen
+    shapes = groups(config)
+    h, inter = config.hidden_size, shapes[3][1]
+    widest_input = max(i for _, i in shapes)
+    need = {
+        "weights": weights,
+        "layer_io": 2 * tokens * h * c,  # every batch's layer inputs, and its residual stream / outputs
+        "paused": tokens * widest_input * c,  # every batch paused at the MLP intermediate (down_proj input)
+        "batch_temp": 3 * batch * inter * c,  # one batch's gate, up and act(gate)·up
+        "layer_copy": 0,
+        "hessian": 0,
+        "kernel": 0,
+    }
+    if calib != dtype:  # forwards run on a copy of the layer in the calibration dtype
+        need["layer_copy"] = sum(o * i for o, i in shapes) * c
+    if work.stats == "hessian":
+        sizes = [i * i * FP32 for _, i in shapes]
+        need["hessian"] = max(sizes) if work.mode == "sequential" else sum(sizes)
+    if work.kernel == "alps":  # B0, target, D0, D, V, B, rhs, Z, W: out×in fp32; H, H⁻¹, Q fp32 and fp64 eigh
+        need["kernel"] = max(9 * o * i * FP32 + i * i * (3 * FP32 + 2 * 8) for o, i in shapes)
+    elif work.kernel == "sparsegpt":  # W fp32 and its mask; H and its inverse Cholesky factor
+        need["kernel"] = max(o * i * (FP32 + 1) + 2 * i * i * FP32 for o, i in shapes)
+    return need
+
+
+def describe(need: dict[str, int]) -> str:
+    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in need.items() if v)
+    return f"{sum(need.values()) / 2**30:.2f} GiB ({parts})"

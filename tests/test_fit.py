@@ -1,0 +1,76 @@
+"""The fit check: whether the whole model goes to the compute device counts the calibration working set
+(layer inputs/outputs, every batch's paused MLP intermediate, Hessians, the kernel's matrices) with the
+weights; hand-computed numbers for the tiny config, and place() on CPU leaves the model alone."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+
+from mosaic.fit import Workload, device_need
+from mosaic.load import place
+
+# tiny config: hidden 64, intermediate 128, 4 heads (2 kv) of 16 -> groups (out, in):
+# qkv (128, 64), o (64, 64), gate/up (256, 64), down (64, 128)
+WEIGHTS = 1000
+
+
+def need(**kw):
+    work = dict(nsamples=8, seqlen=48, batch_size=3)
+    dtype = kw.pop("dtype", torch.float32)
+    return device_need(tiny_config("llama"), WEIGHTS, Workload(**{**work, **kw}), dtype)
+
+
+def test_activations_by_hand():
+    n = need(kernel="wanda", stats="norms")
+    tokens, batch = 8 * 48, 3 * 48
+    assert n == {"weights": WEIGHTS, "layer_io": 2 * tokens * 64 * 4, "paused": tokens * 128 * 4,
+                 "batch_temp": 3 * batch * 128 * 4, "layer_copy": 0, "hessian": 0, "kernel": 0}
+    assert n["layer_io"] == 196608 and n["paused"] == 196608 and n["batch_temp"] == 221184
+
+
+def test_hessians_and_kernels_by_hand():
+    sparsegpt = need(kernel="sparsegpt", stats="hessian")
+    assert sparsegpt["hessian"] == 128 * 128 * 4  # the down_proj Hessian, one group at a time
+    assert sparsegpt["kernel"] == 64 * 128 * 5 + 2 * 128 * 128 * 4 == 172032  # down: W fp32 + mask, H, U
+    alps = need(kernel="alps", stats="hessian")
+    assert alps["kernel"] == 9 * 64 * 128 * 4 + 128 * 128 * 28 == 753664
+    dense = need(kernel="sparsegpt", stats="hessian", mode="dense")
+    assert dense["hessian"] == (3 * 64 * 64 + 128 * 128) * 4  # all four groups' statistics at once
+
+
+def test_calibration_dtype_and_context():
+    bf16 = need(calib_dtype=torch.bfloat16)
+    assert bf16["layer_io"] == 2 * 8 * 48 * 64 * 2
+    assert bf16["layer_copy"] == (128 * 64 + 64 * 64 + 256 * 64 + 64 * 128) * 2  # a bf16 copy of the layer
+    assert need(calib_dtype=torch.float32)["layer_copy"] == 0
+    assert need(seqlen=4096)["layer_io"] == 2 * 8 * 512 * 64 * 4  # clipped to max_position_embeddings
+
+
+def test_place_on_cpu_is_a_no_op():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    place(model, torch.device("cpu"), work=Workload(nsamples=8, seqlen=48, batch_size=3))
+    assert not hasattr(model, "compute_device")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("free_mib,moved", [(1000, True), (2, False)])
+def test_place_counts_the_working_set(monkeypatch, caplog, free_mib, moved):
+    """The weights (~0.6 MiB) fit 2 MiB, the weights and 4096 windows' activations do not."""
+    model = tiny_model("llama")
+    calls = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_mib * 2**20, 80 * 2**30))
+    monkeypatch.setattr(model, "to", lambda device: calls.append(device))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert weights < 0.8 * 2 * 2**20
+    with caplog.at_level(logging.WARNING, logger="mosaic.load"):
+        place(model, torch.device("cuda"), work=Workload(nsamples=256, seqlen=128, batch_size=8, kernel="alps",
+                                                         stats="hessian"))
+    assert (calls == [torch.device("cuda")]) == moved
+    assert model.compute_device == torch.device("cuda")
+    assert ("layer_io" in caplog.text and "paused" in caplog.text and "one layer at a time" in caplog.text) != moved
