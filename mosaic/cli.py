@@ -68,7 +68,7 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--allocation_file", default=None,
                    help="JSON sparsity map: written after profiling; if it exists, applied instead of profiling")
     g.add_argument("--search_windows", type=int, default=d.search_windows,
-                   help="allocation search: held-out calibration windows that score each allocation (8)")
+                   help="allocation search: windows for the Fisher, and as many held-out ones that score allocations (8)")
     g.add_argument("--Hyper_m", type=float, default=None,
                    help="outlier threshold M: scores above M × mean (5; 6 for wanda_owl_structure, as OWL's N:M)")
     g.add_argument("--Lamda", type=float, default=None,

@@ -95,7 +95,7 @@ class Options:
     alps_rho0: float = 0.1  # ALPS: initial ADMM penalty, iteration cap, CG iterations on the final support
     alps_max_iter: int = 300
     alps_cg_iters: int = 10
-    search_windows: int = 8  # --allocation search: held-out calibration windows that score allocations
+    search_windows: int = 8  # --allocation search: Fisher windows, and as many held out to score allocations
     eval_datasets: str = "wiki-offline"
     eval_windows: int | None = None
     eval_seqlen: int = 2048
@@ -303,6 +303,9 @@ def check_offload(opts: Options, plan: Plan) -> None:
         raise OptionError("resume", "continues a streamed run: use it with --offload disk (or auto)")
     if opts.offload == "disk" or opts.resume:
         stream.check_streamable(plan, opts)
+        if plan.allocation == "search" and plan.allocation_file is None:
+            raise OptionError("allocation", "search needs the whole model in memory; use --offload none, or "
+                              "apply a map found on a larger machine with --allocation_file")
 
 
 def kv_spec(opts: Options, evaluates: bool) -> KVSparsity | None:
@@ -368,6 +371,10 @@ def load(opts: Options, plan: Plan, timer: Timer) -> Setup:
         if streamed is None and opts.device_map:  # a map that offloaded layers: streamed instead, or refused
             streamed = stream.instead_of_offload(opts, plan, loaded)
             loaded = streamed.loaded if streamed else loaded
+    if streamed is not None and plan.allocation == "search" and plan.allocation_file is None:
+        raise OptionError("allocation", "search needs the whole model in memory, and this run streams it "
+                          "(--offload); use --offload none, or apply a map found on a larger machine with "
+                          "--allocation_file")
     model, adapter = loaded.model, loaded.adapter
     check_finite(model)
     n_layers = len(adapter.layers(model))
@@ -421,7 +428,7 @@ def evaluation_texts(setup: Setup, plan: Plan, timer: Timer) -> dict[str, torch.
 class Calibration:
     windows: torch.Tensor  # [nsamples, seqlen] token ids
     batch_size: int
-    held_out: torch.Tensor | None = None  # allocation search: windows drawn after these, never in statistics
+    held_out: torch.Tensor | None = None  # allocation search: the windows drawn after these (not in statistics)
 
     def activations(self, setup: Setup) -> Activations:
         """Fresh layer-0 inputs (each pass over the layers consumes its own)."""
@@ -508,11 +515,10 @@ def allocate_step(setup: Setup, plan: Plan, profile: Profile | None, opts: Optio
 
 def search_step(setup: Setup, plan: Plan, profile: Profile, opts: Options, calib: Calibration, params, target):
     """The `search` allocation, seeded with the outlier-based `mosaic` map (see mosaic/search.py)."""
-    if setup.stream is not None:
-        raise OptionError("allocation", "search needs the model in memory; use --offload none")
     seed_map = alloc.allocate("mosaic", replace(profile, params=params), setup.n_layers, target, plan.lamda)
-    return search(setup.model, setup.adapter, plan.kernel, calib.activations(setup), calib.held_out, params,
-                  target, seed_map, batch_size=2, seed=opts.seed, options=kernel_options(opts),
+    return search(setup.model, setup.adapter, plan.kernel, calib.activations(setup),
+                  calib.windows[:opts.search_windows], calib.held_out, params, target, seed_map,
+                  batch_size=opts.calib_batch_size, seed=opts.seed, options=kernel_options(opts),
                   compute=setup.compute, calib_dtype=setup.calib_dtype)
 
 

@@ -1,8 +1,8 @@
 """The `search` allocation: one sparsity per projection, chosen by the pruned model's own output error.
 
 1. Statistics: one dense pass over the calibration windows collects every group's Hessian XᵀX.
-2. Sensitivity: on held-out windows (never used for the statistics), the dense model's next-token
-   distribution p is sampled and one backward pass gives each projection's per-output-channel Fisher
+2. Sensitivity: on calibration windows the dense model's next-token distribution p is sampled and one
+   backward pass gives each projection's per-output-channel Fisher
    G_i = E[(∂ log p(ŷ)/∂y_i)²]. To second order, pruning a projection by ΔW raises KL(p ‖ p̂) by
    ½ Σ_i G_i · ΔW_i H ΔW_iᵀ (the first-order term vanishes at the dense model).
 3. Curves: the kernel prunes every projection at a few levels around the target, from the dense
@@ -11,8 +11,12 @@
    convex hull of each curve (the Lagrangian solution; the last step is split, so the weighted mean is
    the target to float precision and each projection within one weight).
 5. Guard: the uniform map, the outlier-based `mosaic` map (the seed) and the solution are each applied
-   (the kernel on the dense statistics) and scored by the true KL on the held-out windows; the best is
-   returned, so the search never returns something worse than where it started.
+   (the kernel on the dense statistics) and scored by the true KL on held-out windows (drawn after the
+   statistics windows by the same sampler: other positions, though possibly of the same documents); the
+   best is returned, so the search never returns something worse than where it started.
+
+The search runs where the model is (all of it must be in memory) and is reproducible with the seed on
+CPU; GPU reductions are not deterministic.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def kl(model: nn.Module, windows: torch.Tensor, reference: torch.Tensor, batch_s
             logits = model(batch.to(device)).logits[:, :-1].float()
             logq = F.log_softmax(logits, -1).reshape(-1, logits.shape[-1]).cpu()
             logp = reference[row:row + logq.shape[0]]
-            total += float((logp.exp() * (logp - logq)).sum())
+            total += float(F.kl_div(logq, logp, log_target=True, reduction="sum"))
             row += logq.shape[0]
     return total / max(row, 1)
 
@@ -128,7 +132,7 @@ def fisher(model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size
     return [{p: s / max(tokens, 1) for p, s in row.items()} for row in sums]
 
 
-def curves(model: nn.Module, adapter: Adapter, kernel, stats, grads, target: float, levels: list[float],
+def curves(model: nn.Module, adapter: Adapter, kernel, stats, grads, levels: list[float],
            options: dict) -> list[dict[str, list[float]]]:
     """Predicted KL increase of each projection at each level: ½ Σ_i G_i ΔW_i H ΔW_iᵀ."""
     out = []
@@ -137,12 +141,13 @@ def curves(model: nn.Module, adapter: Adapter, kernel, stats, grads, target: flo
         row = {}
         for group in GROUPS:
             weights = [adapter.projection(layer, p).weight.data for p in group]
-            H = stats[index][group].hessian().to(weights[0].device)
+            group_stats = stats[index][group].to(weights[0].device)
+            H = group_stats.hessian()
             for p in group:
                 row[p] = []
             for level in levels:
                 pruned = [w.float().clone() for w in weights]
-                kernel.prune(pruned, stats[index][group].to(weights[0].device), [level] * len(group), None, **options)
+                kernel.prune(pruned, group_stats, [level] * len(group), None, **options)
                 for p, w, q in zip(group, weights, pruned):
                     d = w.float() - q
                     g = grads[index][p].to(d.device).unsqueeze(1)
@@ -178,11 +183,13 @@ def solve(curve_rows: list[dict[str, list[float]]], levels: list[float], params:
     total = sum(params[i][p] for i in range(len(params)) for p in PROJECTIONS)
     remaining = target * total - sum(params[i][p] * sparsity[i][p] for i in range(len(params)) for p in PROJECTIONS)
     for _slope, i, p, lo, hi, n in sorted(segments, key=lambda s: s[0]):  # convex: each matrix's in order
-        if remaining <= 0:
+        if remaining <= 1e-12 * total:
             break
         step = min(hi - lo, remaining / n)
         sparsity[i][p] = lo + step
         remaining -= step * n
+        if step < hi - lo:  # the split segment ends the walk (float residue must not start another)
+            break
     return sparsity
 
 
@@ -201,16 +208,18 @@ def levels_around(target: float) -> list[float]:
     return sorted({min(max(target + d, 0.0), 0.99) for d in LEVELS})
 
 
-def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, held_out: torch.Tensor,
-           params: list[dict[str, int]], target: float, seed_map: SparsityMap | None, *, batch_size: int,
-           seed: int, options: dict, compute=None, calib_dtype=None) -> SearchResult:
-    """The allocation minimising the predicted KL, guarded by the true KL of uniform and the seed map."""
+def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, fisher_windows: torch.Tensor,
+           held_out: torch.Tensor, params: list[dict[str, int]], target: float, seed_map: SparsityMap | None, *,
+           batch_size: int, seed: int, options: dict, compute=None, calib_dtype=None) -> SearchResult:
+    """The allocation minimising the predicted KL, guarded by the true KL of uniform and the seed map.
+    The Fisher comes from ``fisher_windows`` (statistics windows), the true KL from ``held_out`` only, so
+    the guard does not score the search on the tokens it was fitted to."""
     from mosaic.prune import uniform_map
 
     stats = dense_hessians(model, adapter, acts, compute, calib_dtype)
-    grads = fisher(model, adapter, held_out, batch_size, seed)
+    grads = fisher(model, adapter, fisher_windows, batch_size, seed)
     levels = levels_around(target)
-    curve_rows = curves(model, adapter, kernel, stats, grads, target, levels, options)
+    curve_rows = curves(model, adapter, kernel, stats, grads, levels, options)
     candidates = {"search": solve(curve_rows, levels, params, target),
                   "uniform": uniform_map(len(params), target)}
     if seed_map is not None:

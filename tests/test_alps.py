@@ -101,22 +101,35 @@ def test_objective_alps_below_sparsegpt_below_wanda_on_correlated_inputs(sparsit
     errors = {}
     for name, kernel in (("wanda", wanda), ("sparsegpt", sparsegpt), ("alps", alps)):
         w = W.clone()
-        kernel.prune([w], stats_of(x, name != "wanda"), [sparsity])
+        infos = kernel.prune([w], stats_of(x, name != "wanda"), [sparsity])
         assert int((w == 0).sum()) == target_count(w.numel(), sparsity)
         errors[name] = relative_error(x, W, w)
     assert errors["alps"] < errors["sparsegpt"] < errors["wanda"], errors
+    assert "alps_start_kept" not in infos[0]  # ADMM's own support won ...
+    errors["start"] = relative_error(x, W, start_support_refit(W, x, sparsity))
+    assert errors["alps"] < errors["start"], errors  # ... and beats its starting support, refitted alike
+
+
+def start_support_refit(W: torch.Tensor, x: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """ALPS without ADMM: the initial support (largest |W|·‖X_j‖ of the matrix), refitted by the same CG."""
+    H, scale = alps.normalise(stats_of(x, True).hessian(), 0.01)
+    B0 = W * scale
+    keep = alps.projector([(0, W.shape[0], target_count(W.numel(), sparsity))], None)
+    B, _ = alps.conjugate_gradient(H, B0 @ H, B0, keep(B0), 10)
+    return B / scale
 
 
 def test_forced_columns_are_removed_and_compensated():
-    """Composite pruning: whole input columns go first; ALPS then prunes s of what is kept and
-    re-fits the kept weights, so it beats simply zeroing the columns of its own dense solve."""
+    """Composite pruning: whole input columns go first; ALPS then prunes s of what is kept and re-fits
+    the kept weights, so even with half of the rest pruned it beats merely zeroing those columns."""
     torch.manual_seed(10)
     x = correlated_inputs(2048, 96, seed=11)
     W = torch.randn(32, 96)
     forced = torch.zeros(96, dtype=torch.bool)
     forced[::4] = True
     w = W.clone()
-    alps.prune([w], stats_of(x, True), [0.5], forced_columns=forced)
+    infos = alps.prune([w], stats_of(x, True), [0.5], forced_columns=forced)
+    assert "alps_start_kept" not in infos[0]  # ADMM's support wins, judged with the removed columns' pull
     assert bool((w[:, forced] == 0).all())
     assert int((w[:, ~forced] == 0).sum()) == target_count(32 * 72, 0.5)
     zeroed = W.clone()
@@ -163,3 +176,15 @@ def test_on_smollm2_activations_alps_beats_sparsegpt_beats_wanda():
                 kernel.prune([w], stats_of(x, kname != "wanda"), [sparsity])
                 errors[kname] = relative_error(x, W, w)
             assert errors["alps"] < errors["sparsegpt"] < errors["wanda"], (name, sparsity, errors)
+
+
+def test_kth_smallest_equals_kthvalue_on_large_tensors():
+    from mosaic.prune.masks import kth_smallest
+
+    g = torch.Generator().manual_seed(12)
+    n = 70_000  # above the size where the bracketed search takes over
+    cases = [torch.randn(n, generator=g).abs(), torch.randint(0, 7, (n,), generator=g).float(),
+             torch.arange(n).float(), torch.arange(n, 0, -1).float(), torch.zeros(n)]
+    for flat in cases:
+        for k in (1, 2, n // 3, n // 2, int(0.7 * n), n - 1, n):
+            assert kth_smallest(flat, k) == flat.kthvalue(k).values

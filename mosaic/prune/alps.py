@@ -133,6 +133,12 @@ def objective(H: torch.Tensor, B: torch.Tensor, B0: torch.Tensor) -> float:
     return float((diff * (diff @ H)).sum())
 
 
+def fit(H: torch.Tensor, B: torch.Tensor, target: torch.Tensor) -> float:
+    """The same objective less a constant, B·H·Bᵀ − 2·B·targetᵀ: it also holds when columns were removed
+    (H and B restricted to the kept columns, ``target`` still carrying the removed ones' contribution)."""
+    return float((B * (B @ H)).sum() - 2 * (B * target).sum())
+
+
 def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float],
           nm: tuple[int, int] | None = None, percdamp: float = 0.01, forced_columns: torch.Tensor | None = None,
           alps_rho0: float = 0.1, alps_max_iter: int = 300, alps_cg_iters: int = 10, **_) -> list[dict]:
@@ -169,11 +175,11 @@ def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float
     admm_done = time.perf_counter()
     B, cg_iters = conjugate_gradient(H, target, B, keep(B), alps_cg_iters)
     start_over, _ = conjugate_gradient(H, target, B0, keep(B0), alps_cg_iters)
-    worse = [r0 for r0, r1, _ in segments
-             if objective(H, B[r0:r1], B0[r0:r1]) > objective(H, start_over[r0:r1], B0[r0:r1])]
-    for r0, r1, _ in segments:
-        if r0 in worse:
-            B[r0:r1] = start_over[r0:r1]
+    worse = [j for j, (r0, r1, _) in enumerate(segments)
+             if fit(H, B[r0:r1], target[r0:r1]) > fit(H, start_over[r0:r1], target[r0:r1])]
+    for j in worse:
+        r0, r1, _ = segments[j]
+        B[r0:r1] = start_over[r0:r1]
     sync()
     if columns is not None:
         full = torch.zeros(B.shape[0], forced_columns.numel(), device=device)
@@ -186,6 +192,7 @@ def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float
     seconds = {"eigh_s": info["eigh_done"] - start, "admm_s": admm_done - info["eigh_done"],
                "cg_s": end - admm_done}
     infos = [{"alps_iters": info["iterations"], "alps_rho": info["rho"], "alps_cg_iters": cg_iters,
-              **({"alps_start_kept": True} if r0 in worse else {})} for r0, _, _ in segments]
+              "alps_support_change": info["support_change"], **({"alps_start_kept": True} if j in worse else {})}
+             for j in range(len(segments))]
     infos[0].update(seconds)  # the group's time, once
     return infos
