@@ -57,6 +57,16 @@ def test_sparsity_zero_returns_the_weights_unchanged():
     assert torch.equal(w, W)
 
 
+def test_a_projection_with_nothing_to_prune_is_untouched_while_its_group_is_solved():
+    torch.manual_seed(13)
+    x = correlated_inputs(1024, 64, seed=14)
+    weights = [torch.randn(32, 64), torch.randn(16, 64)]
+    pruned = [w.clone() for w in weights]
+    infos = alps.prune(pruned, stats_of(x, True), [0.6, 0.0])
+    assert torch.equal(pruned[1], weights[1]) and infos[1] == {}
+    assert int((pruned[0] == 0).sum()) == target_count(32 * 64, 0.6) and infos[0]["alps_iters"] >= 1
+
+
 def test_the_rho_loop_stops_at_its_cap():
     torch.manual_seed(5)
     W = torch.randn(32, 64)

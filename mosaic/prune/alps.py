@@ -148,8 +148,16 @@ def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float
     it fits better: ADMM is a heuristic on a non-convex problem and, with H = I, can end up a little off
     magnitude pruning, the exact optimum. On real activations this almost never applies
     (``alps_start_kept`` in the notes says when it did)."""
-    if nm is None and not any(sparsities) and (forced_columns is None or not bool(forced_columns.any())):
-        return [{} for _ in weights]
+    if nm is None and (forced_columns is None or not bool(forced_columns.any())):
+        active = [j for j, (w, s) in enumerate(zip(weights, sparsities)) if target_count(w.numel(), s)]
+        if len(active) < len(weights):  # a projection with nothing to prune is left exactly as it is
+            infos = [{} for _ in weights]
+            if active:
+                solved = prune([weights[j] for j in active], stats, [sparsities[j] for j in active], None, percdamp,
+                               None, alps_rho0, alps_max_iter, alps_cg_iters)
+                for j, info in zip(active, solved):
+                    infos[j] = info
+            return infos
     device = weights[0].device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
