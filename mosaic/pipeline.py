@@ -518,7 +518,7 @@ def search_step(setup: Setup, plan: Plan, profile: Profile, opts: Options, calib
     seed_map = alloc.allocate("mosaic", replace(profile, params=params), setup.n_layers, target, plan.lamda)
     return search(setup.model, setup.adapter, plan.kernel, calib.activations(setup),
                   calib.windows[:opts.search_windows], calib.held_out, params, target, seed_map,
-                  batch_size=opts.calib_batch_size, seed=opts.seed, options=kernel_options(opts),
+                  batch_size=min(opts.calib_batch_size, 2), seed=opts.seed, options=kernel_options(opts),
                   compute=setup.compute, calib_dtype=setup.calib_dtype)
 
 
