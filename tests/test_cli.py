@@ -52,7 +52,7 @@ def nothing_written(parent: Path, name: str = "out") -> bool:
     (["--structured_ratio", "0.2"], "--structured_ratio", "--sparsity_type composite"),
     (["--prune_method", "wanda", "--sparsity_type", "composite", "--sparsity_ratio", "0.3", "--structured_ratio", "0.5"],
      "--structured_ratio", "[0, --sparsity_ratio 0.3]"),
-    (["--prune_method", "magnitude", "--sparsity_type", "composite"], "--sparsity_type", "Wanda or SparseGPT"),
+    (["--prune_method", "magnitude", "--sparsity_type", "composite"], "--sparsity_type", "Wanda, SparseGPT or ALPS"),
     (["--uniform_widths"], "--uniform_widths", "composite"),
     (["--eval_dtype", "int4"], "--eval_dtype", "bfloat16"),
     (["--eval_zero_shot", "boolq,nope", "--offline"], "--eval_zero_shot", "offline tasks are"),
