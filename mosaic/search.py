@@ -65,28 +65,27 @@ def dense_hessians(model: nn.Module, adapter: Adapter, acts: Activations, comput
     return stats
 
 
-def teacher(model: nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The dense model's next-token log-probabilities on the held-out windows, [tokens, vocab] on CPU."""
-    out = []
+def log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int):
+    """Next-token log-probabilities on ``windows``, one [tokens, vocab] CPU tensor per batch."""
     device = next(model.parameters()).device
     with torch.no_grad():
         for batch in windows.split(batch_size):
             logits = model(batch.to(device)).logits[:, :-1].float()
-            out.append(F.log_softmax(logits, -1).reshape(-1, logits.shape[-1]).cpu())
-    return torch.cat(out)
+            yield F.log_softmax(logits, -1).reshape(-1, logits.shape[-1]).cpu()
+
+
+def teacher(model: nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The dense model's next-token log-probabilities on the held-out windows, [tokens, vocab] on CPU."""
+    return torch.cat(list(log_probs(model, windows, batch_size)))
 
 
 def kl(model: nn.Module, windows: torch.Tensor, reference: torch.Tensor, batch_size: int) -> float:
     """Mean KL(dense ‖ model) per predicted token."""
-    device = next(model.parameters()).device
     total, row = 0.0, 0
-    with torch.no_grad():
-        for batch in windows.split(batch_size):
-            logits = model(batch.to(device)).logits[:, :-1].float()
-            logq = F.log_softmax(logits, -1).reshape(-1, logits.shape[-1]).cpu()
-            logp = reference[row:row + logq.shape[0]]
-            total += float(F.kl_div(logq, logp, log_target=True, reduction="sum"))
-            row += logq.shape[0]
+    for logq in log_probs(model, windows, batch_size):
+        logp = reference[row:row + logq.shape[0]]
+        total += float(F.kl_div(logq, logp, log_target=True, reduction="sum"))
+        row += logq.shape[0]
     return total / max(row, 1)
 
 
@@ -195,12 +194,10 @@ def solve(curve_rows: list[dict[str, list[float]]], levels: list[float], params:
 
 def stitched(model: nn.Module, adapter: Adapter, kernel, stats, sparsity: SparsityMap, options: dict) -> nn.Module:
     """A copy of the model with every projection pruned from the dense statistics (no sequential pass)."""
+    from mosaic.prune import prune_from_stats
+
     pruned = copy.deepcopy(model)
-    for index, layer in enumerate(adapter.layers(pruned)):
-        for group in GROUPS:
-            weights = [adapter.projection(layer, p).weight.data for p in group]
-            kernel.prune(weights, stats[index][group].to(weights[0].device), [sparsity[index][p] for p in group],
-                         None, **options)
+    prune_from_stats(pruned, adapter, kernel, sparsity, [None] * len(sparsity), stats, options=options)
     return pruned
 
 

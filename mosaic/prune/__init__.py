@@ -126,13 +126,14 @@ def prune_model(
 
 def prune_from_stats(model: nn.Module, adapter: Adapter, kernel: Kernel, sparsity: SparsityMap, nm: NMPlan,
                      stats: list[dict[tuple[str, ...], InputStats]] | None, compute: torch.device | None = None,
-                     structure: list | None = None) -> list[dict]:
+                     structure: list | None = None, options: dict | None = None) -> list[dict]:
     """Prune with statistics kept from an earlier dense pass (Wanda with ``calib_stats="dense"``: the
-    profiling pass's own statistics, so no second pass over the calibration data), or with none
-    (magnitude). Gives the same weights as a dense-mode ``prune_model``, which computes the same statistics."""
+    profiling pass's own statistics, so no second pass over the calibration data; the search's candidates),
+    or with none (magnitude). Gives the same weights as a dense-mode ``prune_model``, which computes the
+    same statistics."""
     compute = compute or next(model.parameters()).device
     notes: list[dict] = []
-    on_group = _group_pruner(adapter, kernel, sparsity, nm, {}, structure, notes)
+    on_group = _group_pruner(adapter, kernel, sparsity, nm, options or {}, structure, notes)
     for index, layer in enumerate(tqdm(adapter.layers(model), desc=f"prune ({kernel.name})", leave=False)):
         with on_device(layer, compute) as device:
             for group in GROUPS:
