@@ -131,7 +131,7 @@ def table(rows: list[dict], args) -> str:
                 f"| {ratios} |")
     lines += ["", "Targets (issue 12): streamed peak RSS ≤ 1.5× bound and ≤ 30% of the in-memory peak at 3B; "
               "streamed wall ≤ 1.3× in memory.", ""]
-    run_here = [r["name"] for r in rows]
+    run_here = [r["name"] for r in rows]  # in SIZES order
     if run_here != list(SIZES) or (args.nsamples, args.seqlen) != (16, 512):
         lines += [f"**A trial, not the sweep**: sizes {', '.join(run_here)} with {args.nsamples}×{args.seqlen} "
                   "calibration only. At this size the streamed peak is dominated by fixed costs the bound leaves "
@@ -174,9 +174,13 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="mosaic-scale-"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    baseline = baseline_rss_gib()
+    rows, baseline = [], baseline_rss_gib()
+    previous = json.loads((out / "scale.json").read_text()) if (out / "scale.json").exists() else {}
+    if (previous.get("args", {}).get("nsamples"), previous.get("args", {}).get("seqlen")) == (args.nsamples, args.seqlen):
+        rows = [r for r in previous["rows"] if r["name"] in args.sizes.split(",")]  # resume: sizes already measured
     for name in args.sizes.split(","):
+        if any(r["name"] == name for r in rows):
+            continue
         model = work / f"llama-{name}"
         info = make_checkpoint(name, model)
         acts = args.nsamples * args.seqlen * info["hidden"] * 4
@@ -188,6 +192,7 @@ def main() -> None:
             print(name, mode, json.dumps(row[mode]), flush=True)
         assert row["disk"]["streamed"] and not row["memory"]["streamed"]
         rows.append(row)
+        rows.sort(key=lambda r: list(SIZES).index(r["name"]))
         shutil.rmtree(model, ignore_errors=True)
         (out / "scale.json").write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows}, indent=1))
         (out / "scale.md").write_text(table(rows, args))

@@ -179,6 +179,7 @@ def run_layers(
     desc: str = "layers",
     scope: Callable[[int], AbstractContextManager] | None = None,
     start: int = 0,
+    one_batch: bool | None = None,
 ) -> None:
     """Walk all decoder layers, calling ``on_group`` with each group's input statistics.
 
@@ -187,6 +188,8 @@ def run_layers(
     a copy of each layer, while ``on_group`` sees (and prunes) the layer itself. ``scope(index)`` wraps
     each layer's turn (streaming: materialise the layer, then write and release it, with ``acts.hidden``
     already advanced); ``start`` skips the layers before it (``acts`` then holds that layer's inputs).
+    ``one_batch`` (default: when a GPU computes from host-held activations) bounds the device to one
+    batch's intermediates in sequential mode, recomputing each group's input from the layer input.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
@@ -197,11 +200,12 @@ def run_layers(
         acts.hidden = [h.to(calib_dtype) for h in acts.hidden]
     for index in tqdm(range(start, len(layers)), desc=desc, unit="layer", leave=False):
         with scope(index) if scope is not None else nullcontext():
-            _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, calib_dtype, cache)
+            _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, calib_dtype, cache, one_batch)
         cache = {k: v for k, v in cache.items() if k[1] != index}  # this layer's kwargs are done
 
 
-def _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, calib_dtype, cache) -> None:
+def _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, calib_dtype, cache,
+               one_batch=None) -> None:
     """One layer's turn: its groups' statistics to ``on_group``, and ``acts.hidden`` advanced past it."""
     layer = layers[index]
     last = index == len(layers) - 1
@@ -216,8 +220,15 @@ def _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, c
         host = device.type == "cuda" and acts.hidden[0].device.type == "cpu"  # a GPU computes, the host keeps
         if host:  # pinned: fast host <-> device copies, and the non-blocking upload below is safe
             acts.hidden = [h if h.is_pinned() else h.pin_memory() for h in acts.hidden]
-        inputs = [h.to(device, non_blocking=host) for h in acts.hidden]
         keep = _to_pinned_host if host and not last else None
+        if mode == "sequential" and (host if one_batch is None else one_batch):
+            outputs = _sequential_one_batch(adapter, work, index, acts.hidden, kwargs, on_work_group, hessian,
+                                            device, keep, last)
+            del work
+            if not last:
+                acts.hidden = [o.to(h.device) for o, h in zip(outputs, acts.hidden)]
+            return
+        inputs = [h.to(device, non_blocking=host) for h in acts.hidden]
         if mode == "sequential":
             outputs = _sequential(adapter, work, index, inputs, kwargs, on_work_group, hessian, keep)
         else:
@@ -249,6 +260,35 @@ def _sequential(adapter, layer, index, inputs, kwargs, on_group, hessian, keep=N
         on_group(index, layer, group, _collect(runs, hessian))
     keep = keep or (lambda out: out)
     return [keep(_finish(run)) for run in runs]
+
+
+def _sequential_one_batch(adapter, layer, index, hidden, kwargs, on_group, hessian, device, keep,
+                          last) -> list[torch.Tensor]:
+    """Sequential statistics with one batch's intermediates on the device at a time: group k's input is
+    recomputed from the layer input with groups < k already pruned (the same values the paused forwards
+    of ``_sequential`` give), for about 2.5 forwards per layer instead of one."""
+    for k, group in enumerate(GROUPS):
+        stats = None
+        for h, kw in zip(hidden, kwargs):
+            run = adapter.staged_forward(layer, h.to(device, non_blocking=True), kw)
+            for _ in range(k + 1):
+                _, x = next(run)
+            if stats is None:
+                stats = InputStats(x.shape[-1], x.device, hessian)
+            stats.add(x)
+            del x
+            run.close()
+        on_group(index, layer, group, stats)
+    if last:
+        return []
+    keep = keep or (lambda out: out)
+    outputs = []
+    for h, kw in zip(hidden, kwargs):
+        run = adapter.staged_forward(layer, h.to(device, non_blocking=True), kw)
+        for _ in GROUPS:
+            next(run)
+        outputs.append(keep(_finish(run)))
+    return outputs
 
 
 def _to_pinned_host(out: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,10 @@ true-sequential forward keeps every batch paused at the same projection group, s
 one batch's MLP temporaries, the statistics of the group being pruned (a Hessian, fp32, in² entries; all
 four groups' at once in the dense and reference modes), the kernel's own matrices, and a copy of the layer
 in the calibration dtype when it differs from the model's. Attention scores are not counted (SDPA).
+
+When the model stays on the host and layers come to the device one at a time, the activations stay on the
+host too and sequential mode keeps one batch on the device (``one_batch``): then only one batch's inputs,
+outputs and paused intermediate count, whatever ``nsamples``.
 """
 
 from __future__ import annotations
@@ -48,13 +52,15 @@ def groups(config) -> list[tuple[int, int]]:
     return [((heads + 2 * kv) * head_dim, h), (h, heads * head_dim), (2 * inter, h), (h, inter)]
 
 
-def device_need(config, weights: int, work: Workload, dtype: torch.dtype) -> dict[str, int]:
+def device_need(config, weights: int, work: Workload, dtype: torch.dtype, one_batch: bool = False) -> dict[str, int]:
     """Bytes the compute device holds at the peak of a layer's turn, by part, for a model whose
-    parameters take ``weights`` bytes in ``dtype``."""
+    parameters take ``weights`` bytes in ``dtype`` (one layer's bytes with ``one_batch``)."""
     calib = work.calib_dtype or dtype
     c = calib.itemsize
     seqlen = min(work.seqlen, int(getattr(config, "max_position_embeddings", work.seqlen) or work.seqlen))
     tokens, batch = work.nsamples * seqlen, min(work.batch_size, work.nsamples) * seqlen
+    if one_batch and work.mode == "sequential":
+        tokens = batch
     shapes = groups(config)
     h, inter = config.hidden_size, shapes[3][1]
     widest_input = max(i for _, i in shapes)

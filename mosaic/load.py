@@ -201,6 +201,12 @@ def place(model: nn.Module, device: torch.device, headroom: float = 0.8, work: W
         log.warning("the model and its calibration working set, %s, do not fit in %.0f%% of the %.2f GiB free "
                     "on %s: pruning one layer at a time from CPU", describe(need), 100 * headroom, free / 2**30,
                     device)
+        if work is not None:
+            layer = max(sum(p.numel() * p.element_size() for p in block.parameters())
+                        for block in model.model.layers) if hasattr(model, "model") else weights
+            one = device_need(model.config, layer, work, dtype, one_batch=True)
+            if sum(one.values()) >= headroom * free:
+                log.warning("even one layer's turn needs %s: expect the device to run out of memory", describe(one))
     model.compute_device = device  # read by the engine
 
 

@@ -139,3 +139,29 @@ def test_sequential_hands_each_output_over_as_it_finishes_and_frees_the_inputs()
         results.append(_sequential(adapter, layer, 0, inputs, kwargs, lambda *a: None, False, keep))
         assert inputs == []
     assert len(kept) == 3 and all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_one_batch_on_device_gives_the_paused_forwards_results_bit_for_bit(family):
+    """The bounded-memory sequential pass (one batch's intermediates at a time, each group's input
+    recomputed from the layer input with the earlier groups pruned) sees the same Hessians, prunes the same
+    weights and hands the next layer the same inputs as the paused staged forwards of all batches."""
+    seen, models = [], []
+    for one_batch in (False, True):
+        model = tiny_model(family, layers=3)
+        adapter = adapter_for(model)
+        acts = capture(model, adapter, token_batch(6, 32), batch_size=2)
+        hessians = {}
+
+        def on_group(i, layer, group, stats, hessians=hessians, adapter=adapter):
+            hessians[(i, group)] = stats.hessian().clone()
+            KERNELS["sparsegpt"].prune([adapter.projection(layer, p).weight.data for p in group], stats,
+                                       [0.6] * len(group))
+
+        run_layers(model, adapter, acts, on_group, mode="sequential", hessian=True, one_batch=one_batch)
+        seen.append(hessians)
+        models.append(model)
+    assert seen[0].keys() == seen[1].keys() and len(seen[0]) == 12
+    assert all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)

@@ -74,3 +74,17 @@ def test_place_counts_the_working_set(monkeypatch, caplog, free_mib, moved):
     assert (calls == [torch.device("cuda")]) == moved
     assert model.compute_device == torch.device("cuda")
     assert ("layer_io" in caplog.text and "paused" in caplog.text and "one layer at a time" in caplog.text) != moved
+
+
+def test_one_layer_at_a_time_counts_one_batch_whatever_nsamples():
+    """Layer by layer from the host, sequential mode keeps one batch on the device (calibrate's one_batch
+    path): the activation terms are one batch's, flat in nsamples; dense mode still holds every batch."""
+    few, many = (need(nsamples=n, kernel="sparsegpt", stats="hessian") for n in (8, 800))
+    one_few, one_many = (device_need(tiny_config("llama"), WEIGHTS, Workload(nsamples=n, seqlen=48, batch_size=3),
+                                     torch.float32, one_batch=True) for n in (8, 800))
+    assert one_few == one_many
+    assert one_few["layer_io"] == 2 * 3 * 48 * 64 * 4 and one_few["paused"] == 3 * 48 * 128 * 4
+    assert many["layer_io"] == 100 * few["layer_io"]
+    dense = Workload(nsamples=8, seqlen=48, batch_size=3, mode="dense")
+    assert device_need(tiny_config("llama"), WEIGHTS, dense, torch.float32, one_batch=True)["layer_io"] \
+        == few["layer_io"]
