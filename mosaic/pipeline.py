@@ -96,6 +96,7 @@ class Options:
     alps_max_iter: int = 300
     alps_cg_iters: int = 10
     search_windows: int = 8  # --allocation search: Fisher windows, and as many held out to score allocations
+    search_budget: int = 16  # --allocation search: generations of evolutionary refinement (0: the curve solve only)
     eval_datasets: str = "wiki-offline"
     eval_windows: int | None = None
     eval_seqlen: int = 2048
@@ -247,6 +248,7 @@ def validate(opts: Options) -> Plan:
                    "alps_rho0", "alps_max_iter", "alps_cg_iters", "search_windows"):
         _number(getattr(opts, option), option)
     _number(opts.Lamda, "Lamda", positive=False)
+    _number(opts.search_budget, "search_budget", positive=False)
     if nm and opts.blocksize % nm[1]:
         raise OptionError("blocksize", f"must be a multiple of M={nm[1]} for {opts.sparsity_type}")
     if opts.calib_stats not in CALIB_STATS:
@@ -519,7 +521,7 @@ def search_step(setup: Setup, plan: Plan, profile: Profile, opts: Options, calib
     return search(setup.model, setup.adapter, plan.kernel, calib.activations(setup),
                   calib.windows[:opts.search_windows], calib.held_out, params, target, seed_map,
                   batch_size=min(opts.calib_batch_size, 2), seed=opts.seed, options=kernel_options(opts),
-                  compute=setup.compute, calib_dtype=setup.calib_dtype)
+                  generations=int(opts.search_budget), compute=setup.compute, calib_dtype=setup.calib_dtype)
 
 
 def nm_map(nm: NMPlan) -> SparsityMap:

@@ -12,8 +12,10 @@
    the target to float precision and each projection within one weight).
 5. Guard: the uniform map, the outlier-based `mosaic` map (the seed) and the solution are each applied
    (the kernel on the dense statistics) and scored by the true KL on held-out windows (drawn after the
-   statistics windows by the same sampler: other positions, though possibly of the same documents); the
-   best is returned, so the search never returns something worse than where it started.
+   statistics windows by the same sampler: other positions, though possibly of the same documents).
+6. Refine (``generations`` > 0): the best of the three is refined by an evolutionary level-switch search
+   scored by that same true KL (mosaic/refine.py). The best map is returned, so the search never returns
+   something worse than where it started.
 
 The search runs where the model is (all of it must be in memory) and is reproducible with the seed on
 CPU; GPU reductions are not deterministic.
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mosaic import refine
 from mosaic.adapter import GROUPS, PROJECTIONS, Adapter
 from mosaic.calibrate import Activations, run_layers
 from mosaic.stats import InputStats
@@ -43,13 +46,15 @@ LEVELS = (-0.2, -0.15, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.2)  # around the tar
 @dataclass
 class SearchResult:
     sparsity: SparsityMap
-    chosen: str  # which candidate won: search, seed or uniform
+    chosen: str  # which candidate won: search (the curve solve), seed, uniform or evolved
     fitness: dict[str, float]  # KL(dense ‖ pruned) per candidate, nats per token, on the held-out windows
     levels: list[float]
     tokens: int
+    evolution: dict | None = None
 
     def to_json(self) -> dict:
-        return {"chosen": self.chosen, "fitness_kl": self.fitness, "levels": self.levels, "tokens": self.tokens}
+        return {"chosen": self.chosen, "fitness_kl": self.fitness, "levels": self.levels, "tokens": self.tokens,
+                "evolution": self.evolution}
 
 
 def dense_hessians(model: nn.Module, adapter: Adapter, acts: Activations, compute=None,
@@ -63,30 +68,6 @@ def dense_hessians(model: nn.Module, adapter: Adapter, acts: Activations, comput
     run_layers(model, adapter, acts, on_group, mode="dense", hessian=True, compute=compute,
                calib_dtype=calib_dtype, desc="search: statistics")
     return stats
-
-
-def log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int):
-    """Next-token log-probabilities on ``windows``, one [tokens, vocab] CPU tensor per batch."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for batch in windows.split(batch_size):
-            logits = model(batch.to(device)).logits[:, :-1].float()
-            yield F.log_softmax(logits, -1).reshape(-1, logits.shape[-1]).cpu()
-
-
-def teacher(model: nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The dense model's next-token log-probabilities on the held-out windows, [tokens, vocab] on CPU."""
-    return torch.cat(list(log_probs(model, windows, batch_size)))
-
-
-def kl(model: nn.Module, windows: torch.Tensor, reference: torch.Tensor, batch_size: int) -> float:
-    """Mean KL(dense ‖ model) per predicted token."""
-    total, row = 0.0, 0
-    for logq in log_probs(model, windows, batch_size):
-        logp = reference[row:row + logq.shape[0]]
-        total += float(F.kl_div(logq, logp, log_target=True, reduction="sum"))
-        row += logq.shape[0]
-    return total / max(row, 1)
 
 
 def fisher(model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int,
@@ -207,10 +188,11 @@ def levels_around(target: float) -> list[float]:
 
 def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, fisher_windows: torch.Tensor,
            held_out: torch.Tensor, params: list[dict[str, int]], target: float, seed_map: SparsityMap | None, *,
-           batch_size: int, seed: int, options: dict, compute=None, calib_dtype=None) -> SearchResult:
-    """The allocation minimising the predicted KL, guarded by the true KL of uniform and the seed map.
-    The Fisher comes from ``fisher_windows`` (statistics windows), the true KL from ``held_out`` only, so
-    the guard does not score the search on the tokens it was fitted to."""
+           batch_size: int, seed: int, options: dict, generations: int = 0, compute=None,
+           calib_dtype=None) -> SearchResult:
+    """The allocation minimising the predicted KL, guarded by the true KL of uniform and the seed map, then
+    refined for ``generations`` by the true KL. The Fisher comes from ``fisher_windows`` (statistics
+    windows), the true KL from ``held_out`` only, so nothing is scored on the tokens it was fitted to."""
     from mosaic.prune import uniform_map
 
     stats = dense_hessians(model, adapter, acts, compute, calib_dtype)
@@ -221,13 +203,26 @@ def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, fisher
                   "uniform": uniform_map(len(params), target)}
     if seed_map is not None:
         candidates["seed"] = seed_map
-    reference = teacher(model, held_out, batch_size)
-    fitness = {}
+    scorer = refine.fitness(model, adapter, held_out, batch_size)
+    fitness, best = {}, None
     bar = tqdm(candidates.items(), desc="search: fitness", leave=False)
     for name, sparsity in bar:
-        fitness[name] = kl(stitched(model, adapter, kernel, stats, sparsity, options), held_out, reference, batch_size)
+        pruned = stitched(model, adapter, kernel, stats, sparsity, options)
+        fitness[name] = scorer.reset(pruned)
+        if best is None or fitness[name] < fitness[best[0]]:
+            best = (name, pruned, scorer.inputs)
         bar.set_postfix(kl=f"{fitness[name]:.4f}", candidate=name)
-    chosen = min(fitness, key=lambda k: (fitness[k], k != "search"))
-    log.info("search: KL on %d held-out tokens: %s; %s chosen", reference.shape[0],
+    evolution = None
+    if generations > 0:
+        start, scorer.model, scorer.inputs = best[0], best[1], best[2]
+        evolved = refine.evolve(model, scorer, kernel, stats, candidates[start], fitness[start], params,
+                                generations, seed=seed, options=options)
+        candidates["evolved"], fitness["evolved"] = evolved.sparsity, evolved.fitness
+        evolution = {"from": start, **evolved.to_json()}
+    del best
+    order = ("evolved", "search", "seed", "uniform")
+    chosen = min(fitness, key=lambda k: (fitness[k], order.index(k)))
+    tokens = sum(r.shape[0] for r in scorer.reference)
+    log.info("search: KL on %d held-out tokens: %s; %s chosen", tokens,
              ", ".join(f"{k} {v:.4f}" for k, v in fitness.items()), chosen)
-    return SearchResult(candidates[chosen], chosen, fitness, levels, reference.shape[0])
+    return SearchResult(candidates[chosen], chosen, fitness, levels, tokens, evolution)

@@ -89,8 +89,11 @@ def test_search_spares_the_sensitive_projection_and_never_loses_to_its_start(tmp
     zeros = sum(round(s * params[i][p]) for i, row in enumerate(sparsity) for p, s in row.items())
     assert r["sparsity"]["zeros"] == zeros  # each projection exactly round(s·n)
     fit = r["search"]["fitness_kl"]
-    assert set(fit) == {"search", "uniform", "seed"}
-    assert r["search"]["chosen"] == "search" and fit["search"] < min(fit["uniform"], fit["seed"])
+    assert set(fit) == {"search", "uniform", "seed", "evolved"}
+    assert fit["search"] < min(fit["uniform"], fit["seed"])  # the curve solve beats both starts
+    evolution = r["search"]["evolution"]
+    assert evolution["from"] == "search" and evolution["generations"] == 16
+    assert fit["evolved"] <= fit["search"] and fit[r["search"]["chosen"]] == min(fit.values())
 
     again = tmp_path / "again.json"
     run(small(sensitive_dir, calib_file, prune_method="sparsegpt_search", sparsity_ratio=0.6,

@@ -1,0 +1,173 @@
+"""Evolutionary refinement of a sparsity map, scored by the pruned model's true KL (EvoPress-style).
+
+The search's curve solve (mosaic/search.py) is only as good as its second-order surrogate, which ignores how
+layers interact. This step corrects it against the real objective:
+
+- ``Fitness`` holds the dense model's next-token log-probabilities on held-out windows and, for the current
+  pruned model, every layer's inputs on those windows. A candidate that changed only layers ≥ k re-runs
+  layers k.. from the cached inputs, so a mutation deep in the network costs a fraction of a forward.
+- ``evolve`` is a (1 + λ) search over the map. Each offspring moves weights between projections in
+  level switches of a fixed weight count (``step`` × the smaller projection), so Σ n·s and hence the global
+  target never change; the pruned weights of a changed group are the kernel's, from the dense statistics.
+  Selection runs in two stages: every offspring on the first batch of windows, the best one on all of them,
+  and it replaces the parent only if its full KL is lower. The map returned is never worse than the start.
+
+Reproducible with the seed on CPU (one generator draws every mutation; the kernels are deterministic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from mosaic.adapter import GROUPS, PROJECTIONS, Adapter
+from mosaic.calibrate import capture
+
+SparsityMap = list[dict[str, float]]
+GROUP_OF = {p: g for g in GROUPS for p in g}
+
+
+@dataclass
+class Fitness:
+    """KL(dense ‖ model) on fixed windows, with each layer's inputs for the current ``model`` cached."""
+
+    model: nn.Module
+    adapter: Adapter
+    kwargs: list[list[dict]]  # per batch, per layer
+    inputs: list[list[torch.Tensor]]  # inputs[i][b]: batch b entering layer i (i = L: the final hidden)
+    reference: list[torch.Tensor]  # per batch, the dense model's log-probabilities [tokens, vocab]
+
+    @torch.no_grad()
+    def score(self, start: int = 0, batches: int | None = None, keep: bool = False):
+        """Mean KL per predicted token over the first ``batches`` batches, re-running layers ``start``..;
+        with ``keep`` also the new inputs of layers start+1.. (for ``commit``)."""
+        layers = self.adapter.layers(self.model)
+        total, count, kept = 0.0, 0, [[] for _ in range(start + 1, len(layers) + 1)]
+        for b in range(batches or len(self.reference)):
+            h = self.inputs[start][b]
+            for i in range(start, len(layers)):
+                h = _tensor(layers[i](h, **self.kwargs[b][i]))
+                if keep:
+                    kept[i - start].append(h)
+            logq = _log_probs(self.model, self.adapter, h)
+            total += float(F.kl_div(logq, self.reference[b], log_target=True, reduction="sum"))
+            count += logq.shape[0]
+        return (total / max(count, 1), kept) if keep else total / max(count, 1)
+
+    def commit(self, start: int, kept: list[list[torch.Tensor]]) -> None:
+        self.inputs = self.inputs[:start + 1] + kept  # a new list: a caller may hold the old one
+
+    def reset(self, model: nn.Module) -> float:
+        """Score ``model`` (another pruned copy of the dense model) from scratch and cache its inputs."""
+        self.model = model
+        kl, kept = self.score(0, keep=True)
+        self.commit(0, kept)
+        return kl
+
+
+@torch.no_grad()
+def fitness(dense: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int) -> Fitness:
+    """The scorer on ``windows``, its reference taken from ``dense`` (which it then scores, at KL 0)."""
+    acts = capture(dense, adapter, windows, batch_size)
+    kwargs = [acts.layer_kwargs[h.shape[0]] for h in acts.hidden]
+    inputs = [acts.hidden]
+    for i, layer in enumerate(adapter.layers(dense)):
+        inputs.append([_tensor(layer(h, **kw[i])) for h, kw in zip(inputs[-1], kwargs)])
+    reference = [_log_probs(dense, adapter, h) for h in inputs[-1]]
+    return Fitness(dense, adapter, kwargs, inputs, reference)
+
+
+def _log_probs(model: nn.Module, adapter: Adapter, hidden: torch.Tensor) -> torch.Tensor:
+    logits = adapter.lm_head(model)(adapter.final_norm(model)(hidden))[:, :-1].float()
+    return F.log_softmax(logits, -1).reshape(-1, logits.shape[-1])
+
+
+def _tensor(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class Evolution:
+    sparsity: SparsityMap
+    fitness: float  # full KL of the returned map
+    start_fitness: float
+    history: list[float] = field(default_factory=list)  # the parent's KL after each generation
+    accepted: int = 0
+
+    def to_json(self) -> dict:
+        return {"generations": len(self.history), "accepted": self.accepted, "start_kl": self.start_fitness,
+                "kl": self.fitness, "history": self.history}
+
+
+def mutate(parent: SparsityMap, params: list[dict[str, int]], gen: torch.Generator, step: float,
+           cap: float = 0.99) -> tuple[SparsityMap, set[tuple[int, tuple[str, ...]]]]:
+    """One or two level switches: ``step`` × min(n_a, n_b) weights move from projection b's pruning to a's."""
+    slots = [(i, p) for i in range(len(parent)) for p in PROJECTIONS]
+    child = [dict(row) for row in parent]
+    changed = set()
+    for _ in range(1 + int(torch.randint(2, (1,), generator=gen))):
+        for _try in range(20):
+            a, b = (slots[int(k)] for k in torch.randperm(len(slots), generator=gen)[:2])
+            moved = step * min(params[a[0]][a[1]], params[b[0]][b[1]])
+            sa = child[a[0]][a[1]] + moved / params[a[0]][a[1]]
+            sb = child[b[0]][b[1]] - moved / params[b[0]][b[1]]
+            if sa <= cap and sb >= 0.0:
+                child[a[0]][a[1]], child[b[0]][b[1]] = sa, sb
+                changed |= {(a[0], GROUP_OF[a[1]]), (b[0], GROUP_OF[b[1]])}
+                break
+    return child, changed
+
+
+def evolve(dense: nn.Module, scorer: Fitness, kernel, stats, start: SparsityMap, start_fitness: float,
+           params: list[dict[str, int]], generations: int, *, seed: int, options: dict, offspring: int = 8,
+           step: float = 0.05) -> Evolution:
+    """Refine ``start`` (which ``scorer.model`` is pruned to, scoring ``start_fitness``) for ``generations``."""
+    from mosaic.prune import prune_group
+
+    adapter, model = scorer.adapter, scorer.model
+    dense_layers, layers = adapter.layers(dense), adapter.layers(model)
+    gen = torch.Generator().manual_seed(seed)
+    parent, best = start, Evolution(start, start_fitness, start_fitness)
+
+    def apply(sparsity, changed):
+        """Prune the changed groups to ``sparsity``; returns their previous weights."""
+        before = {}
+        for i, group in sorted(changed):
+            projections = [adapter.projection(layers[i], p) for p in group]
+            before[(i, group)] = [q.weight.data.clone() for q in projections]
+            for p, q in zip(group, projections):
+                q.weight.data.copy_(adapter.projection(dense_layers[i], p).weight.data)
+            prune_group(adapter, layers[i], group, stats[i][group], kernel, sparsity[i], None, options)
+        return before
+
+    def restore(before):
+        for (i, group), weights in before.items():
+            for p, w in zip(group, weights):
+                adapter.projection(layers[i], p).weight.data.copy_(w)
+
+    bar = tqdm(range(generations), desc="search: evolve", leave=False)
+    for _ in bar:
+        children = [mutate(parent, params, gen, step) for _ in range(offspring)]
+        quick = []
+        for child, changed in children:  # stage 1: the first batch of windows
+            first = min(i for i, _ in changed)
+            before = apply(child, changed)
+            quick.append(scorer.score(first, batches=1))
+            restore(before)
+        child, changed = children[min(range(offspring), key=quick.__getitem__)]
+        first = min(i for i, _ in changed)
+        before = apply(child, changed)  # stage 2: all windows, against the parent
+        kl, kept = scorer.score(first, keep=True)
+        if kl < best.fitness:
+            scorer.commit(first, kept)
+            parent, best.sparsity, best.fitness = child, child, kl
+            best.accepted += 1
+        else:
+            restore(before)
+        best.history.append(best.fitness)
+        bar.set_postfix(kl=f"{best.fitness:.4f}", accepted=best.accepted)
+    return best
