@@ -1,5 +1,7 @@
 """Allocation search vs the rules on SmolLM2-135M: {SparseGPT, Wanda} × {uniform, owl, mosaic, search} ×
-S ∈ {0.7, 0.6, 0.5, 0.8}: perplexity, search time, and the KL each allocation reaches.
+S ∈ {0.7, 0.6, 0.5, 0.8}: perplexity, search time, and the KL each allocation reaches. `search` runs at the
+default --search_budget (16 generations of evolutionary refinement); rows measured with budget 0 (the curve
+solve alone) are kept beside them, so the refinement's own gain is read within a row.
 
 Within one (kernel, S) row only the allocation differs: the same 32 × 512 calibration windows of
 wiki-offline (seed 0), the same sequential statistics (the default) for the pruning itself, the same
@@ -26,6 +28,7 @@ from common import RESULTS, machine, machine_line, write  # noqa: E402
 
 KERNELS = ("sparsegpt", "wanda")
 ALLOCATIONS = ("uniform", "owl", "mosaic", "search")
+BUDGET = 16  # the default --search_budget
 SPARSITIES = (0.7, 0.6, 0.5, 0.8)
 RUNS = RESULTS / "search_runs.jsonl"
 SHARED = RESULTS / "alps_runs.jsonl"  # the same SparseGPT settings, measured by bench_alps.py
@@ -42,29 +45,40 @@ def rows() -> dict[tuple, dict]:
     if RUNS.exists():
         for line in RUNS.read_text().splitlines():
             r = json.loads(line)
-            out[(r["kernel"], r["allocation"], r["target"])] = r
+            out[key(r)] = r
     return out
+
+
+def key(r: dict) -> tuple:
+    """(kernel, allocation, S); search rows name their budget: search@16, search@0 (rows before the
+    refinement existed ran the curve solve alone)."""
+    allocation = r["allocation"]
+    if allocation == "search":
+        allocation = f"search@{r.get('budget', 0)}"
+    return r["kernel"], allocation, r["target"]
 
 
 def run_one(kernel: str, allocation: str, sparsity: float) -> dict:
     from mosaic.pipeline import Options, run
 
     start = time.perf_counter()
-    r = run(Options(prune_method=kernel, allocation=allocation, sparsity_ratio=sparsity, **SETTINGS))
+    r = run(Options(prune_method=kernel, allocation=allocation, sparsity_ratio=sparsity, search_budget=BUDGET,
+                    **SETTINGS))
     row = {"kernel": kernel, "allocation": allocation, "target": sparsity, "achieved": r["sparsity"]["achieved"],
            "ppl": r["perplexity"]["wiki-offline"]["ppl"], "prune_s": round(r["time_s"].get("prune", 0), 1),
            "search_s": round(r["time_s"].get("search", 0), 1), "wall_s": round(time.perf_counter() - start, 1)}
     if "search" in r:
-        row["search"] = r["search"]
+        row["search"], row["budget"] = r["search"], BUDGET
     return row
 
 
-def sweep() -> None:
+def sweep(only: set | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for sparsity in SPARSITIES:
         for kernel in KERNELS:
             for allocation in ALLOCATIONS:
-                if (kernel, allocation, sparsity) in rows():
+                wanted = f"search@{BUDGET}" if allocation == "search" else allocation
+                if (kernel, wanted, sparsity) in rows() or (only and (kernel, allocation, sparsity) not in only):
                     continue
                 row = run_one(kernel, allocation, sparsity)
                 with RUNS.open("a") as f:
@@ -79,25 +93,31 @@ def report(m: dict) -> None:
              "`search` holds out the next 8 calibration windows; perplexity on the first 16 windows × 2048 tokens "
              "of the held-out wiki-offline split, bf16 forwards; M = 5, λ = 0.08 for owl/mosaic. Within a row only "
              "the allocation differs. Produced by `python benchmark/bench_search.py`.", "",
-             "| kernel | S | uniform | owl | mosaic | search | search vs uniform | search time s | KL: uniform / "
-             "mosaic / search (chosen) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| kernel | S | uniform | owl | mosaic | search, curves only | search | search vs uniform | search time s "
+             "| KL: uniform / mosaic / curves / evolved (chosen) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ("uniform", "owl", "mosaic", "search@0", f"search@{BUDGET}")
     for kernel in KERNELS:
         for s in sorted(SPARSITIES):
-            cells = [f"{by[(kernel, a, s)]['ppl']:.2f}" if (kernel, a, s) in by else "—" for a in ALLOCATIONS]
+            cells = [f"{by[(kernel, a, s)]['ppl']:.2f}" if (kernel, a, s) in by else "—" for a in columns]
             if set(cells) == {"—"}:
                 continue
-            u, q = by.get((kernel, "uniform", s)), by.get((kernel, "search", s))
+            u = by.get((kernel, "uniform", s))
+            q = by.get((kernel, f"search@{BUDGET}", s)) or by.get((kernel, "search@0", s))
             gain = f"{q['ppl'] / u['ppl'] - 1:+.1%}" if u and q else "—"
             t = f"{q['search_s']:.0f}" if q else "—"
             if q:
                 fit = q["search"]["fitness_kl"]
-                kl = f"{fit['uniform']:.3f} / {fit.get('seed', float('nan')):.3f} / {fit['search']:.3f} " \
-                     f"({q['search']['chosen']})"
+                kl = " / ".join(f"{fit[k]:.3f}" if k in fit else "—" for k in ("uniform", "seed", "search", "evolved"))
+                kl += f" ({q['search']['chosen']})"
             else:
                 kl = "—"
             lines.append(f"| {kernel} | {s} | {' | '.join(cells)} | {gain} | {t} | {kl} |")
+    lines += ["", f"*search* is the default budget ({BUDGET} generations of refinement by true KL); *search, curves "
+              "only* ran with `--search_budget 0`. *search vs uniform* uses the refined row where it exists. The KL "
+              "columns come from the search's own run: held-out calibration windows, every projection pruned "
+              "from the dense statistics."]
     missing = [f"{k} {a} {s}" for s in sorted(SPARSITIES) for k in KERNELS for a in ALLOCATIONS
-               if (k, a, s) not in by]
+               if (k, f"search@{BUDGET}" if a == "search" else a, s) not in by]
     if missing:
         lines += ["", f"**Not measured (yet)**: {', '.join(missing)}. The sweep resumes from "
                   "`results/search_runs.jsonl`."]
@@ -109,6 +129,7 @@ def report(m: dict) -> None:
 
 if __name__ == "__main__":
     m = machine()
-    if "--report" not in sys.argv:
-        sweep()
+    if "--report" not in sys.argv:  # --only sparsegpt:search:0.7,... runs just those cells
+        only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")), None)
+        sweep({(k, a, float(s)) for k, a, s in (c.split(":") for c in only.split(","))} if only else None)
     report(m)
