@@ -217,7 +217,8 @@ def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, fisher
         start, scorer.model, scorer.inputs = best[0], best[1], best[2]
         evolved = refine.evolve(model, scorer, kernel, stats, candidates[start], fitness[start], params,
                                 generations, seed=seed, options=options)
-        candidates["evolved"], fitness["evolved"] = evolved.sparsity, evolved.fitness
+        if evolved.accepted:  # otherwise it is the start itself
+            candidates["evolved"], fitness["evolved"] = evolved.sparsity, evolved.fitness
         evolution = {"from": start, **evolved.to_json()}
     del best
     order = ("evolved", "search", "seed", "uniform")
