@@ -110,23 +110,30 @@ def table(rows: list[dict], args) -> str:
         "LLaMA-shaped checkpoints written in one shard per layer; `/usr/bin/time -v` peak RSS and wall time of "
         "`main.py` (load, calibration, pruning, save; no evaluation). *Bound* = largest layer + embedding + "
         "calibration activations (fp32) + the RSS of a process that only imports the libraries "
-        f"({rows[0]['baseline_gib']:.2f} GiB here); the streamed target is ≤ 1.5× bound.",
+        f"({rows[0]['baseline_gib']:.2f} GiB here); the streamed target is ≤ 1.5× bound. *Working set* adds what "
+        "the bound leaves out but a SparseGPT layer turn holds at its peak (the down_proj stage): the Hessian "
+        "and its inverse factor (2 × intermediate² fp32), every batch's paused MLP intermediate (nsamples × "
+        "seqlen × intermediate) and one batch's gate/up temporaries (3 × batch × seqlen × intermediate).",
         "",
         f"Machine: {machine_line(machine())}",
         "",
-        "| model | params | layers | mode | peak RSS GiB | bound GiB | RSS / bound | wall s | prune s/layer "
-        "| s per B params | streamed/in-memory wall | streamed/in-memory RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params | layers | mode | peak RSS GiB | bound GiB | RSS / bound | working set GiB | RSS / working "
+        "set | wall s | prune s/layer | s per B params | streamed/in-memory wall | streamed/in-memory RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for mode in ("memory", "disk"):
             m = r[mode]
             ratios = (f"{r['disk']['wall_s'] / r['memory']['wall_s']:.2f} | "
                       f"{r['disk']['peak_rss_gib'] / r['memory']['peak_rss_gib']:.2f}") if mode == "disk" else " | "
+            inter = SIZES[r["name"]][1]
+            working = r["bound_gib"] + (2 * inter * inter * 4 + (args.nsamples + 3 * min(args.batch, args.nsamples))
+                                        * args.seqlen * inter * 4) / 2**30
             lines.append(
                 f"| {r['name']} | {r['params'] / 1e9:.3f} B | {r['layers']} | "
                 f"{'in memory' if mode == 'memory' else 'streamed'} | {m['peak_rss_gib']:.2f} | {r['bound_gib']:.2f} "
-                f"| {m['peak_rss_gib'] / r['bound_gib']:.2f} | {m['wall_s']:.1f} "
+                f"| {m['peak_rss_gib'] / r['bound_gib']:.2f} | {working:.2f} | {m['peak_rss_gib'] / working:.2f} "
+                f"| {m['wall_s']:.1f} "
                 f"| {m['time_s'].get('prune', 0) / r['layers']:.2f} | {m['wall_s'] / (r['params'] / 1e9):.1f} "
                 f"| {ratios} |")
     lines += ["", "Targets (issue 12): streamed peak RSS ≤ 1.5× bound and ≤ 30% of the in-memory peak at 3B; "
