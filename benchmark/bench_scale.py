@@ -145,6 +145,9 @@ def table(rows: list[dict], args) -> str:
                   "out (the calibration text and its tokenization, ≈0.2 GiB, and the embedding held during "
                   "capture), which do not grow with the model. The full sweep is `python benchmark/bench_scale.py` "
                   "on an idle machine (≈60 GB RAM and disk for 3b).", ""]
+    notes = RESULTS / "scale_notes.md"
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
     return "\n".join(lines)
 
 
