@@ -431,6 +431,7 @@ class Calibration:
     windows: torch.Tensor  # [nsamples, seqlen] token ids
     batch_size: int
     held_out: torch.Tensor | None = None  # allocation search: the windows drawn after these (not in statistics)
+    validation: torch.Tensor | None = None  # ... and after those, to judge the refined map on unseen tokens
 
     def activations(self, setup: Setup) -> Activations:
         """Fresh layer-0 inputs (each pass over the layers consumes its own)."""
@@ -442,10 +443,14 @@ def calibration(setup: Setup, plan: Plan, opts: Options, timer: Timer) -> Calibr
     if not plan.needs_calibration:
         return None
     with timer("calibration_data"):
-        extra = opts.search_windows if plan.allocation == "search" and plan.allocation_file is None else 0
+        extra = 0
+        if plan.allocation == "search" and plan.allocation_file is None:  # held out; and validation, to refine
+            extra = opts.search_windows * (2 if opts.search_budget > 0 else 1)
         windows = calibration_windows(setup.loaded.tokenizer, opts.calib_dataset, opts.nsamples + extra,
                                       setup.seqlen, opts.seed)  # the same first nsamples windows either way
-    return Calibration(windows[:opts.nsamples], opts.calib_batch_size, windows[opts.nsamples:] if extra else None)
+    n, k = opts.nsamples, opts.search_windows
+    return Calibration(windows[:n], opts.calib_batch_size, windows[n:n + k] if extra else None,
+                       windows[n + k:] if extra > k else None)
 
 
 def profile_step(setup: Setup, calib: Calibration | None, plan: Plan, timer: Timer) -> Profile | None:
@@ -521,7 +526,7 @@ def search_step(setup: Setup, plan: Plan, profile: Profile, opts: Options, calib
     return search(setup.model, setup.adapter, plan.kernel, calib.activations(setup),
                   calib.windows[:opts.search_windows], calib.held_out, params, target, seed_map,
                   batch_size=min(opts.calib_batch_size, 2), seed=opts.seed, options=kernel_options(opts),
-                  generations=int(opts.search_budget), compute=setup.compute, calib_dtype=setup.calib_dtype)
+                  generations=int(opts.search_budget), validation=calib.validation, compute=setup.compute, calib_dtype=setup.calib_dtype)
 
 
 def nm_map(nm: NMPlan) -> SparsityMap:

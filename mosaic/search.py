@@ -14,8 +14,9 @@
    (the kernel on the dense statistics) and scored by the true KL on held-out windows (drawn after the
    statistics windows by the same sampler: other positions, though possibly of the same documents).
 6. Refine (``generations`` > 0): the best of the three is refined by an evolutionary level-switch search
-   scored by that same true KL (mosaic/refine.py). The best map is returned, so the search never returns
-   something worse than where it started.
+   scored by that same true KL (mosaic/refine.py). Since the refinement fits those windows, all candidates
+   are then scored once more on validation windows (drawn after them) and the best there is returned, so
+   the search never returns something worse than where it started, judged on tokens it has not seen.
 
 The search runs where the model is (all of it must be in memory) and is reproducible with the seed on
 CPU; GPU reductions are not deterministic.
@@ -188,11 +189,13 @@ def levels_around(target: float) -> list[float]:
 
 def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, fisher_windows: torch.Tensor,
            held_out: torch.Tensor, params: list[dict[str, int]], target: float, seed_map: SparsityMap | None, *,
-           batch_size: int, seed: int, options: dict, generations: int = 0, compute=None,
-           calib_dtype=None) -> SearchResult:
+           batch_size: int, seed: int, options: dict, generations: int = 0, validation: torch.Tensor | None = None,
+           compute=None, calib_dtype=None) -> SearchResult:
     """The allocation minimising the predicted KL, guarded by the true KL of uniform and the seed map, then
-    refined for ``generations`` by the true KL. The Fisher comes from ``fisher_windows`` (statistics
-    windows), the true KL from ``held_out`` only, so nothing is scored on the tokens it was fitted to."""
+    refined for ``generations`` by the true KL on ``held_out``. The Fisher comes from ``fisher_windows``
+    (statistics windows), the true KL from ``held_out`` only, so nothing is scored on the tokens it was fitted
+    to; after a refinement, which does fit ``held_out``, every candidate is scored again on ``validation``
+    (windows neither step has seen) and the best there is returned."""
     from mosaic.prune import uniform_map
 
     stats = dense_hessians(model, adapter, acts, compute, calib_dtype)
@@ -212,18 +215,25 @@ def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, fisher
         if best is None or fitness[name] < fitness[best[0]]:
             best = (name, pruned, scorer.inputs)
         bar.set_postfix(kl=f"{fitness[name]:.4f}", candidate=name)
-    evolution = None
+    evolution, judged = None, fitness
     if generations > 0:
         start, scorer.model, scorer.inputs = best[0], best[1], best[2]
         evolved = refine.evolve(model, scorer, kernel, stats, candidates[start], fitness[start], params,
                                 generations, seed=seed, options=options)
+        evolution = {"from": start, **evolved.to_json()}
         if evolved.accepted:  # otherwise it is the start itself
             candidates["evolved"], fitness["evolved"] = evolved.sparsity, evolved.fitness
-        evolution = {"from": start, **evolved.to_json()}
-    del best
+    del best, scorer
+    if "evolved" in candidates and validation is not None:
+        check = refine.fitness(model, adapter, validation, batch_size)
+        judged = {name: check.reset(stitched(model, adapter, kernel, stats, sparsity, options))
+                  for name, sparsity in tqdm(candidates.items(), desc="search: validation", leave=False)}
+        evolution["validation_kl"] = judged
     order = ("evolved", "search", "seed", "uniform")
-    chosen = min(fitness, key=lambda k: (fitness[k], order.index(k)))
-    tokens = sum(r.shape[0] for r in scorer.reference)
-    log.info("search: KL on %d held-out tokens: %s; %s chosen", tokens,
-             ", ".join(f"{k} {v:.4f}" for k, v in fitness.items()), chosen)
+    chosen = min(judged, key=lambda k: (judged[k], order.index(k)))
+    tokens = held_out.shape[0] * (held_out.shape[1] - 1)
+    log.info("search: KL on %d held-out tokens: %s; %s chosen%s", tokens,
+             ", ".join(f"{k} {v:.4f}" for k, v in fitness.items()), chosen,
+             "" if judged is fitness else " on validation windows (" + ", ".join(
+                 f"{k} {v:.4f}" for k, v in judged.items()) + ")")
     return SearchResult(candidates[chosen], chosen, fitness, levels, tokens, evolution)
