@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import platform
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from mosaic import __version__, fit, stream
 from mosaic import allocate as alloc
@@ -523,10 +525,17 @@ def allocate_step(setup: Setup, plan: Plan, profile: Profile | None, opts: Optio
 def search_step(setup: Setup, plan: Plan, profile: Profile, opts: Options, calib: Calibration, params, target):
     """The `search` allocation, seeded with the outlier-based `mosaic` map (see mosaic/search.py)."""
     seed_map = alloc.allocate("mosaic", replace(profile, params=params), setup.n_layers, target, plan.lamda)
+
+    def final(sparsity: SparsityMap) -> nn.Module:
+        """A copy of the model pruned with ``sparsity`` exactly as this run will prune it."""
+        pruned = copy.deepcopy(setup.model)
+        prune_as_planned(pruned, setup, calib, sparsity, [plan.nm] * setup.n_layers, profile, plan, opts)
+        return pruned
+
     return search(setup.model, setup.adapter, plan.kernel, calib.activations(setup),
                   calib.windows[:opts.search_windows], calib.held_out, params, target, seed_map,
                   batch_size=min(opts.calib_batch_size, 2), seed=opts.seed, options=kernel_options(opts),
-                  generations=int(opts.search_budget), validation=calib.validation, compute=setup.compute, calib_dtype=setup.calib_dtype)
+                  generations=int(opts.search_budget), validation=calib.validation, final=final, compute=setup.compute, calib_dtype=setup.calib_dtype)
 
 
 def nm_map(nm: NMPlan) -> SparsityMap:
@@ -578,22 +587,28 @@ def prune_step(setup: Setup, calib: Calibration | None, allocation: Allocation, 
         return prune_streamed(setup, calib, allocation, profile, plan, opts, timer)
     if kernel is None:
         return []
-    model, adapter, structure = setup.model, setup.adapter, allocation.structure
+    model, structure = setup.model, allocation.structure
     with timer("prune"):
-        if plan.mode == "dense" and kernel.stats == "norms":  # Wanda: the profiling pass's own statistics
-            notes = prune_from_stats(model, adapter, kernel, allocation.sparsity, allocation.nm, profile.stats,
-                                     setup.compute, structure)
-        else:
-            acts = calib.activations(setup) if plan.mode else None
-            if plan.mode in ("sequential", "reference"):
-                check_staged(setup, acts)
-            notes = prune_model(model, adapter, kernel, allocation.sparsity, allocation.nm, acts,
-                                mode=plan.mode or "sequential", compute=setup.compute, calib_dtype=setup.calib_dtype,
-                                options=kernel_options(opts), structure=structure)
+        notes = prune_as_planned(model, setup, calib, allocation.sparsity, allocation.nm, profile, plan, opts,
+                                 structure)
     if structure is not None:
         with timer("restructure"):
-            restructure(model, adapter, structure)
+            restructure(model, setup.adapter, structure)
     return notes
+
+
+def prune_as_planned(model: nn.Module, setup: Setup, calib: Calibration | None, sparsity: SparsityMap, nm: NMPlan,
+                     profile: Profile | None, plan: Plan, opts: Options, structure: list | None = None) -> list[dict]:
+    """Prune ``model`` (the run's model, or a copy of it) in place with the plan's kernel and statistics."""
+    kernel, adapter = plan.kernel, setup.adapter
+    if plan.mode == "dense" and kernel.stats == "norms":  # Wanda: the profiling pass's own statistics
+        return prune_from_stats(model, adapter, kernel, sparsity, nm, profile.stats, setup.compute, structure)
+    acts = calib.activations(setup) if plan.mode else None
+    if plan.mode in ("sequential", "reference"):
+        check_staged(setup, acts)
+    return prune_model(model, adapter, kernel, sparsity, nm, acts, mode=plan.mode or "sequential",
+                       compute=setup.compute, calib_dtype=setup.calib_dtype, options=kernel_options(opts),
+                       structure=structure)
 
 
 def kernel_options(opts: Options) -> dict:

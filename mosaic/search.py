@@ -14,9 +14,10 @@
    (the kernel on the dense statistics) and scored by the true KL on held-out windows (drawn after the
    statistics windows by the same sampler: other positions, though possibly of the same documents).
 6. Refine (``generations`` > 0): the best of the three is refined by an evolutionary level-switch search
-   scored by that same true KL (mosaic/refine.py). Since the refinement fits those windows, all candidates
-   are then scored once more on validation windows (drawn after them) and the best there is returned, so
-   the search never returns something worse than where it started, judged on tokens it has not seen.
+   scored by that same true KL (mosaic/refine.py). That fits the held-out windows and the dense-statistics
+   surrogate, so the refined map and its start are then pruned as the run will prune them (sequential
+   statistics by default) and scored on validation windows drawn after the held-out ones; the better wins.
+   The search never returns something worse than where it started.
 
 The search runs where the model is (all of it must be in memory) and is reproducible with the seed on
 CPU; GPU reductions are not deterministic.
@@ -190,12 +191,13 @@ def levels_around(target: float) -> list[float]:
 def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, fisher_windows: torch.Tensor,
            held_out: torch.Tensor, params: list[dict[str, int]], target: float, seed_map: SparsityMap | None, *,
            batch_size: int, seed: int, options: dict, generations: int = 0, validation: torch.Tensor | None = None,
-           compute=None, calib_dtype=None) -> SearchResult:
+           final=None, compute=None, calib_dtype=None) -> SearchResult:
     """The allocation minimising the predicted KL, guarded by the true KL of uniform and the seed map, then
     refined for ``generations`` by the true KL on ``held_out``. The Fisher comes from ``fisher_windows``
     (statistics windows), the true KL from ``held_out`` only, so nothing is scored on the tokens it was fitted
-    to; after a refinement, which does fit ``held_out``, every candidate is scored again on ``validation``
-    (windows neither step has seen) and the best there is returned."""
+    to. A refinement fits ``held_out`` and the dense-statistics surrogate, so its map must then beat its start
+    where it counts: both are pruned as the run will prune (``final(map) -> model``, e.g. sequential
+    statistics) and scored on ``validation`` (windows neither step has seen); the better one is returned."""
     from mosaic.prune import uniform_map
 
     stats = dense_hessians(model, adapter, acts, compute, calib_dtype)
@@ -224,11 +226,12 @@ def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, fisher
         if evolved.accepted:  # otherwise it is the start itself
             candidates["evolved"], fitness["evolved"] = evolved.sparsity, evolved.fitness
     del best, scorer
-    if "evolved" in candidates and validation is not None:
+    if "evolved" in candidates and validation is not None and final is not None:
         check = refine.fitness(model, adapter, validation, batch_size)
-        judged = {name: check.reset(stitched(model, adapter, kernel, stats, sparsity, options))
-                  for name, sparsity in tqdm(candidates.items(), desc="search: validation", leave=False)}
-        evolution["validation_kl"] = judged
+        finalists = (evolution["from"], "evolved")
+        judged = {name: check.reset(final(candidates[name]))
+                  for name in tqdm(finalists, desc="search: final models on validation windows", leave=False)}
+        evolution["validation_kl_final"] = judged
     order = ("evolved", "search", "seed", "uniform")
     chosen = min(judged, key=lambda k: (judged[k], order.index(k)))
     tokens = held_out.shape[0] * (held_out.shape[1] - 1)
