@@ -183,8 +183,11 @@ def test_ctrl_c_during_evaluation_keeps_a_loadable_checkpoint(tmp_path, tiny_dir
            "--sparsity_ratio", "0.5", "--nsamples", "4", "--seqlen", "32", "--calib_dataset", str(calib_file),
            "--eval_datasets", f"{calib_file},{long_text(tmp_path, calib_file)}", "--eval_seqlen", "128",
            "--save", str(out), "--save_model", str(ckpt)]
+    # SIGINT back to default in the child: a test run started in the background (`cmd &`) ignores SIGINT,
+    # and an ignored signal is inherited, so Python would never raise KeyboardInterrupt
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     results = out / "results.json"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # wait until the first text's perplexity is recorded
