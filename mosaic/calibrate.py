@@ -224,14 +224,11 @@ def _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, c
         if mode == "sequential" and (host if one_batch is None else one_batch):
             outputs = _sequential_one_batch(adapter, work, index, acts.hidden, kwargs, on_work_group, hessian,
                                             device, keep, last)
-            del work
-            if not last:
-                acts.hidden = [o.to(h.device) for o, h in zip(outputs, acts.hidden)]
-            return
-        inputs = [h.to(device, non_blocking=host) for h in acts.hidden]
-        if mode == "sequential":
+        elif mode == "sequential":
+            inputs = [h.to(device, non_blocking=host) for h in acts.hidden]
             outputs = _sequential(adapter, work, index, inputs, kwargs, on_work_group, hessian, keep)
         else:
+            inputs = [h.to(device, non_blocking=host) for h in acts.hidden]
             outputs = _dense_stages(adapter, work, index, inputs, kwargs, on_work_group, hessian)
             if mode == "reference" and not last:
                 outputs = [_tensor(work(h, **kw)) for h, kw in zip(inputs, kwargs)]

@@ -203,7 +203,7 @@ def place(model: nn.Module, device: torch.device, headroom: float = 0.8, work: W
                     device)
         if work is not None:
             layer = max(sum(p.numel() * p.element_size() for p in block.parameters())
-                        for block in model.model.layers) if hasattr(model, "model") else weights
+                        for block in adapter_for(model).layers(model))
             one = device_need(model.config, layer, work, dtype, one_batch=True)
             if sum(one.values()) >= headroom * free:
                 log.warning("even one layer's turn needs %s: expect the device to run out of memory", describe(one))

@@ -535,7 +535,8 @@ def search_step(setup: Setup, plan: Plan, profile: Profile, opts: Options, calib
     return search(setup.model, setup.adapter, plan.kernel, calib.activations(setup),
                   calib.windows[:opts.search_windows], calib.held_out, params, target, seed_map,
                   batch_size=min(opts.calib_batch_size, 2), seed=opts.seed, options=kernel_options(opts),
-                  generations=int(opts.search_budget), validation=calib.validation, final=final, compute=setup.compute, calib_dtype=setup.calib_dtype)
+                  generations=int(opts.search_budget), validation=calib.validation, final=final,
+                  compute=setup.compute, calib_dtype=setup.calib_dtype)
 
 
 def nm_map(nm: NMPlan) -> SparsityMap:

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mosaic.adapter import GROUPS, PROJECTIONS, Adapter
-from mosaic.calibrate import capture
+from mosaic.calibrate import _tensor, capture
 
 SparsityMap = list[dict[str, float]]
 GROUP_OF = {p: g for g in GROUPS for p in g}
@@ -86,10 +86,6 @@ def _log_probs(model: nn.Module, adapter: Adapter, hidden: torch.Tensor) -> torc
     return F.log_softmax(logits, -1).reshape(-1, logits.shape[-1])
 
 
-def _tensor(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 @dataclass
 class Evolution:
     sparsity: SparsityMap
@@ -133,34 +129,38 @@ def evolve(dense: nn.Module, scorer: Fitness, kernel, stats, start: SparsityMap,
     gen = torch.Generator().manual_seed(seed)
     parent, best = start, Evolution(start, start_fitness, start_fitness)
 
+    def snapshot(changed):
+        """The current weights of the changed groups."""
+        return {(i, group): [adapter.projection(layers[i], p).weight.data.clone() for p in group]
+                for i, group in sorted(changed)}
+
+    def restore(weights):
+        for (i, group), tensors in weights.items():
+            for p, w in zip(group, tensors):
+                adapter.projection(layers[i], p).weight.data.copy_(w)
+
     def apply(sparsity, changed):
         """Prune the changed groups to ``sparsity``; returns their previous weights."""
-        before = {}
+        before = snapshot(changed)
         for i, group in sorted(changed):
-            projections = [adapter.projection(layers[i], p) for p in group]
-            before[(i, group)] = [q.weight.data.clone() for q in projections]
-            for p, q in zip(group, projections):
-                q.weight.data.copy_(adapter.projection(dense_layers[i], p).weight.data)
+            for p in group:
+                adapter.projection(layers[i], p).weight.data.copy_(adapter.projection(dense_layers[i], p).weight.data)
             prune_group(adapter, layers[i], group, stats[i][group], kernel, sparsity[i], None, options)
         return before
 
-    def restore(before):
-        for (i, group), weights in before.items():
-            for p, w in zip(group, weights):
-                adapter.projection(layers[i], p).weight.data.copy_(w)
-
     bar = tqdm(range(generations), desc="search: evolve", leave=False)
     for _ in bar:
-        children = [mutate(parent, params, gen, step) for _ in range(offspring)]
-        quick = []
-        for child, changed in children:  # stage 1: the first batch of windows
-            first = min(i for i, _ in changed)
+        quick = None  # stage 1: every offspring on the first batch of windows; the best one's pruned weights
+        for child, changed in (mutate(parent, params, gen, step) for _ in range(offspring)):
             before = apply(child, changed)
-            quick.append(scorer.score(first, batches=1))
+            score = scorer.score(min(i for i, _ in changed), batches=1)
+            if quick is None or score < quick[0]:
+                quick = (score, child, changed, snapshot(changed))
             restore(before)
-        child, changed = children[min(range(offspring), key=quick.__getitem__)]
+        _, child, changed, pruned = quick
         first = min(i for i, _ in changed)
-        before = apply(child, changed)  # stage 2: all windows, against the parent
+        before = snapshot(changed)  # stage 2: the best on all windows, against the parent
+        restore(pruned)
         kl, kept = scorer.score(first, keep=True)
         if kl < best.fitness:
             scorer.commit(first, kept)
