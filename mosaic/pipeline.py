@@ -526,10 +526,11 @@ def search_step(setup: Setup, plan: Plan, profile: Profile, opts: Options, calib
     """The `search` allocation, seeded with the outlier-based `mosaic` map (see mosaic/search.py)."""
     seed_map = alloc.allocate("mosaic", replace(profile, params=params), setup.n_layers, target, plan.lamda)
 
-    def final(sparsity: SparsityMap) -> nn.Module:
+    def final(sparsity: SparsityMap, keep_stats: list[dict] | None = None) -> nn.Module:
         """A copy of the model pruned with ``sparsity`` exactly as this run will prune it."""
         pruned = copy.deepcopy(setup.model)
-        prune_as_planned(pruned, setup, calib, sparsity, [plan.nm] * setup.n_layers, profile, plan, opts)
+        prune_as_planned(pruned, setup, calib, sparsity, [plan.nm] * setup.n_layers, profile, plan, opts,
+                         keep_stats=keep_stats)
         return pruned
 
     return search(setup.model, setup.adapter, plan.kernel, calib.activations(setup),
@@ -599,17 +600,22 @@ def prune_step(setup: Setup, calib: Calibration | None, allocation: Allocation, 
 
 
 def prune_as_planned(model: nn.Module, setup: Setup, calib: Calibration | None, sparsity: SparsityMap, nm: NMPlan,
-                     profile: Profile | None, plan: Plan, opts: Options, structure: list | None = None) -> list[dict]:
-    """Prune ``model`` (the run's model, or a copy of it) in place with the plan's kernel and statistics."""
+                     profile: Profile | None, plan: Plan, opts: Options, structure: list | None = None,
+                     keep_stats: list[dict] | None = None) -> list[dict]:
+    """Prune ``model`` (the run's model, or a copy of it) in place with the plan's kernel and statistics
+    (with ``keep_stats``, one dict per layer, also the statistics each group was pruned with)."""
     kernel, adapter = plan.kernel, setup.adapter
     if plan.mode == "dense" and kernel.stats == "norms":  # Wanda: the profiling pass's own statistics
+        if keep_stats is not None:
+            for kept, layer_stats in zip(keep_stats, profile.stats):
+                kept.update(layer_stats)
         return prune_from_stats(model, adapter, kernel, sparsity, nm, profile.stats, setup.compute, structure)
     acts = calib.activations(setup) if plan.mode else None
     if plan.mode in ("sequential", "reference"):
         check_staged(setup, acts)
     return prune_model(model, adapter, kernel, sparsity, nm, acts, mode=plan.mode or "sequential",
                        compute=setup.compute, calib_dtype=setup.calib_dtype, options=kernel_options(opts),
-                       structure=structure)
+                       structure=structure, keep_stats=keep_stats)
 
 
 def kernel_options(opts: Options) -> dict:

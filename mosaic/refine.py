@@ -8,7 +8,8 @@ layers interact. This step corrects it against the real objective:
   layers k.. from the cached inputs, so a mutation deep in the network costs a fraction of a forward.
 - ``evolve`` is a (1 + λ) search over the map. Each offspring moves weights between projections in
   level switches of a fixed weight count (``step`` × the smaller projection), so Σ n·s and hence the global
-  target never change; the pruned weights of a changed group are the kernel's, from the dense statistics.
+  target never change; a changed group is re-pruned by the kernel from the statistics given (the search
+  passes those its start was pruned with, as the run prunes).
   Selection runs in two stages: every offspring on the first batch of windows, the best one on all of them,
   and it replaces the parent only if its full KL is lower. The map returned is never worse than the start.
 

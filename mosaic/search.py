@@ -13,11 +13,14 @@
 5. Guard: the uniform map, the outlier-based `mosaic` map (the seed) and the solution are each applied
    (the kernel on the dense statistics) and scored by the true KL on held-out windows (drawn after the
    statistics windows by the same sampler: other positions, though possibly of the same documents).
-6. Refine (``generations`` > 0): the best of the three is refined by an evolutionary level-switch search
-   scored by that same true KL (mosaic/refine.py). That fits the held-out windows and the dense-statistics
-   surrogate, so the refined map and its start are then pruned as the run will prune them (sequential
-   statistics by default) and scored on validation windows drawn after the held-out ones; the better wins.
-   The search never returns something worse than where it started.
+6. Refine (``generations`` > 0): the best of the three is pruned as the run will prune it (sequential
+   statistics by default), keeping the statistics each group saw, and that model is refined by an
+   evolutionary level-switch search scored by the true KL on the held-out windows (mosaic/refine.py): a
+   changed group is re-pruned with those kept statistics. (A first version refined the dense-statistics
+   surrogate instead: it lowered the surrogate's KL while the model as shipped got worse.) The refined map
+   fits the held-out windows and its start's statistics, so it is then pruned as planned and must beat its
+   start on validation windows drawn after the held-out ones; the better wins. The search never returns
+   something worse than where it started.
 
 The search runs where the model is (all of it must be in memory) and is reproducible with the seed on
 CPU; GPU reductions are not deterministic.
@@ -49,7 +52,7 @@ LEVELS = (-0.2, -0.15, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.2)  # around the tar
 class SearchResult:
     sparsity: SparsityMap
     chosen: str  # which candidate won: search (the curve solve), seed, uniform or evolved
-    fitness: dict[str, float]  # KL(dense ‖ pruned) per candidate, nats per token, on the held-out windows
+    fitness: dict[str, float]  # per candidate, KL(dense ‖ pruned from the dense statistics) per token, held out
     levels: list[float]
     tokens: int
     evolution: dict | None = None
@@ -195,9 +198,10 @@ def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, fisher
     """The allocation minimising the predicted KL, guarded by the true KL of uniform and the seed map, then
     refined for ``generations`` by the true KL on ``held_out``. The Fisher comes from ``fisher_windows``
     (statistics windows), the true KL from ``held_out`` only, so nothing is scored on the tokens it was fitted
-    to. A refinement fits ``held_out`` and the dense-statistics surrogate, so its map must then beat its start
-    where it counts: both are pruned as the run will prune (``final(map) -> model``, e.g. sequential
-    statistics) and scored on ``validation`` (windows neither step has seen); the better one is returned."""
+    to. With ``final(map, keep_stats) -> model`` (the run's own pruning) and ``validation``, the refinement
+    starts from the model as shipped and re-prunes with the statistics it kept; the refined map must then
+    beat its start as shipped on ``validation`` (windows neither step has seen). Without them it refines the
+    dense-statistics surrogate and the held-out KL decides."""
     from mosaic.prune import uniform_map
 
     stats = dense_hessians(model, adapter, acts, compute, calib_dtype)
@@ -219,19 +223,28 @@ def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, fisher
         bar.set_postfix(kl=f"{fitness[name]:.4f}", candidate=name)
     evolution, judged = None, fitness
     if generations > 0:
-        start, scorer.model, scorer.inputs = best[0], best[1], best[2]
-        evolved = refine.evolve(model, scorer, kernel, stats, candidates[start], fitness[start], params,
+        start = best[0]
+        shipped = final is not None and validation is not None
+        if shipped:  # refine the model the run ships: the start pruned as planned, with the statistics it saw
+            kept = [dict(row) for row in stats]  # (kernels without statistics keep none: the dense ones stand in)
+            del best
+            stats, start_kl = kept, scorer.reset(final(candidates[start], kept))
+            check = refine.fitness(model, adapter, validation, batch_size)
+            judged = {start: check.reset(scorer.model)}
+        else:
+            scorer.model, scorer.inputs, start_kl = best[1], best[2], fitness[start]
+        evolved = refine.evolve(model, scorer, kernel, stats, candidates[start], start_kl, params,
                                 generations, seed=seed, options=options)
-        evolution = {"from": start, **evolved.to_json()}
+        evolution = {"from": start, "statistics": "as shipped" if shipped else "dense", **evolved.to_json()}
         if evolved.accepted:  # otherwise it is the start itself
-            candidates["evolved"], fitness["evolved"] = evolved.sparsity, evolved.fitness
-    del best, scorer
-    if "evolved" in candidates and validation is not None and final is not None:
-        check = refine.fitness(model, adapter, validation, batch_size)
-        finalists = (evolution["from"], "evolved")
-        judged = {name: check.reset(final(candidates[name]))
-                  for name in tqdm(finalists, desc="search: final models on validation windows", leave=False)}
-        evolution["validation_kl_final"] = judged
+            candidates["evolved"] = evolved.sparsity
+            if shipped:  # it fits the held-out windows and its start's statistics: judge both as shipped
+                judged["evolved"] = check.reset(final(evolved.sparsity))
+            else:
+                fitness["evolved"] = evolved.fitness  # the same surrogate as the other candidates
+        if shipped:
+            evolution["validation_kl_final"] = judged
+    best = scorer = None
     order = ("evolved", "search", "seed", "uniform")
     chosen = min(judged, key=lambda k: (judged[k], order.index(k)))
     tokens = held_out.shape[0] * (held_out.shape[1] - 1)

@@ -88,3 +88,24 @@ def test_evolution_never_loses_to_its_start_and_is_reproducible(setting):
     rescored = refine.fitness(model, adapter, held_out, 2)
     assert rescored.reset(fresh) == pytest.approx(a.fitness, rel=1e-6)
     assert all(torch.equal(x, y) for xs, ys in zip(cache, rescored.inputs) for x, y in zip(xs, ys))
+
+
+def test_kept_statistics_reproduce_the_sequential_pruning(setting):
+    """The refinement re-prunes a group with the statistics its start was pruned with, so those must be the
+    sequential pass's own (taken after the earlier groups were pruned), not the dense model's."""
+    import copy
+
+    from mosaic.prune import prune_from_stats, prune_model
+
+    model, adapter, stats, _ = setting
+    kernel, sparsity = KERNELS["sparsegpt"], uniform_map(4, 0.6)
+    shipped, kept = copy.deepcopy(model), [{} for _ in range(4)]
+    prune_model(shipped, adapter, kernel, sparsity, [None] * 4, capture(model, adapter, token_batch(8, 48, seed=1), 4),
+                mode="sequential", keep_stats=kept)
+    again = stitched(model, adapter, kernel, kept, sparsity, {})
+    for p, q in zip(shipped.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+    dense = copy.deepcopy(model)
+    prune_from_stats(dense, adapter, kernel, sparsity, [None] * 4, stats)
+    assert not torch.equal(adapter.projection(adapter.layers(dense)[3], "down").weight,
+                           adapter.projection(adapter.layers(again)[3], "down").weight)

@@ -111,15 +111,23 @@ def prune_model(
     calib_dtype: torch.dtype | None = None,
     options: dict | None = None,
     structure: list | None = None,
+    keep_stats: list[dict] | None = None,
 ) -> list[dict]:
-    """Prune every projection of every layer; returns notes (e.g. extra damping) per projection."""
+    """Prune every projection of every layer; returns notes (e.g. extra damping) per projection. With
+    ``keep_stats`` (one dict per layer) each group's statistics, as the kernel saw them, are kept there (CPU)."""
     if kernel.stats == "none":
         return prune_from_stats(model, adapter, kernel, sparsity, nm, None, compute, structure)
     if acts is None:
         raise ValueError(f"{kernel.name} needs calibration activations")
     notes: list[dict] = []
-    run_layers(model, adapter, acts, _group_pruner(adapter, kernel, sparsity, nm, options or {}, structure, notes),
-               mode=mode, hessian=kernel.stats == "hessian", compute=compute, calib_dtype=calib_dtype,
+    prune = _group_pruner(adapter, kernel, sparsity, nm, options or {}, structure, notes)
+
+    def on_group(index, layer, group, stats) -> None:
+        if keep_stats is not None:
+            keep_stats[index][group] = stats.to(torch.device("cpu"))
+        prune(index, layer, group, stats)
+
+    run_layers(model, adapter, acts, on_group, mode=mode, hessian=kernel.stats == "hessian", compute=compute, calib_dtype=calib_dtype,
                desc=f"prune ({kernel.name})")
     return notes
 
