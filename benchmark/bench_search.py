@@ -15,20 +15,26 @@ the search's solution. Rows identical to `bench_alps.py`'s SparseGPT rows (same 
 
     python benchmark/bench_search.py            # the whole grid: ~3 h on 2 idle cores
     python benchmark/bench_search.py --report   # only rebuild the table
+    python benchmark/bench_search.py --only=sparsegpt:search:0.6,wanda:owl:0.5   # just those cells
+    OMP_NUM_THREADS=1 python benchmark/bench_search.py --only=... --shared-machine   # two jobs at once
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from common import RESULTS, machine, machine_line, write  # noqa: E402
 
 KERNELS = ("sparsegpt", "wanda")
 ALLOCATIONS = ("uniform", "owl", "mosaic", "search")
-BUDGET = 16  # the default --search_budget
+BUDGET = 12  # the default --search_budget
 SPARSITIES = (0.7, 0.6, 0.5, 0.8)
 RUNS = RESULTS / "search_runs.jsonl"
 SHARED = RESULTS / "alps_runs.jsonl"  # the same SparseGPT settings, measured by bench_alps.py
@@ -62,14 +68,32 @@ def run_one(kernel: str, allocation: str, sparsity: float) -> dict:
     from mosaic.pipeline import Options, run
 
     start = time.perf_counter()
-    r = run(Options(prune_method=kernel, allocation=allocation, sparsity_ratio=sparsity, search_budget=BUDGET,
-                    **SETTINGS))
+    with tempfile.TemporaryDirectory() as tmp:  # the map, for what the search learned
+        mapped = Path(tmp) / "map.json"
+        r = run(Options(prune_method=kernel, allocation=allocation, sparsity_ratio=sparsity, search_budget=BUDGET,
+                        allocation_file=str(mapped), **SETTINGS))
+        sparsity_map = json.loads(mapped.read_text())["sparsity"]
     row = {"kernel": kernel, "allocation": allocation, "target": sparsity, "achieved": r["sparsity"]["achieved"],
            "ppl": r["perplexity"]["wiki-offline"]["ppl"], "prune_s": round(r["time_s"].get("prune", 0), 1),
            "search_s": round(r["time_s"].get("search", 0), 1), "wall_s": round(time.perf_counter() - start, 1)}
     if "search" in r:
-        row["search"], row["budget"] = r["search"], BUDGET
+        row["search"], row["budget"], row["map"] = r["search"], BUDGET, sparsity_map
+    if SHARED_MACHINE:  # times from such rows are not comparable with idle ones
+        row["shared_machine"] = f"{torch.get_num_threads()} torch thread(s), another benchmark job beside it"
     return row
+
+
+SMOLLM2 = {"q": 576 * 576, "k": 192 * 576, "v": 192 * 576, "o": 576 * 576, "gate": 1536 * 576, "up": 1536 * 576,
+           "down": 576 * 1536}  # weights per projection, every layer alike
+
+
+def profile(sparsity: list[dict]) -> list[str]:
+    """Mean sparsity per projection type, then parameter-weighted per third of the layers."""
+    by_type = [sum(row[p] for row in sparsity) / len(sparsity) for p in SMOLLM2]
+    third = -(-len(sparsity) // 3)
+    by_depth = [sum(SMOLLM2[p] * row[p] for row in part for p in SMOLLM2) / (len(part) * sum(SMOLLM2.values()))
+                for part in (sparsity[:third], sparsity[third:2 * third], sparsity[2 * third:])]
+    return [f"{v:.2f}" for v in by_type + by_depth]
 
 
 def kl_cells(q: dict | None) -> str:
@@ -118,7 +142,7 @@ def report(m: dict) -> None:
             u = by.get((kernel, "uniform", s))
             q = by.get((kernel, f"search@{BUDGET}", s)) or by.get((kernel, "search@0", s))
             gain = f"{q['ppl'] / u['ppl'] - 1:+.1%}" if u and q else "—"
-            t = f"{q['search_s']:.0f}" if q else "—"
+            t = (f"{q['search_s']:.0f}" + (" ‡" if "shared_machine" in q else "")) if q else "—"
             lines.append(f"| {kernel} | {s} | {' | '.join(cells)} | {gain} | {t} | {kl_cells(q)} |")
     lines += ["", f"*search* is the default budget ({BUDGET} generations of refinement by true KL); *search, curves "
               "only* ran with `--search_budget 0`. *search vs uniform* uses the refined row where it exists. The KL "
@@ -126,17 +150,29 @@ def report(m: dict) -> None:
               "windows, every projection pruned from the dense statistics (the guard's score). *Refinement*: "
               "held-out windows, the start pruned as shipped (sequential statistics) and the refined map re-pruned "
               "with those statistics (rows marked † refined the dense surrogate, an earlier version). *Validation*: "
-              "windows after the held-out ones, both maps pruned as shipped; the lower one is chosen."]
+              "windows after the held-out ones, both maps pruned as shipped; the lower one is chosen. ‡: the time "
+              "of a run made with 1 torch thread while another benchmark job shared the 2 cores, not an idle "
+              "time (perplexity and KL are unaffected)."]
     missing = [f"{k} {a} {s}" for s in sorted(SPARSITIES) for k in KERNELS for a in ALLOCATIONS
                if (k, f"search@{BUDGET}" if a == "search" else a, s) not in by]
     if missing:
         lines += ["", f"**Not measured (yet)**: {', '.join(missing)}. The sweep resumes from "
                   "`results/search_runs.jsonl`."]
+    learned = [r for r in by.values() if "map" in r]
+    if learned:
+        lines += ["", "What each search map prunes (from its allocation file): the mean sparsity by projection type, "
+                  "and the parameter-weighted mean by thirds of the depth.", "",
+                  "| kernel | S | budget | q | k | v | o | gate | up | down | first third | middle | last third |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(learned, key=lambda r: (r["kernel"], r["target"], r["budget"])):
+            lines.append(f"| {r['kernel']} | {r['target']} | {r['budget']} | " + " | ".join(profile(r["map"])) + " |")
     notes = RESULTS / "search_notes.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]
     write("search", "\n".join(lines) + "\n", {"machine": m, "settings": SETTINGS, "rows": list(by.values())})
 
+
+SHARED_MACHINE = "--shared-machine" in sys.argv  # say so when another job runs beside this one
 
 if __name__ == "__main__":
     m = machine()

@@ -98,7 +98,7 @@ class Options:
     alps_max_iter: int = 300
     alps_cg_iters: int = 10
     search_windows: int = 8  # --allocation search: Fisher windows, and as many held out to score allocations
-    search_budget: int = 16  # --allocation search: generations of evolutionary refinement (0: the curve solve only)
+    search_budget: int = 12  # --allocation search: generations of evolutionary refinement (0: the curve solve only)
     eval_datasets: str = "wiki-offline"
     eval_windows: int | None = None
     eval_seqlen: int = 2048

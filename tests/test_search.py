@@ -92,7 +92,7 @@ def test_search_spares_the_sensitive_projection_and_never_loses_to_its_start(tmp
     assert set(fit) == {"search", "uniform", "seed"}
     assert fit["search"] < min(fit["uniform"], fit["seed"])  # the curve solve beats both starts
     evolution = r["search"]["evolution"]
-    assert evolution["from"] == "search" and evolution["generations"] == 16
+    assert evolution["from"] == "search" and evolution["generations"] == 12
     assert evolution["statistics"] == "as shipped" and "evolved" not in fit  # not the guard's surrogate
     assert evolution["kl"] < evolution["start_kl"]  # the refinement fits its own windows ...
     judged = evolution["validation_kl_final"]  # ... so the choice is made on the final models, unseen windows
