@@ -127,8 +127,8 @@ def prune_model(
             keep_stats[index][group] = stats.to(torch.device("cpu"))
         prune(index, layer, group, stats)
 
-    run_layers(model, adapter, acts, on_group, mode=mode, hessian=kernel.stats == "hessian", compute=compute, calib_dtype=calib_dtype,
-               desc=f"prune ({kernel.name})")
+    run_layers(model, adapter, acts, on_group, mode=mode, hessian=kernel.stats == "hessian", compute=compute,
+               calib_dtype=calib_dtype, desc=f"prune ({kernel.name})")
     return notes
 
 
