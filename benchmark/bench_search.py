@@ -34,11 +34,12 @@ from common import RESULTS, machine, machine_line, write  # noqa: E402
 
 KERNELS = ("sparsegpt", "wanda")
 ALLOCATIONS = ("uniform", "owl", "mosaic", "search")
-BUDGET = 12  # the default --search_budget
+BUDGET = 16  # the default --search_budget
 SPARSITIES = (0.7, 0.6, 0.5, 0.8)
 RUNS = RESULTS / "search_runs.jsonl"
 SHARED = RESULTS / "alps_runs.jsonl"  # the same SparseGPT settings, measured by bench_alps.py
-SETTINGS = dict(nsamples=32, seqlen=512, eval_windows=16, eval_dtype="bfloat16")
+SETTINGS = dict(nsamples=32, seqlen=512, eval_windows=16, eval_dtype="float32")
+EVAL = SETTINGS["eval_dtype"]  # rows without an eval_dtype field used bf16 forwards (a Xeon with native bf16)
 
 
 def rows() -> dict[tuple, dict]:
@@ -47,7 +48,7 @@ def rows() -> dict[tuple, dict]:
         for line in SHARED.read_text().splitlines():
             r = json.loads(line)
             if r["kernel"] == "sparsegpt" and r["type"] == "unstructured":
-                out[(r["kernel"], r["allocation"], r["target"])] = {**r, "from": "alps_runs.jsonl"}
+                out[key(r)] = {**r, "from": "alps_runs.jsonl"}
     if RUNS.exists():
         for line in RUNS.read_text().splitlines():
             r = json.loads(line)
@@ -56,12 +57,12 @@ def rows() -> dict[tuple, dict]:
 
 
 def key(r: dict) -> tuple:
-    """(kernel, allocation, S); search rows name their budget: search@16, search@0 (rows before the
-    refinement existed ran the curve solve alone)."""
+    """(forwards' dtype, kernel, allocation, S); search rows name their budget: search@16, search@0 (rows
+    before the refinement existed ran the curve solve alone)."""
     allocation = r["allocation"]
     if allocation == "search":
         allocation = f"search@{r.get('budget', 0)}"
-    return r["kernel"], allocation, r["target"]
+    return r.get("eval_dtype", "bfloat16"), r["kernel"], allocation, r["target"]
 
 
 def run_one(kernel: str, allocation: str, sparsity: float) -> dict:
@@ -73,7 +74,7 @@ def run_one(kernel: str, allocation: str, sparsity: float) -> dict:
         r = run(Options(prune_method=kernel, allocation=allocation, sparsity_ratio=sparsity, search_budget=BUDGET,
                         allocation_file=str(mapped), **SETTINGS))
         sparsity_map = json.loads(mapped.read_text())["sparsity"]
-    row = {"kernel": kernel, "allocation": allocation, "target": sparsity, "achieved": r["sparsity"]["achieved"],
+    row = {"kernel": kernel, "allocation": allocation, "target": sparsity, "eval_dtype": EVAL, "cpu": machine()["cpu"], "achieved": r["sparsity"]["achieved"],
            "ppl": r["perplexity"]["wiki-offline"]["ppl"], "prune_s": round(r["time_s"].get("prune", 0), 1),
            "search_s": round(r["time_s"].get("search", 0), 1), "wall_s": round(time.perf_counter() - start, 1)}
     if "search" in r:
@@ -96,6 +97,30 @@ def profile(sparsity: list[dict]) -> list[str]:
     return [f"{v:.2f}" for v in by_type + by_depth]
 
 
+def table(by: dict, dtype: str) -> list[str]:
+    """Perplexity per (kernel, S) for one forwards dtype, with the search's time and KL figures."""
+    lines = ["| kernel | S | uniform | owl | mosaic | search, curves only | search | search vs uniform | "
+             "search time s | surrogate KL: uniform / mosaic / curves | refinement KL: start → refined | "
+             "validation KL: start / refined | chosen |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ("uniform", "owl", "mosaic", "search@0", f"search@{BUDGET}")
+    for kernel in KERNELS:
+        for s in sorted(SPARSITIES):
+            got = {a: by.get((dtype, kernel, a, s)) for a in columns}
+            if dtype != EVAL and not got[f"search@{BUDGET}"]:  # earlier defaults, in the earlier table only
+                got[f"search@{BUDGET}"] = max((r for k, r in by.items() if k[:2] == (dtype, kernel) and k[3] == s
+                                               and k[2].startswith("search@") and k[2] != "search@0"),
+                                              key=lambda r: r["budget"], default=None)
+            cells = [f"{r['ppl']:.2f}" if r else "—" for r in got.values()]
+            if set(cells) == {"—"}:
+                continue
+            u, q = got["uniform"], got[f"search@{BUDGET}"] or got["search@0"]
+            gain = f"{q['ppl'] / u['ppl'] - 1:+.1%}" if u and q else "—"
+            t = (f"{q['search_s']:.0f}" + (" ‡" if "shared_machine" in q else "")
+                 + (f" (budget {q['budget']})" if q.get("budget", BUDGET) not in (BUDGET, 0) else "")) if q else "—"
+            lines.append(f"| {kernel} | {s} | {' | '.join(cells)} | {gain} | {t} | {kl_cells(q)} |")
+    return lines
+
+
 def kl_cells(q: dict | None) -> str:
     """The search's KL figures: the guard's surrogate, the refinement, the final judgement, the choice."""
     if not q:
@@ -115,7 +140,7 @@ def sweep(only: set | None = None) -> None:
         for kernel in KERNELS:
             for allocation in ALLOCATIONS:
                 wanted = f"search@{BUDGET}" if allocation == "search" else allocation
-                if (kernel, wanted, sparsity) in rows() or (only and (kernel, allocation, sparsity) not in only):
+                if (EVAL, kernel, wanted, sparsity) in rows() or (only and (kernel, allocation, sparsity) not in only):
                     continue
                 row = run_one(kernel, allocation, sparsity)
                 with RUNS.open("a") as f:
@@ -125,47 +150,40 @@ def sweep(only: set | None = None) -> None:
 
 def report(m: dict) -> None:
     by = rows()
-    lines = ["# Allocation search vs the rules: SmolLM2-135M", "", f"Machine: {machine_line(m)}.", "",
+    lines = ["# Allocation search vs the rules: SmolLM2-135M", "", f"Machine (this report): {machine_line(m)}.", "",
              "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0), sequential statistics, 1% damping; "
              "`search` holds out the next 8 calibration windows; perplexity on the first 16 windows × 2048 tokens "
-             "of the held-out wiki-offline split, bf16 forwards; M = 5, λ = 0.08 for owl/mosaic. Within a row only "
-             "the allocation differs. Produced by `python benchmark/bench_search.py`.", "",
-             "| kernel | S | uniform | owl | mosaic | search, curves only | search | search vs uniform | search time s "
-             "| surrogate KL: uniform / mosaic / curves | refinement KL: start → refined | validation KL: start / "
-             "refined | chosen |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    columns = ("uniform", "owl", "mosaic", "search@0", f"search@{BUDGET}")
-    for kernel in KERNELS:
-        for s in sorted(SPARSITIES):
-            cells = [f"{by[(kernel, a, s)]['ppl']:.2f}" if (kernel, a, s) in by else "—" for a in columns]
-            if set(cells) == {"—"}:
-                continue
-            u = by.get((kernel, "uniform", s))
-            q = by.get((kernel, f"search@{BUDGET}", s)) or by.get((kernel, "search@0", s))
-            gain = f"{q['ppl'] / u['ppl'] - 1:+.1%}" if u and q else "—"
-            t = (f"{q['search_s']:.0f}" + (" ‡" if "shared_machine" in q else "")) if q else "—"
-            lines.append(f"| {kernel} | {s} | {' | '.join(cells)} | {gain} | {t} | {kl_cells(q)} |")
-    lines += ["", f"*search* is the default budget ({BUDGET} generations of refinement by true KL); *search, curves "
-              "only* ran with `--search_budget 0`. *search vs uniform* uses the refined row where it exists. The KL "
-              "columns come from the search's own run, in nats per token. *Surrogate*: held-out calibration "
-              "windows, every projection pruned from the dense statistics (the guard's score). *Refinement*: "
-              "held-out windows, the start pruned as shipped (sequential statistics) and the refined map re-pruned "
-              "with those statistics (rows marked † refined the dense surrogate, an earlier version). *Validation*: "
-              "windows after the held-out ones, both maps pruned as shipped; the lower one is chosen. ‡: the time "
-              "of a run made with 1 torch thread while another benchmark job shared the 2 cores, not an idle "
-              "time (perplexity and KL are unaffected)."]
+             "of the held-out wiki-offline split; M = 5, λ = 0.08 for owl/mosaic. Within a row only the allocation "
+             "differs. Produced by `python benchmark/bench_search.py`."]
+    for dtype, title in (("float32", "fp32 forwards (this machine, an AMD EPYC without native bf16)"),
+                         ("bfloat16", "bf16 forwards (earlier sessions, on a Xeon with native bf16)")):
+        if any(k[0] == dtype for k in by):
+            lines += ["", f"## {title}", ""] + table(by, dtype)
+    lines += ["", f"*search* is the default budget ({BUDGET} generations of refinement by true KL; rows of earlier "
+              "defaults are kept in `search_runs.jsonl`); *search, curves only* ran with `--search_budget 0`. "
+              "*search vs uniform* uses the refined row where it exists. The two tables differ in the forwards' "
+              "dtype and the CPU (bf16 on a CPU without native bf16 is ~50× slower than fp32), so compare within "
+              "a table only. The KL columns come from the search's own run, in nats per token. *Surrogate*: "
+              "held-out calibration windows, every projection pruned from the dense statistics (the guard's "
+              "score). *Refinement*: held-out windows, the start pruned as shipped (sequential statistics) and "
+              "the refined map re-pruned with those statistics (rows marked † refined the dense surrogate, an "
+              "earlier version). *Validation*: windows after the held-out ones, both maps pruned as shipped; the "
+              "lower one is chosen. ‡: the time of a run made while another benchmark job shared the 2 cores, not "
+              "an idle time (perplexity and KL are unaffected)."]
     missing = [f"{k} {a} {s}" for s in sorted(SPARSITIES) for k in KERNELS for a in ALLOCATIONS
-               if (k, f"search@{BUDGET}" if a == "search" else a, s) not in by]
+               if (EVAL, k, f"search@{BUDGET}" if a == "search" else a, s) not in by]
     if missing:
-        lines += ["", f"**Not measured (yet)**: {', '.join(missing)}. The sweep resumes from "
+        lines += ["", f"**Not measured (yet) with {EVAL} forwards**: {', '.join(missing)}. The sweep resumes from "
                   "`results/search_runs.jsonl`."]
     learned = [r for r in by.values() if "map" in r]
     if learned:
         lines += ["", "What each search map prunes (from its allocation file): the mean sparsity by projection type, "
                   "and the parameter-weighted mean by thirds of the depth.", "",
-                  "| kernel | S | budget | q | k | v | o | gate | up | down | first third | middle | last third |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(learned, key=lambda r: (r["kernel"], r["target"], r["budget"])):
-            lines.append(f"| {r['kernel']} | {r['target']} | {r['budget']} | " + " | ".join(profile(r["map"])) + " |")
+                  "| kernel | S | budget | forwards | q | k | v | o | gate | up | down | first third | middle | "
+                  "last third |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(learned, key=lambda r: (r["kernel"], r["target"], r["budget"], key(r)[0])):
+            lines.append(f"| {r['kernel']} | {r['target']} | {r['budget']} | {key(r)[0]} | "
+                         + " | ".join(profile(r["map"])) + " |")
     notes = RESULTS / "search_notes.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]

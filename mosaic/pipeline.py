@@ -98,7 +98,7 @@ class Options:
     alps_max_iter: int = 300
     alps_cg_iters: int = 10
     search_windows: int = 8  # --allocation search: Fisher windows, and as many held out to score allocations
-    search_budget: int = 12  # --allocation search: generations of evolutionary refinement (0: the curve solve only)
+    search_budget: int = 16  # --allocation search: generations of evolutionary refinement (0: the curve solve only)
     eval_datasets: str = "wiki-offline"
     eval_windows: int | None = None
     eval_seqlen: int = 2048
@@ -460,9 +460,10 @@ def profile_step(setup: Setup, calib: Calibration | None, plan: Plan, timer: Tim
     if not plan.needs_profile:
         return None
     with timer("profile"):
+        searches = plan.allocation == "search" and plan.allocation_file is None  # its dense Hessians, same pass
         return profile_model(setup.model, setup.adapter, calib.activations(setup), plan.hyper_m,
                              compute=setup.compute, calib_dtype=setup.calib_dtype,
-                             scope=setup.stream.streamed.held if setup.stream else None)
+                             scope=setup.stream.streamed.held if setup.stream else None, hessian=searches)
 
 
 # --- allocate ----------------------------------------------------------------------------------------
@@ -533,11 +534,12 @@ def search_step(setup: Setup, plan: Plan, profile: Profile, opts: Options, calib
                          keep_stats=keep_stats)
         return pruned
 
-    return search(setup.model, setup.adapter, plan.kernel, calib.activations(setup),
-                  calib.windows[:opts.search_windows], calib.held_out, params, target, seed_map,
-                  batch_size=min(opts.calib_batch_size, 2), seed=opts.seed, options=kernel_options(opts),
-                  generations=int(opts.search_budget), validation=calib.validation, final=final,
-                  compute=setup.compute, calib_dtype=setup.calib_dtype)
+    found = search(setup.model, setup.adapter, plan.kernel, profile.stats, calib.windows[:opts.search_windows],
+                   calib.held_out, params, target, seed_map, batch_size=min(opts.calib_batch_size, 2),
+                   seed=opts.seed, options=kernel_options(opts), generations=int(opts.search_budget),
+                   validation=calib.validation, final=final)
+    profile.drop_hessians()
+    return found
 
 
 def nm_map(nm: NMPlan) -> SparsityMap:

@@ -6,7 +6,8 @@ with the projection's own mean: Mosaic's projection outlier distribution). The l
 layer outlier distribution) uses all seven projections of a layer together, with their joint mean.
 
 The same pass keeps each group's input statistics (per-feature sums of squares, on CPU), so Wanda
-with dense statistics (``calib_stats="dense"``) prunes from exactly these, without a second pass.
+with dense statistics (``calib_stats="dense"``) prunes from exactly these, without a second pass; with
+``hessian`` it keeps whole Hessians XᵀX instead (the `search` allocation's dense statistics).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class Profile:
     layer_ratios: list[float]  # OWL's per-layer ratio, percent
     params: list[dict[str, int]]  # weights per projection
     stats: list[dict[tuple[str, ...], InputStats]]  # dense input statistics per layer and group (on CPU)
+
+    def drop_hessians(self) -> None:
+        """Keep only what the norms need (the search is done with the Hessians): the same norms, bit for bit."""
+        self.stats = [{g: v.without_hessian() for g, v in row.items()} for row in self.stats]
     hyper_m: float
 
     def norms(self, layer: int, group: tuple[str, ...]) -> torch.Tensor:
@@ -55,9 +60,9 @@ def layer_profile(weights: dict[str, torch.Tensor], norms: dict[str, torch.Tenso
 @torch.no_grad()
 def profile_model(model: nn.Module, adapter: Adapter, acts: Activations, hyper_m: float, *,
                   compute: torch.device | None = None, calib_dtype: torch.dtype | None = None,
-                  scope=None) -> Profile:
+                  scope=None, hessian: bool = False) -> Profile:
     """One dense pass over the calibration activations (``acts`` is consumed: it ends at the last layer);
-    ``scope`` as in ``run_layers`` (a streamed model holds one layer at a time)."""
+    ``scope`` as in ``run_layers`` (a streamed model holds one layer at a time); ``hessian``: keep XᵀX."""
     n_layers = len(adapter.layers(model))
     ratios: list = [None] * n_layers
     layer_ratios: list = [None] * n_layers
@@ -73,6 +78,6 @@ def profile_model(model: nn.Module, adapter: Adapter, acts: Activations, hyper_m
         ratios[index], layer_ratios[index] = layer_profile(weights, by_projection, hyper_m)
         stats[index] = {g: v.to(torch.device("cpu")) for g, v in stats[index].items()}
 
-    run_layers(model, adapter, acts, on_group, mode="dense", compute=compute, calib_dtype=calib_dtype,
-               desc="profile", scope=scope)
+    run_layers(model, adapter, acts, on_group, mode="dense", hessian=hessian, compute=compute,
+               calib_dtype=calib_dtype, desc="profile", scope=scope)
     return Profile(ratios=ratios, layer_ratios=layer_ratios, params=params, stats=stats, hyper_m=hyper_m)

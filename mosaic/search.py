@@ -1,6 +1,7 @@
 """The `search` allocation: one sparsity per projection, chosen by the pruned model's own output error.
 
-1. Statistics: one dense pass over the calibration windows collects every group's Hessian XᵀX.
+1. Statistics: one dense pass over the calibration windows collects every group's Hessian XᵀX (the run's
+   profiling pass, which then keeps Hessians; ``dense_hessians`` without one).
 2. Sensitivity: on calibration windows the dense model's next-token distribution p is sampled and one
    backward pass gives each projection's per-output-channel Fisher
    G_i = E[(∂ log p(ŷ)/∂y_i)²]. To second order, pruning a projection by ΔW raises KL(p ‖ p̂) by
@@ -191,20 +192,20 @@ def levels_around(target: float) -> list[float]:
     return sorted({min(max(target + d, 0.0), 0.99) for d in LEVELS})
 
 
-def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, fisher_windows: torch.Tensor,
-           held_out: torch.Tensor, params: list[dict[str, int]], target: float, seed_map: SparsityMap | None, *,
-           batch_size: int, seed: int, options: dict, generations: int = 0, validation: torch.Tensor | None = None,
-           final=None, compute=None, calib_dtype=None) -> SearchResult:
+def search(model: nn.Module, adapter: Adapter, kernel, stats: list[dict[tuple[str, ...], InputStats]],
+           fisher_windows: torch.Tensor, held_out: torch.Tensor, params: list[dict[str, int]], target: float,
+           seed_map: SparsityMap | None, *, batch_size: int, seed: int, options: dict, generations: int = 0,
+           validation: torch.Tensor | None = None, final=None) -> SearchResult:
     """The allocation minimising the predicted KL, guarded by the true KL of uniform and the seed map, then
     refined for ``generations`` by the true KL on ``held_out``. The Fisher comes from ``fisher_windows``
     (statistics windows), the true KL from ``held_out`` only, so nothing is scored on the tokens it was fitted
     to. With ``final(map, keep_stats) -> model`` (the run's own pruning) and ``validation``, the refinement
     starts from the model as shipped and re-prunes with the statistics it kept; the refined map must then
     beat its start as shipped on ``validation`` (windows neither step has seen). Without them it refines the
-    dense-statistics surrogate and the held-out KL decides."""
+    dense-statistics surrogate and the held-out KL decides. ``stats``: every group's dense statistics with
+    Hessians (``dense_hessians``); ``batch_size``: windows per Fisher batch."""
     from mosaic.prune import uniform_map
 
-    stats = dense_hessians(model, adapter, acts, compute, calib_dtype)
     grads = fisher(model, adapter, fisher_windows, batch_size, seed)
     levels = levels_around(target)
     curve_rows = curves(model, adapter, kernel, stats, grads, levels, options)
@@ -212,7 +213,9 @@ def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, fisher
                   "uniform": uniform_map(len(params), target)}
     if seed_map is not None:
         candidates["seed"] = seed_map
-    scorer = refine.fitness(model, adapter, held_out, batch_size)
+    # one window per batch: the refinement's first selection stage scores every offspring on the first window
+    # (a batch of two costs each offspring twice as much, and the layers re-run dominate a generation)
+    scorer = refine.fitness(model, adapter, held_out, 1)
     fitness, best = {}, None
     bar = tqdm(candidates.items(), desc="search: fitness", leave=False)
     for name, sparsity in bar:
@@ -229,7 +232,7 @@ def search(model: nn.Module, adapter: Adapter, kernel, acts: Activations, fisher
             kept = [dict(row) for row in stats]  # (kernels without statistics keep none: the dense ones stand in)
             del best
             stats, start_kl = kept, scorer.reset(final(candidates[start], kept))
-            check = refine.fitness(model, adapter, validation, batch_size)
+            check = refine.fitness(model, adapter, validation, 1)
             judged = {start: check.reset(scorer.model)}
         else:
             scorer.model, scorer.inputs, start_kl = best[1], best[2], fitness[start]

@@ -16,17 +16,36 @@ class InputStats:
         self.tokens = 0
         self.sq = None if hessian else torch.zeros(dim, dtype=torch.float32, device=device)
         self.xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if hessian else None
+        # what kernels derive from these statistics (SparseGPT's factor of H⁻¹), kept so that pruning the same
+        # group again (the search tries many sparsities) skips it; cleared by ``add``
+        self.derived: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return (self.xtx if self.xtx is not None else self.sq).device
 
     def to(self, device: torch.device) -> InputStats:
-        """The same statistics on ``device`` (values unchanged, so kernels give identical results)."""
+        """The same statistics on ``device`` (values unchanged, so kernels give identical results); these
+        very statistics when they are there already."""
+        if torch.device(device) == self.device:
+            return self
         moved = InputStats.__new__(InputStats)
-        moved.tokens = self.tokens
+        moved.tokens, moved.derived = self.tokens, {}
         moved.sq = None if self.sq is None else self.sq.to(device)
         moved.xtx = None if self.xtx is None else self.xtx.to(device)
         return moved
 
+    def without_hessian(self) -> InputStats:
+        """Only the per-feature sums of squares (the Hessian's diagonal): the same norms, a d-th of the memory."""
+        if self.xtx is None:
+            return self
+        kept = InputStats.__new__(InputStats)
+        kept.tokens, kept.derived, kept.xtx, kept.sq = self.tokens, {}, None, self.xtx.diagonal().clone()
+        return kept
+
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        self.derived.clear()
         if self.xtx is not None:
             _add_upper_gram(self.xtx, x)
         else:

@@ -166,3 +166,25 @@ def test_sparsegpt_lazy_blocks_equal_unblocked_obs(sparsity, nm):
     sparsegpt.prune([got], stats, [sparsity], nm, blocksize=32)
     assert torch.equal(got == 0, expected_mask)
     assert torch.allclose(got, expected, atol=1e-4 * float(W.abs().max()), rtol=0)
+
+
+def test_sparsegpt_factor_kept_with_the_statistics_gives_identical_results():
+    """The search prunes one group at many sparsities from one set of statistics: the second and later calls
+    reuse the factor of H⁻¹, and give what fresh statistics give, bit for bit; new data clears it."""
+    torch.manual_seed(6)
+    W = torch.randn(24, 64)
+    x = correlated_inputs(512, 64, seed=7)
+    shared = stats_of(x, True)
+    for sparsity in (0.3, 0.7, 0.5):
+        got, fresh = W.clone(), W.clone()
+        sparsegpt.prune([got], shared, [sparsity])
+        sparsegpt.prune([fresh], stats_of(x, True), [sparsity])
+        assert torch.equal(got, fresh)
+    assert list(shared.derived) == [("sparsegpt", 0.01)]
+    assert shared.to(torch.device("cpu")) is shared
+    shared.add(correlated_inputs(512, 64, seed=8))
+    assert shared.derived == {}
+    got, fresh = W.clone(), W.clone()
+    sparsegpt.prune([got], shared, [0.5])
+    sparsegpt.prune([fresh], stats_of(torch.cat([x, correlated_inputs(512, 64, seed=8)]), True), [0.5])
+    assert torch.allclose(got, fresh, atol=1e-5)

@@ -92,7 +92,7 @@ def test_search_spares_the_sensitive_projection_and_never_loses_to_its_start(tmp
     assert set(fit) == {"search", "uniform", "seed"}
     assert fit["search"] < min(fit["uniform"], fit["seed"])  # the curve solve beats both starts
     evolution = r["search"]["evolution"]
-    assert evolution["from"] == "search" and evolution["generations"] == 12
+    assert evolution["from"] == "search" and evolution["generations"] == 16
     assert evolution["statistics"] == "as shipped" and "evolved" not in fit  # not the guard's surrogate
     assert evolution["kl"] < evolution["start_kl"]  # the refinement fits its own windows ...
     judged = evolution["validation_kl_final"]  # ... so the choice is made on the final models, unseen windows
@@ -107,3 +107,33 @@ def test_search_spares_the_sensitive_projection_and_never_loses_to_its_start(tmp
     run(small(sensitive_dir, calib_file, prune_method="sparsegpt", sparsity_ratio=0.6,
               allocation_file=str(mapped), save_model=str(tmp_path / "file")))
     assert_same_weights(tmp_path / "search", tmp_path / "file")
+
+
+def test_the_profiling_pass_gives_the_search_the_same_hessians_and_then_only_norms():
+    """The search takes its dense Hessians from the run's profiling pass instead of a pass of its own: the
+    very same numbers; dropping them afterwards keeps the norms (Wanda's and the outlier ratios') bit for bit."""
+    from test_engine import token_batch
+
+    from mosaic.adapter import adapter_for
+    from mosaic.calibrate import capture
+    from mosaic.profile import profile_model
+    from mosaic.search import dense_hessians
+
+    model = tiny_model("llama", layers=2)
+    adapter = adapter_for(model)
+    ids = token_batch(4, 32, seed=3)
+    own = dense_hessians(model, adapter, capture(model, adapter, ids, 2))
+    prof = profile_model(model, adapter, capture(model, adapter, ids, 2), 5.0, hessian=True)
+    norms = [{g: s.norms() for g, s in row.items()} for row in prof.stats]
+    for mine, theirs in zip(own, prof.stats):
+        assert mine.keys() == theirs.keys()
+        for g in mine:
+            assert torch.equal(mine[g].hessian(), theirs[g].hessian())
+    prof.drop_hessians()
+    for row, kept in zip(prof.stats, norms):
+        for g, s in row.items():
+            assert s.xtx is None and torch.equal(s.norms(), kept[g])
+    plain = profile_model(model, adapter, capture(model, adapter, ids, 2), 5.0)
+    for row, kept in zip(plain.stats, norms):  # without Hessians: the same norms up to rounding
+        for g, s in row.items():
+            assert torch.allclose(s.norms(), kept[g], rtol=1e-5)

@@ -36,6 +36,25 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float, tries: int = 5) -> 
     raise RuntimeError(f"Cholesky failed even with damping {damp / 10:g} × mean diagonal")
 
 
+def factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """The dead inputs (H_jj = 0, set to 1 in ``H``) and the upper Cholesky factor of the damped H⁻¹."""
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    U, damp = inverse_cholesky(H, percdamp)
+    return U, damp, dead
+
+
+def cached_factor(stats: InputStats, percdamp: float, device: torch.device) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """``factor`` of these statistics' Hessian, computed on ``device`` once and kept with the statistics
+    (where they live): pruning the group again at another sparsity reuses it, bit for bit."""
+    key = ("sparsegpt", percdamp)
+    if key not in stats.derived:
+        U, damp, dead = factor(stats.hessian().to(device), percdamp)
+        stats.derived[key] = (U.to(stats.device), damp, dead.to(stats.device))
+    U, damp, dead = stats.derived[key]
+    return U.to(device), damp, dead.to(device)
+
+
 def _block_budget(rows: int, sparsity: float, i1: int, i2: int) -> int:
     """Prunes due in columns [i1, i2) so that the running total tracks round(s · rows · columns)."""
     return int(round(sparsity * rows * i2)) - int(round(sparsity * rows * i1))
@@ -84,7 +103,6 @@ def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float
           nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01,
           forced_columns: torch.Tensor | None = None, **_) -> list[dict]:
     """``forced_columns`` (bool, per input column): columns removed whole, with OBS compensation."""
-    H = stats.hessian().to(weights[0].device)
     W = torch.cat([w.float() for w in weights], dim=0)
     order, forced = None, 0
     if forced_columns is not None and bool(forced_columns.any()):
@@ -93,12 +111,11 @@ def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float
         forced_columns = forced_columns.to(W.device)
         order = torch.cat([forced_columns.nonzero().squeeze(1), (~forced_columns).nonzero().squeeze(1)])
         forced = int(forced_columns.sum())
-        W, H = W[:, order], H[order][:, order]
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
+        W = W[:, order]
+        U, damp, dead = factor(stats.hessian().to(W.device)[order][:, order], percdamp)
+    else:
+        U, damp, dead = cached_factor(stats, percdamp, W.device)
     W[:, dead] = 0
-    U, damp = inverse_cholesky(H, percdamp)
-    del H
     segments, r0 = [], 0
     for w, s in zip(weights, sparsities):
         segments.append((r0, r0 + w.shape[0], s))
