@@ -29,11 +29,11 @@ class Profile:
     layer_ratios: list[float]  # OWL's per-layer ratio, percent
     params: list[dict[str, int]]  # weights per projection
     stats: list[dict[tuple[str, ...], InputStats]]  # dense input statistics per layer and group (on CPU)
+    hyper_m: float
 
     def drop_hessians(self) -> None:
-        """Keep only what the norms need (the search is done with the Hessians): the same norms, bit for bit."""
+        """Keep only what the norms need (the search is done with the Hessians)."""
         self.stats = [{g: v.without_hessian() for g, v in row.items()} for row in self.stats]
-    hyper_m: float
 
     def norms(self, layer: int, group: tuple[str, ...]) -> torch.Tensor:
         return self.stats[layer][group].norms()

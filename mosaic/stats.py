@@ -14,7 +14,7 @@ import torch
 class InputStats:
     def __init__(self, dim: int, device: torch.device, hessian: bool):
         self.tokens = 0
-        self.sq = None if hessian else torch.zeros(dim, dtype=torch.float32, device=device)
+        self.sq = torch.zeros(dim, dtype=torch.float32, device=device)  # always: norms alike with or without H
         self.xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if hessian else None
         # what kernels derive from these statistics (SparseGPT's factor of H⁻¹), kept so that pruning the same
         # group again (the search tries many sparsities) skips it; cleared by ``add``
@@ -22,7 +22,7 @@ class InputStats:
 
     @property
     def device(self) -> torch.device:
-        return (self.xtx if self.xtx is not None else self.sq).device
+        return self.sq.device
 
     def to(self, device: torch.device) -> InputStats:
         """The same statistics on ``device`` (values unchanged, so kernels give identical results); these
@@ -31,31 +31,29 @@ class InputStats:
             return self
         moved = InputStats.__new__(InputStats)
         moved.tokens, moved.derived = self.tokens, {}
-        moved.sq = None if self.sq is None else self.sq.to(device)
+        moved.sq = self.sq.to(device)
         moved.xtx = None if self.xtx is None else self.xtx.to(device)
         return moved
 
     def without_hessian(self) -> InputStats:
-        """Only the per-feature sums of squares (the Hessian's diagonal): the same norms, a d-th of the memory."""
+        """Only the per-feature sums of squares: the same norms, a d-th of the memory."""
         if self.xtx is None:
             return self
         kept = InputStats.__new__(InputStats)
-        kept.tokens, kept.derived, kept.xtx, kept.sq = self.tokens, {}, None, self.xtx.diagonal().clone()
+        kept.tokens, kept.derived, kept.xtx, kept.sq = self.tokens, {}, None, self.sq
         return kept
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.derived.clear()
+        self.sq.add_(x.square().sum(0))
         if self.xtx is not None:
             _add_upper_gram(self.xtx, x)
-        else:
-            self.sq.add_(x.square().sum(0))
         self.tokens += x.shape[0]
 
     def mean_square(self) -> torch.Tensor:
         """Per input feature: mean over tokens of x_j² (Wanda's squared-norm statistic)."""
-        total = self.xtx.diagonal() if self.xtx is not None else self.sq
-        return total / max(self.tokens, 1)
+        return self.sq / max(self.tokens, 1)
 
     def norms(self) -> torch.Tensor:
         """‖X_j‖ per input feature (up to a constant factor)."""

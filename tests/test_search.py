@@ -111,7 +111,8 @@ def test_search_spares_the_sensitive_projection_and_never_loses_to_its_start(tmp
 
 def test_the_profiling_pass_gives_the_search_the_same_hessians_and_then_only_norms():
     """The search takes its dense Hessians from the run's profiling pass instead of a pass of its own: the
-    very same numbers; dropping them afterwards keeps the norms (Wanda's and the outlier ratios') bit for bit."""
+    very same numbers; its norms (Wanda's, the outlier ratios') are those of a pass without Hessians, bit for bit,
+    so a map found by the search re-applies to the same model (--allocation_file, --calib_stats dense)."""
     from test_engine import token_batch
 
     from mosaic.adapter import adapter_for
@@ -134,6 +135,7 @@ def test_the_profiling_pass_gives_the_search_the_same_hessians_and_then_only_nor
         for g, s in row.items():
             assert s.xtx is None and torch.equal(s.norms(), kept[g])
     plain = profile_model(model, adapter, capture(model, adapter, ids, 2), 5.0)
-    for row, kept in zip(plain.stats, norms):  # without Hessians: the same norms up to rounding
+    assert plain.ratios == prof.ratios
+    for row, kept in zip(plain.stats, norms):
         for g, s in row.items():
-            assert torch.allclose(s.norms(), kept[g], rtol=1e-5)
+            assert s.xtx is None and torch.equal(s.norms(), kept[g])
