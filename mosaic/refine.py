@@ -11,8 +11,8 @@ layers interact. This step corrects it against the real objective:
   target never change; a changed group is re-pruned by the kernel from the statistics given (the search
   passes those its start was pruned with, as the run prunes).
   Selection runs in two stages: every offspring on the first batch of windows (the search makes that one
-  window), the best one on all of them,
-  and it replaces the parent only if its full KL is lower. The map returned is never worse than the start.
+  window), the best one on all of them, and it replaces the parent only if its full KL is lower. The map
+  returned is never worse than the start.
 
 Reproducible with the seed on CPU (one generator draws every mutation; the kernels are deterministic).
 """
