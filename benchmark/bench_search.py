@@ -74,7 +74,8 @@ def run_one(kernel: str, allocation: str, sparsity: float) -> dict:
         r = run(Options(prune_method=kernel, allocation=allocation, sparsity_ratio=sparsity, search_budget=BUDGET,
                         allocation_file=str(mapped), **SETTINGS))
         sparsity_map = json.loads(mapped.read_text())["sparsity"]
-    row = {"kernel": kernel, "allocation": allocation, "target": sparsity, "eval_dtype": EVAL, "cpu": machine()["cpu"], "achieved": r["sparsity"]["achieved"],
+    row = {"kernel": kernel, "allocation": allocation, "target": sparsity, "eval_dtype": EVAL, "cpu": machine()["cpu"],
+           "achieved": r["sparsity"]["achieved"],
            "ppl": r["perplexity"]["wiki-offline"]["ppl"], "prune_s": round(r["time_s"].get("prune", 0), 1),
            "search_s": round(r["time_s"].get("search", 0), 1), "wall_s": round(time.perf_counter() - start, 1)}
     if "search" in r:
@@ -106,17 +107,12 @@ def table(by: dict, dtype: str) -> list[str]:
     for kernel in KERNELS:
         for s in sorted(SPARSITIES):
             got = {a: by.get((dtype, kernel, a, s)) for a in columns}
-            if dtype != EVAL and not got[f"search@{BUDGET}"]:  # earlier defaults, in the earlier table only
-                got[f"search@{BUDGET}"] = max((r for k, r in by.items() if k[:2] == (dtype, kernel) and k[3] == s
-                                               and k[2].startswith("search@") and k[2] != "search@0"),
-                                              key=lambda r: r["budget"], default=None)
             cells = [f"{r['ppl']:.2f}" if r else "—" for r in got.values()]
             if set(cells) == {"—"}:
                 continue
             u, q = got["uniform"], got[f"search@{BUDGET}"] or got["search@0"]
             gain = f"{q['ppl'] / u['ppl'] - 1:+.1%}" if u and q else "—"
-            t = (f"{q['search_s']:.0f}" + (" ‡" if "shared_machine" in q else "")
-                 + (f" (budget {q['budget']})" if q.get("budget", BUDGET) not in (BUDGET, 0) else "")) if q else "—"
+            t = (f"{q['search_s']:.0f}" + (" ‡" if "shared_machine" in q else "")) if q else "—"
             lines.append(f"| {kernel} | {s} | {' | '.join(cells)} | {gain} | {t} | {kl_cells(q)} |")
     return lines
 
