@@ -1,16 +1,19 @@
 """Write outputs so that nothing is ever half-written or silently overwritten.
 
 Every output directory is built under a temporary sibling and renamed into place at the very end;
-a failure removes the temporary directory and leaves any earlier result untouched.
+a failure removes the temporary directory and leaves any earlier result untouched. Whatever must wait
+until the new directory is in place (removing the only other copy of its contents) is registered with
+``after_commit``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -40,12 +43,17 @@ def check_writable(path: str | os.PathLike | None, option: str, overwrite: bool)
         raise OptionError(option, f"cannot write in {parent} ({e.strerror or e}); choose a writable directory") from e
 
 
+_PENDING: dict[Path, list[Callable[[], None]]] = {}  # open atomic_dir temporaries -> their after_commit actions
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes ``path`` when the block succeeds."""
+    """Yield a fresh temporary directory that becomes ``path`` when the block succeeds; then run what
+    ``after_commit`` registered for it (dropped when the block fails)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    actions = _PENDING[tmp.absolute()] = []
     try:
         yield tmp
         if final.exists():
@@ -60,6 +68,22 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _PENDING.pop(tmp.absolute(), None)
+    for action in actions:
+        action()
+
+
+def after_commit(path: str | os.PathLike, action: Callable[[], None]) -> None:
+    """Run ``action`` once ``path`` is in its final place: after the ``atomic_dir`` whose temporary directory
+    holds ``path`` is renamed into place (never, if it fails), or now when no open ``atomic_dir`` holds it.
+    For removing the source of what was linked or copied into ``path``: a failure first keeps it."""
+    p = Path(path).absolute()
+    for tmp, actions in _PENDING.items():
+        if p == tmp or tmp in p.parents:
+            actions.append(action)
+            return
+    action()
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -68,19 +92,38 @@ def write_json(path: str | os.PathLike, obj) -> None:
         f.write("\n")
 
 
-def replace_file(path: str | os.PathLike, write) -> None:
+def replace_file(path: str | os.PathLike, write, durable: bool = False) -> None:
     """Write a file atomically: ``write(tmp_path)`` fills a temporary sibling that then replaces ``path``,
-    so a reader (or a crash) sees the old file or the new one, never half of one."""
+    so a reader (or a crash) sees the old file or the new one, never half of one. ``durable``: the data
+    is on disk before the rename publishes it, and the rename itself once this returns (a power loss
+    cannot leave a published name with missing data)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        if durable:
+            fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):
             os.unlink(tmp)
         raise
+    if durable:
+        fsync_path(path.parent)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a directory's entries, to disk (a file system that cannot sync a directory
+    says EINVAL: nothing to do there)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL or not os.path.isdir(path):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _jsonable(x):

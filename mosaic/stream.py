@@ -7,10 +7,14 @@ and LM head; a tied head reads the embedding's tensor). The layer-wise engine (`
 perplexity loop take such a scope, so the same kernels and the same engine run, one layer in memory.
 
 ``StreamRun.prune`` writes each pruned layer into its own shard as soon as it is done, in a hidden
-``.<name>.partial`` directory beside ``--save_model``; after each layer the next layer's inputs and a
-progress record are saved atomically there, so a killed run continues with ``resume``. ``finish``
-moves the shards into the output directory with the index, config, tokenizer and ``mosaic.json``:
-the files ``save_pretrained`` writes, and the same tensors as the in-memory path.
+``.<name>.partial`` directory beside ``--save_model`` (or beside ``--save`` when that holds it); after
+each layer the next layer's inputs and a progress record are saved atomically (and durably) there, so a
+killed run continues with ``resume``. The record's fingerprint holds the settings, the content identity
+of the checkpoint and calibration file and this package's version, so a resume never continues a
+different run. ``finish`` links the shards into the output directory with the index, config, tokenizer
+and ``mosaic.json``: the files ``save_pretrained`` writes, and the same tensors as the in-memory path.
+The partial directory goes only once that directory is in place (``export.after_commit``): a failure
+while finishing keeps it resumable.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -33,14 +36,15 @@ from torch import nn
 from mosaic.adapter import GROUPS, adapter_for
 from mosaic.calibrate import Activations, on_device, run_layers
 from mosaic.errors import OptionError
-from mosaic.export import make_serializable, replace_file, write_json
+from mosaic.export import after_commit, fsync_path, make_serializable, replace_file, write_json
 
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 STATE = "stream-state"  # resume records inside the partial directory
-STOP_AFTER = "MOSAIC_STREAM_STOP_AFTER"  # test hook: SIGKILL this process once layer N is saved
+PROGRESS = "progress.json"  # in STATE
+SAMPLE = 2**20  # bytes hashed at each end of a checkpoint file for its content identity
 OFFLOAD = ("auto", "none", "disk")
 HEADROOM = 0.8  # share of the available host memory the default budget allows
 
@@ -82,6 +86,8 @@ class ShardSource:
         else:
             raise OptionError("offload", f"{self.directory} holds no safetensors weights ({SINGLE} or {INDEX}); "
                               "streaming reads safetensors checkpoints only")
+        for file in dict.fromkeys(self.files.values()):
+            check_shard(file)
 
     def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The named tensors, floating ones as ``dtype``. Read with plain file reads into fresh tensors
@@ -104,7 +110,11 @@ class ShardSource:
                         view = memoryview(t.view(-1).view(torch.uint8).numpy())
                         got = 0
                         while got < end - start:
-                            got += f.readinto(view[got:])
+                            count = f.readinto(view[got:])
+                            if not count:
+                                raise OptionError("model", f"{file} ends inside tensor {n}: the file is truncated; "
+                                                  "re-download or re-save the checkpoint")
+                            got += count
                     out[n] = t.to(dtype) if t.is_floating_point() else t
         return out
 
@@ -128,11 +138,31 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 def _header(file: Path) -> tuple[dict, int]:
     """A safetensors file's header (name -> dtype, shape, data offsets) and where its data begins."""
-    with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if 8 + size > os.fstat(f.fileno()).st_size:
+                raise ValueError(f"its header claims {size} bytes")
+            header = json.loads(f.read(size))
+    except FileNotFoundError as e:
+        raise OptionError("model", f"{file} is missing; re-download or re-save the checkpoint") from e
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise OptionError("model", f"{file} is not a readable safetensors file ({e}); re-download or "
+                          "re-save the checkpoint") from e
     header.pop("__metadata__", None)
     return header, 8 + size
+
+
+def check_shard(file: Path) -> None:
+    """Refuse, before any work, a safetensors file whose size is not what its header describes (a copy or
+    download cut short): reading it would fail, or worse, hours into a run."""
+    header, base = _header(file)
+    expected = base + max((info["data_offsets"][1] for info in header.values()), default=0)
+    size = file.stat().st_size
+    if size != expected:
+        what = "truncated" if size < expected else "longer than its header describes"
+        raise OptionError("model", f"{file} is {what} ({size} bytes, its header describes {expected}); "
+                          "re-download or re-save the checkpoint")
 
 
 def _counts(tensors: dict[str, torch.Tensor]) -> dict:
@@ -276,8 +306,8 @@ def choose(opts, plan, path: str, dtype: torch.dtype) -> ShardSource | None:
         return None
     try:
         source = ShardSource(path)
-    except OptionError:
-        if opts.offload == "disk":
+    except OptionError as e:
+        if opts.offload == "disk" or e.option == "model":  # a damaged checkpoint cannot be loaded either
             raise
         return None
     if opts.offload == "auto" and not opts.resume:
@@ -316,6 +346,8 @@ def open_run(opts, plan) -> StreamRun | None:
     source = choose(opts, plan, path, dtype)
     if source is None:
         return None
+    partial = partial_dir(Path(opts.save_model), Path(opts.save) if opts.save else None)
+    check_leftover(partial, opts.resume, opts.overwrite)
     from transformers import AutoTokenizer
 
     from mosaic.load import Loaded
@@ -327,7 +359,7 @@ def open_run(opts, plan) -> StreamRun | None:
     streamed = Streamed(model, source, dtype)
     loaded = Loaded(model=model, tokenizer=AutoTokenizer.from_pretrained(path), adapter=streamed.adapter,
                     source=opts.model, path=path)
-    return StreamRun(streamed, loaded, Path(opts.save_model), opts.resume)
+    return StreamRun(streamed, loaded, partial, opts.resume, opts.overwrite)
 
 
 def offloaded(model: nn.Module) -> list[str]:
@@ -369,9 +401,10 @@ def shard_name(k: int, n: int) -> str:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """One safetensors shard, atomically (a killed run leaves the old file or none, never half of one).
-    Written straight from the tensors' memory: ``safetensors.torch.save_file`` first copies every
-    tensor into a bytes object, which would double a layer's footprint while it is written."""
+    """One safetensors shard, atomically (a killed run leaves the old file or none, never half of one) and
+    durably (on disk before its name is: a progress record written after it never names lost data).
+    Written straight from the tensors' memory: ``safetensors.torch.save_file`` first copies every tensor
+    into a bytes object, which would double a layer's footprint while it is written."""
     codes = {t: c for c, t in _DTYPES.items()}
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, t in tensors.items():
@@ -389,7 +422,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
                 if t.numel():
                     f.write(memoryview(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()))
 
-    replace_file(path, write)
+    replace_file(path, write, durable=True)
 
 
 def _return_freed_memory() -> None:
@@ -411,6 +444,16 @@ def _libc():
 
 
 _LIBC = _libc()
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a second name of ``source`` (no bytes copied), or a durable copy where the file
+    system cannot link; either way ``source`` stays."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+        fsync_path(target)
 
 
 def write_index(directory: Path, shards: list[str]) -> dict:
@@ -437,29 +480,92 @@ class Progress:
     fingerprint: str
     next_layer: int = 0  # layers before it are in their shards
     inputs: str | None = None  # file with the inputs of ``next_layer`` (calibration activations)
+    dense_inputs: str | None = None  # ... and the dense model's, when each layer is reconstructed
+    reconstructed: list = field(default_factory=list)  # per layer: the reconstruction's record
     notes: list = field(default_factory=list)
     rows: list = field(default_factory=list)  # per layer: {"row": {projection: sparsity}, "zeros", "params"}
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
 
 
-def fingerprint(options: dict, sparsity, nm) -> str:
-    """What decides the pruned weights: a resumed run must match it."""
+def fingerprint(options: dict, sparsity, nm, identity: dict | None = None) -> str:
+    """What decides the pruned weights: a resumed run must match it. ``identity``: what the options name
+    only by path or not at all (the checkpoint's and calibration file's content, this package's version)."""
     skip = {"save", "save_model", "overwrite", "resume", "offload", "max_memory", "extra", "eval_datasets",
             "eval_windows", "eval_seqlen", "eval_batch_size", "eval_dtype", "eval_zero_shot", "zs_limit",
             "zs_batch_size", "kv_sparsity", "k_sparsity", "v_sparsity", "kv_window", "kv_method", "kv_reference",
             "cache_dir", "offline", "device_map"}
     doc = {k: v for k, v in sorted(options.items()) if k not in skip}
     doc["allocation_map"], doc["nm"] = sparsity, nm
+    doc["identity"] = identity or {}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class StreamRun:
-    """One streamed pruning pass into ``.<save_model>.partial``, and the evaluation scope afterwards."""
+def run_identity(checkpoint: Path, calib_dataset: str | None) -> dict:
+    """The content identity of a run's inputs: every file of the checkpoint directory (weights, config,
+    tokenizer), the calibration text when it is a file, and this package's version."""
+    from mosaic import __version__
 
-    def __init__(self, streamed: Streamed, loaded, save_model: Path, resume: bool):
-        self.streamed, self.loaded, self.resume = streamed, loaded, resume
-        self.partial = save_model.with_name(f".{save_model.name}.partial")
+    files = sorted(p for p in Path(checkpoint).iterdir() if p.is_file() and not p.name.startswith("."))
+    out = {"mosaic": __version__, "checkpoint": {p.name: file_identity(p) for p in files}}
+    if calib_dataset and Path(calib_dataset).expanduser().is_file():
+        out["calib_dataset"] = file_identity(Path(calib_dataset).expanduser(), sample=None)
+    return out
+
+
+def file_identity(path: Path, sample: int | None = SAMPLE) -> str:
+    """Size and SHA-256 of a file: of all of it (``sample`` None), else of its first and last ``sample``
+    bytes, and all of a safetensors header (names, dtypes, shapes, offsets), so that hashing a checkpoint
+    of hundreds of GB reads a few MB per file."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if sample is None or size <= 2 * sample:
+            for block in iter(lambda: f.read(2**24), b""):
+                digest.update(block)
+        else:
+            head = sample
+            if path.suffix == ".safetensors":
+                head = max(head, 8 + int.from_bytes(f.read(8), "little"))
+                f.seek(0)
+            digest.update(f.read(head))
+            f.seek(max(head, size - sample))
+            digest.update(f.read())
+    return f"{size}:{digest.hexdigest()}"
+
+
+def partial_dir(save_model: Path, save: Path | None = None) -> Path:
+    """Where a streamed run into ``save_model`` keeps its finished layers until it is done: beside it, or
+    beside ``save`` when ``save_model`` lies inside that (whatever is inside an output directory is
+    replaced with it)."""
+    if save is not None and save.resolve() in save_model.resolve().parents:
+        return save.with_name(f".{save.name}.{save_model.name}.partial")
+    return save_model.with_name(f".{save_model.name}.partial")
+
+
+def check_leftover(partial: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to discard the finished layers of an interrupted run unless asked to (``overwrite``)."""
+    state = partial / STATE / PROGRESS
+    if resume or overwrite or not state.is_file():
+        return
+    try:
+        done = f"{int(json.loads(state.read_text())['next_layer'])} finished layers"
+    except (ValueError, KeyError, TypeError):
+        done = "the finished layers"
+    raise OptionError("resume", f"{partial} holds {done} of an interrupted run with this --save_model; pass "
+                      "--resume to continue it, or --overwrite to discard it and start over")
+
+
+def _layer_saved(index: int) -> None:
+    """Called once layer ``index`` and the progress record are on disk (tests interrupt a run here)."""
+
+
+class StreamRun:
+    """One streamed pruning pass into ``partial`` (``partial_dir``), and the evaluation scope afterwards."""
+
+    def __init__(self, streamed: Streamed, loaded, partial: Path, resume: bool, overwrite: bool = False):
+        self.streamed, self.loaded, self.resume, self.overwrite = streamed, loaded, resume, overwrite
+        self.partial = partial  # see partial_dir
         self.progress: Progress | None = None
         self.resumed_from: int | None = None
         self.before: dict = {}  # parameter report of the unpruned model, filled by the pass
@@ -473,45 +579,66 @@ class StreamRun:
         return shard_name(k, self.n_shards)
 
     def _start(self, print_: str) -> Progress:
-        state = self.partial / STATE / "progress.json"
+        state = self.partial / STATE / PROGRESS
         if self.resume and state.is_file():
             done = Progress(**json.loads(state.read_text()))
             if done.fingerprint != print_:
-                raise OptionError("resume", f"{self.partial} was written by a run with other pruning settings; "
-                                  "rerun with the same options, or without --resume to start over")
+                raise OptionError("resume", f"{self.partial} was written by another run (other pruning settings, "
+                                  "model or calibration files, or Mosaic version); rerun exactly that run to "
+                                  "continue it, or pass --overwrite without --resume to discard it")
             log.info("resuming at layer %d of %d from %s", done.next_layer, self.streamed.n_layers, self.partial)
             self.resumed_from = done.next_layer
             return done
         if self.resume:
             log.info("nothing to resume in %s: starting from the first layer", self.partial)
+        check_leftover(self.partial, self.resume, self.overwrite)
+        if state.is_file():
+            log.warning("discarding the finished layers in %s (--overwrite)", self.partial)
         shutil.rmtree(self.partial, ignore_errors=True)
         (self.partial / STATE).mkdir(parents=True)
         return Progress(fingerprint=print_)
 
-    def _save(self, progress: Progress, hidden: list[torch.Tensor] | None) -> None:
+    def _save(self, progress: Progress, hidden: list[torch.Tensor] | None,
+              dense: list[torch.Tensor] | None = None) -> None:
+        """The next layer's inputs (the pruned stream, and the dense one when reconstructing), then the record
+        that names them; the previous layer's files go once the record no longer does."""
         state = self.partial / STATE
-        old = progress.inputs
-        progress.inputs = None
-        if hidden is not None:
-            progress.inputs = f"inputs-{progress.next_layer:05d}.pt"
-            replace_file(state / progress.inputs, lambda tmp: torch.save([h.cpu() for h in hidden], tmp))
-        replace_file(state / "progress.json", lambda tmp: write_json(tmp, progress.__dict__))
-        if old and old != progress.inputs:
-            (state / old).unlink(missing_ok=True)
+        old = [progress.inputs, progress.dense_inputs]
+        progress.inputs = progress.dense_inputs = None
+        for attr, stream, stem in (("inputs", hidden, "inputs"), ("dense_inputs", dense, "dense")):
+            if stream is not None:
+                name = f"{stem}-{progress.next_layer:05d}.pt"
+                replace_file(state / name, lambda tmp, xs=stream: torch.save([h.cpu() for h in xs], tmp), durable=True)
+                setattr(progress, attr, name)
+        replace_file(state / PROGRESS, lambda tmp: write_json(tmp, progress.__dict__), durable=True)
+        for name in old:
+            if name and name not in (progress.inputs, progress.dense_inputs):
+                (state / name).unlink(missing_ok=True)
 
     def prune(self, *, kernel, sparsity, nm, activations: Callable[[], Activations] | None, mode: str | None,
               compute: torch.device, calib_dtype, options: dict, run_options: dict, stats=None,
-              check: Callable[[Activations], None] | None = None, structure: list | None = None) -> list[dict]:
+              check: Callable[[Activations], None] | None = None, structure: list | None = None,
+              recovery=None) -> list[dict]:
         """Prune layer by layer (or copy, with no ``kernel``) into the partial directory; returns the notes.
-        With a composite ``structure`` each layer is sliced to its plan before it is written."""
-        from mosaic.prune import _group_pruner
+        With a composite ``structure`` each layer is sliced to its plan before it is written; with
+        ``recovery`` (``recover.Reconstruction``) each layer is reconstructed before it is written, and the
+        dense stream is saved beside the pruned one so that a resumed run continues it."""
+        from mosaic.prune import _group_pruner, stats_for
         from mosaic.restructure import apply
 
         s = self.streamed
-        progress = self.progress = self._start(fingerprint(run_options, sparsity, nm))
+        identity = run_identity(s.source.directory, run_options.get("calib_dataset"))
+        progress = self.progress = self._start(fingerprint(run_options, sparsity, nm, identity))
         on_group = None
         if kernel is not None:
             on_group = _group_pruner(s.adapter, kernel, sparsity, nm, options, structure, progress.notes)
+        if recovery is not None:
+            recovery.layers = progress.reconstructed  # a resumed run's record continues
+            if stats is not None or kernel.stats == "none":  # the engine walks for the reconstruction only
+                pruner = on_group
+
+                def on_group(index, layer, group, seen):
+                    pruner(index, layer, group, stats_for(kernel, stats, index, group, seen))
         if progress.next_layer == 0:
             self._copy("embed", progress)
         acts = None
@@ -532,15 +659,15 @@ class StreamRun:
                 progress.rows.append(_measure(s.adapter, s.modules[index][0]))
                 progress.next_layer = index + 1
                 last = index == s.n_layers - 1
-                self._save(progress, None if acts is None or last else acts.hidden)
-                if os.environ.get(STOP_AFTER) == str(index):
-                    os.kill(os.getpid(), signal.SIGKILL)
+                dense = recovery.dense if recovery is not None and not last else None
+                self._save(progress, None if acts is None or last else acts.hidden, dense)
+                _layer_saved(index)
             finally:
                 s.release(index)
                 _return_freed_memory()
 
         start = progress.next_layer
-        if kernel is None or kernel.stats == "none" or stats is not None:
+        if recovery is None and (kernel is None or kernel.stats == "none" or stats is not None):
             for index in range(start, s.n_layers):
                 with layer(index), on_device(s.modules[index][0], compute) as device:
                     for group in GROUPS if on_group else ():
@@ -550,12 +677,14 @@ class StreamRun:
             acts = activations()
             if start > 0:
                 acts.hidden = torch.load(self.partial / STATE / progress.inputs)
+                if recovery is not None:
+                    recovery.dense = torch.load(self.partial / STATE / progress.dense_inputs)
             elif check is not None:
                 with s.held(0):
                     check(acts)
-            run_layers(s.model, s.adapter, acts, on_group, mode=mode, hessian=kernel.stats == "hessian",
-                       compute=compute, calib_dtype=calib_dtype, desc=f"prune ({kernel.name}, streamed)",
-                       scope=layer, start=start)
+            run_layers(s.model, s.adapter, acts, on_group, mode=mode,
+                       hessian=kernel.stats == "hessian" and stats is None, compute=compute, calib_dtype=calib_dtype,
+                       desc=f"prune ({kernel.name}, streamed)", scope=layer, start=start, recovery=recovery)
         self._copy("head", progress)
         for k in ("total", "nonzero", "bytes"):
             self.before[k] = progress.before.get(k, 0)
@@ -586,11 +715,13 @@ class StreamRun:
         return dict(self.progress.after)
 
     def finish(self, directory: Path, tokenizer, manifest: dict) -> int:
-        """Move the shards into ``directory`` with the index, config, tokenizer and manifest."""
+        """Link (or copy) the shards into ``directory`` with the index, config, tokenizer and manifest. The
+        partial directory is removed only once ``directory`` is in its final place (``after_commit``): until
+        then it still holds every shard, so a failure here or later leaves the run to ``resume``."""
         model = self.streamed.model
         shards = [shard_name(k, self.n_shards) for k in range(self.n_shards)]
         for shard in shards:
-            os.replace(self.partial / shard, directory / shard)
+            link_or_copy(self.partial / shard, directory / shard)
         write_index(directory, shards)
         make_serializable(model)
         use_cache, model.config.use_cache = model.config.use_cache, True
@@ -607,7 +738,8 @@ class StreamRun:
 
             shutil.copy(MODELING_FILE, directory / MODELING_FILE.name)
         write_json(directory / "mosaic.json", manifest)
-        shutil.rmtree(self.partial, ignore_errors=True)
+        partial = self.partial
+        after_commit(directory, lambda: shutil.rmtree(partial, ignore_errors=True))
         return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
     def reader(self, checkpoint: Path | None) -> Callable:

@@ -84,3 +84,22 @@ def test_cli_run_writes_results_and_a_reloadable_model(tmp_path, tiny_dirs, cali
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "results.json").read_text())["args"]["prune_method"] == "dense"
     assert not (out / "model").exists() and not list(tmp_path.glob(".run.*"))
+
+
+def test_after_commit_waits_for_the_directory_to_be_in_place(tmp_path):
+    from mosaic.export import after_commit
+
+    seen = []
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "model").mkdir()
+        after_commit(tmp / "model", lambda: seen.append((tmp_path / "out" / "model").is_dir()))
+        assert seen == []
+    assert seen == [True]  # ran once the directory was renamed into place
+
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "failed") as tmp:
+        after_commit(tmp, lambda: seen.append("failed"))
+        raise RuntimeError("disk full")
+    assert seen == [True] and not (tmp_path / "failed").exists()  # dropped with the failed directory
+
+    after_commit(tmp_path / "elsewhere", lambda: seen.append("now"))  # no atomic_dir holds it: at once
+    assert seen == [True, "now"]

@@ -108,16 +108,37 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
+# the CLI in a fresh process that SIGKILLs itself once layer argv[1] is saved: a real kill, reached through
+# the _layer_saved seam (no environment hook can stop a real run)
+KILL_AFTER = """
+import os, signal, sys
+import mosaic.stream
+from mosaic.cli import main
+
+def _layer_saved(index, after=int(sys.argv[1])):
+    if index == after:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+mosaic.stream._layer_saved = _layer_saved
+sys.exit(main(sys.argv[2:], prog="main.py"))
+"""
+
+
+def killed_after(layer: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", KILL_AFTER, str(layer), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
 def test_a_run_killed_after_a_layer_resumes_to_the_same_checkpoint_bit_for_bit(tmp_path, sharded, calib_file):
     args = ["--model", str(sharded), "--prune_method", "sparsegpt", "--nsamples", "8", "--seqlen", "48",
             "--calib_batch_size", "3", "--calib_dataset", str(calib_file), "--eval_datasets", "none",
             "--offload", "disk"]
-    whole = _cli(*args, "--save_model", str(tmp_path / "whole"))
+    # the old test hook is gone: this variable no longer kills a real run
+    whole = _cli(*args, "--save_model", str(tmp_path / "whole"), env={"MOSAIC_STREAM_STOP_AFTER": "0"})
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     out = tmp_path / "resumed"
-    killed = _cli(*args, "--save_model", str(out), "--save", str(tmp_path / "run"),
-                  env={"MOSAIC_STREAM_STOP_AFTER": "1"})
+    killed = killed_after(1, *args, "--save_model", str(out), "--save", str(tmp_path / "run"))
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL after layer 1 was written
     partial = tmp_path / ".resumed.partial"
     progress = json.loads((partial / "stream-state" / "progress.json").read_text())
@@ -137,9 +158,9 @@ def test_a_run_killed_after_a_layer_resumes_to_the_same_checkpoint_bit_for_bit(t
 
 def test_resume_refuses_a_partial_run_with_other_settings(tmp_path, sharded, calib_file):
     out = tmp_path / "out"
-    killed = _cli("--model", str(sharded), "--prune_method", "wanda", "--nsamples", "4", "--seqlen", "32",
-                  "--calib_dataset", str(calib_file), "--eval_datasets", "none", "--offload", "disk",
-                  "--save_model", str(out), env={"MOSAIC_STREAM_STOP_AFTER": "0"})
+    killed = killed_after(0, "--model", str(sharded), "--prune_method", "wanda", "--nsamples", "4", "--seqlen", "32",
+                          "--calib_dataset", str(calib_file), "--eval_datasets", "none", "--offload", "disk",
+                          "--save_model", str(out))
     assert killed.returncode == -9
     again = _cli("--model", str(sharded), "--prune_method", "wanda", "--nsamples", "4", "--seqlen", "32",
                  "--calib_dataset", str(calib_file), "--eval_datasets", "none", "--offload", "disk",
