@@ -10,7 +10,9 @@ Names:
 
 Calibration windows follow the reference code exactly: Python's ``random`` seeded with --seed picks
 ``nsamples`` windows of ``seqlen`` tokens at random offsets (for c4, a random long-enough document
-first, by rejection sampling). Perplexity uses the texts joined and tokenized once.
+first, by rejection sampling). Windows held out of the statistics (the search's scoring windows,
+distillation) are drawn after those and overlap none of them. Perplexity uses the texts joined and
+tokenized once.
 """
 
 from __future__ import annotations
@@ -125,33 +127,62 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
         tokenizer.model_max_length = old
 
 
-def calibration_windows(tokenizer, name: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``nsamples`` windows of ``seqlen`` token ids, [nsamples, seqlen], sampled as the reference code."""
+def calibration_windows(tokenizer, name: str, nsamples: int, seqlen: int, seed: int,
+                        held_out: int = 0) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` token ids sampled as the reference code, then ``held_out`` more
+    that share no token with any earlier window (for c4: no document), [nsamples + held_out, seqlen].
+
+    The first ``nsamples`` are the same with or without ``held_out``; they may overlap each other, as in
+    the reference code. The held-out ones score or train on text the statistics never saw."""
     option = OPTION["calib"]
     source = load_text(name, "calib")
     rng = random.Random(seed)
     if source.documents:
-        return _document_windows(tokenizer, source, nsamples, seqlen, rng, option)
+        return _document_windows(tokenizer, source, nsamples, held_out, seqlen, rng, option)
     ids = tokenize(tokenizer, source.joiner.join(source.texts))
     if ids.numel() <= seqlen:
         raise OptionError(option, f"'{name}' has {ids.numel()} tokens; one window of --seqlen {seqlen} needs more "
                          "(give more text or a smaller --seqlen)")
-    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    starts = window_starts(ids.numel(), nsamples, held_out, seqlen, rng)
+    if starts is None:
+        raise OptionError(option, f"'{name}' is too short for {held_out} windows of {seqlen} tokens that overlap "
+                          "neither the statistics windows nor each other; give more text, or fewer or shorter windows")
     return torch.stack([ids[s:s + seqlen] for s in starts])
 
 
-def _document_windows(tokenizer, source: Text, nsamples: int, seqlen: int, rng: random.Random, option: str):
+def window_starts(tokens: int, nsamples: int, held_out: int, seqlen: int, rng: random.Random) -> list[int] | None:
+    """Start offsets: ``nsamples`` as the reference code draws them, then ``held_out`` whose ``seqlen`` tokens
+    overlap no earlier window (None when rejection sampling cannot find room)."""
+    last = tokens - seqlen - 1
+    starts = [rng.randint(0, last) for _ in range(nsamples)]
+    for _ in range(held_out):
+        for _attempt in range(10_000):
+            start = rng.randint(0, last)
+            if all(abs(start - s) >= seqlen for s in starts):
+                starts.append(start)
+                break
+        else:
+            return None
+    return starts
+
+
+def _document_windows(tokenizer, source: Text, nsamples: int, held_out: int, seqlen: int, rng: random.Random,
+                      option: str):
     lengths_ok = [i for i, t in enumerate(source.texts) if len(t) > seqlen]  # chars >= tokens, a cheap bound
     if not lengths_ok:
         raise OptionError(option, f"no document in '{source.name}' is longer than --seqlen {seqlen} tokens")
-    windows = []
-    for _ in range(nsamples):
+    windows, used = [], set()
+    for k in range(nsamples + held_out):
         for _attempt in range(100_000):
-            ids = tokenize(tokenizer, source.texts[rng.randint(0, len(source.texts) - 1)])
+            doc = rng.randint(0, len(source.texts) - 1)
+            if k >= nsamples and doc in used:  # a held-out window never shares a document with an earlier one
+                continue
+            ids = tokenize(tokenizer, source.texts[doc])
             if ids.numel() > seqlen:
                 break
         else:
             raise OptionError(option, f"could not find documents longer than --seqlen {seqlen} in '{source.name}'")
+        used.add(doc)
         start = rng.randint(0, ids.numel() - seqlen - 1)
         windows.append(ids[start:start + seqlen])
     return torch.stack(windows)

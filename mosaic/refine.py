@@ -7,12 +7,15 @@ layers interact. This step corrects it against the real objective:
   pruned model, every layer's inputs on those windows. A candidate that changed only layers ≥ k re-runs
   layers k.. from the cached inputs, so a mutation deep in the network costs a fraction of a forward.
 - ``evolve`` is a (1 + λ) search over the map. Each offspring moves weights between projections in
-  level switches of a fixed weight count (``step`` × the smaller projection), so Σ n·s and hence the global
-  target never change; a changed group is re-pruned by the kernel from the statistics given (the search
-  passes those its start was pruned with, as the run prunes).
+  level switches of a fixed weight count (``step`` × the smaller projection), so Σ n·s and hence the map's
+  global target never change (the pruned total, Σ round(n·s), may move by a weight); a changed group is
+  re-pruned by the kernel from the statistics given (the search passes those its start was pruned with,
+  as the run prunes).
   Selection runs in two stages: every offspring on the first batch of windows (the search makes that one
   window), the best one on all of them, and it replaces the parent only if its full KL is lower. The map
-  returned is never worse than the start.
+  returned is never worse than the start. An offspring for which ``mutate`` found no switch that fits in
+  [0, cap] (certain at targets below ``step`` × the smallest size ratio of two projections, frequent near
+  0 and the cap) is skipped, and a generation left without offspring changes nothing.
 
 Reproducible with the seed on CPU (one generator draws every mutation; the kernels are deterministic).
 """
@@ -127,7 +130,9 @@ class Evolution:
 
 def mutate(parent: SparsityMap, params: list[dict[str, int]], gen: torch.Generator, step: float,
            cap: float = 0.99) -> tuple[SparsityMap, set[tuple[int, tuple[str, ...]]]]:
-    """One or two level switches: ``step`` × min(n_a, n_b) weights move from projection b's pruning to a's."""
+    """One or two level switches: ``step`` × min(n_a, n_b) weights move from projection b's pruning to a's.
+    A switch that would leave [0, ``cap``] is redrawn, up to 20 times; the changed groups come back empty
+    when none fitted (then the child is the parent)."""
     slots = [(i, p) for i in range(len(parent)) for p in PROJECTIONS]
     child = [dict(row) for row in parent]
     changed = set()
@@ -178,11 +183,16 @@ def evolve(dense: nn.Module, scorer: Fitness, kernel, stats, start: SparsityMap,
     for _ in bar:
         quick = None  # stage 1: every offspring on the first batch of windows; the best one's pruned weights
         for child, changed in (mutate(parent, params, gen, step) for _ in range(offspring)):
+            if not changed:  # no switch fitted (sparsities near 0 or the cap): nothing to score
+                continue
             before = apply(child, changed)
             score = scorer.score(min(i for i, _ in changed), batches=1)
             if quick is None or score < quick[0]:
                 quick = (score, child, changed, snapshot(changed))
             restore(before)
+        if quick is None:  # no offspring at all: the parent stands
+            best.history.append(best.fitness)
+            continue
         _, child, changed, pruned = quick
         first = min(i for i, _ in changed)
         before = snapshot(changed)  # stage 2: the best on all windows, against the parent

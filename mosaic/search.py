@@ -8,12 +8,12 @@
    ½ Σ_i G_i · ΔW_i H ΔW_iᵀ (the first-order term vanishes at the dense model).
 3. Curves: the kernel prunes every projection at a few levels around the target, from the dense
    statistics, and each level's KL increase is measured with that formula.
-4. Solve: minimise the summed curves subject to Σ n_j·s_j = S·N, exactly, by water-filling along the
-   convex hull of each curve (the Lagrangian solution; the last step is split, so the weighted mean is
-   the target to float precision and each projection within one weight).
+4. Solve: minimise the summed curves subject to Σ n_j·s_j = S·N by water-filling along the convex hull
+   of each curve (the Lagrangian solution; the last segment taken is split, so the map's weighted mean
+   Σ n_j·s_j / N is S to float precision).
 5. Guard: the uniform map, the outlier-based `mosaic` map (the seed) and the solution are each applied
    (the kernel on the dense statistics) and scored by the true KL on held-out windows (drawn after the
-   statistics windows by the same sampler: other positions, though possibly of the same documents).
+   statistics windows, sharing no token with them or with each other; for c4, no document).
 6. Refine (``generations`` > 0): the best of the three is pruned as the run will prune it (sequential
    statistics by default), keeping the statistics each group saw, and that model is refined by an
    evolutionary level-switch search scored by the true KL on the held-out windows (mosaic/refine.py): a
@@ -22,6 +22,12 @@
    fits the held-out windows and its start's statistics, so it is then pruned as planned and must beat its
    start on validation windows drawn after the held-out ones; the better wins. The search never returns
    something worse than where it started.
+
+"Exact target" means exact in the map. What a kernel prunes is round(n_j·s_j) weights of each projection,
+so the model loses Σ_j round(n_j·s_j) weights: within half a weight per projection of S·N (at most P/2 for
+P projections; for SmolLM2, 105 weights in 106 M), not necessarily round(S·N). The same holds for every map, the
+uniform one included, and for the refinement's switches (5% of the smaller projection is rarely a whole
+number of weights). The achieved count is reported (``sparsity.zeros`` in results.json).
 
 The search runs where the model is (all of it must be in memory) and is reproducible with the seed on
 CPU; GPU reductions are not deterministic.

@@ -16,8 +16,9 @@ class InputStats:
         self.tokens = 0
         self.sq = torch.zeros(dim, dtype=torch.float32, device=device)  # always: norms alike with or without H
         self.xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if hessian else None
-        # what kernels derive from these statistics (SparseGPT's factor of H⁻¹), kept so that pruning the same
-        # group again (the search tries many sparsities) skips it; cleared by ``add``
+        # what kernels derive from these statistics (SparseGPT's factor of H⁻¹, ALPS's eigendecomposition of
+        # the normalised H), kept so that pruning the same group again (the search tries many sparsities)
+        # skips it; cleared by ``add``
         self.derived: dict = {}
 
     @property

@@ -109,3 +109,27 @@ def test_kept_statistics_reproduce_the_sequential_pruning(setting):
     prune_from_stats(dense, adapter, kernel, sparsity, [None] * 4, stats)
     assert not torch.equal(adapter.projection(adapter.layers(dense)[3], "down").weight,
                            adapter.projection(adapter.layers(again)[3], "down").weight)
+
+
+@pytest.mark.parametrize("target", [0.005, 0.97])
+def test_evolution_near_zero_and_near_the_cap_skips_offspring_without_a_switch(setting, target):
+    """At 0.5% no switch of 5% of a projection fits (each would take a projection below 0), so no offspring
+    exists and every generation is a no-op; at 97% only a switch from k/v (n = 2048) onto gate/up/down (8192)
+    stays under the 0.99 cap, so some offspring come back empty. Neither may crash (the old code took the
+    min over an empty set of changed layers)."""
+    model, adapter, stats, held_out = setting
+    kernel, params = KERNELS["sparsegpt"], params_of(model, adapter)
+    start = uniform_map(4, target)
+    gen = torch.Generator().manual_seed(5)
+    empty = sum(not refine.mutate(start, params, gen, 0.05)[1] for _ in range(200))
+    assert empty == 200 if target < 0.05 else 0 < empty < 200
+    scorer = refine.fitness(model, adapter, held_out, 2)
+    start_kl = scorer.reset(stitched(model, adapter, kernel, stats, start, {}))
+    weights = [q.clone() for q in scorer.model.parameters()]
+    out = refine.evolve(model, scorer, kernel, stats, start, start_kl, params, 6, seed=1, options={})
+    assert len(out.history) == 6 and out.fitness <= out.start_fitness == start_kl
+    assert overall(out.sparsity, params) == pytest.approx(target, abs=1e-12)
+    assert all(0.0 <= s <= 0.99 for row in out.sparsity for s in row.values())
+    if target < 0.05:
+        assert out.accepted == 0 and out.sparsity == start and out.history == [start_kl] * 6
+        assert all(torch.equal(p, q) for p, q in zip(weights, scorer.model.parameters()))  # nothing was touched

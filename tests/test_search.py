@@ -63,6 +63,28 @@ def test_solver_hits_the_target_exactly_for_mixed_sizes_and_clipped_levels(targe
         assert all(levels[0] <= s <= levels[-1] for row in sparsity for s in row.values())
 
 
+def test_the_exact_target_is_the_maps_and_the_pruned_count_is_within_half_a_weight_per_projection():
+    """What the docstring says: Σ n·s = S·N to float precision, while what is pruned, Σ round(n·s), is only
+    within P/2 of S·N and need not be round(S·N)."""
+    from mosaic.search import levels_around
+
+    g = torch.Generator().manual_seed(7)
+    levels = levels_around(0.7)
+    sizes = {"q": 4097, "k": 1031, "v": 1031, "o": 4097, "gate": 11003, "up": 11003, "down": 11003}
+    params = [dict(sizes) for _ in range(6)]
+    off = 0
+    for _ in range(50):
+        rows = [{p: (torch.rand(len(levels), generator=g).sort().values.cumsum(0) * 10).tolist() for p in PROJECTIONS}
+                for _layer in params]
+        sparsity = solve(rows, levels, params, 0.7)
+        total = sum(n for row in params for n in row.values())
+        assert overall(sparsity, params) == pytest.approx(0.7, abs=1e-12)
+        pruned = sum(round(s * params[i][p]) for i, row in enumerate(sparsity) for p, s in row.items())
+        assert abs(pruned - 0.7 * total) <= 0.5 * 7 * len(params)
+        off += pruned != round(0.7 * total)
+    assert off > 0
+
+
 @pytest.fixture(scope="module")
 def sensitive_dir(tmp_path_factory, tokenizer):
     """A 4-layer tiny LLaMA whose layer-2 down_proj writes 4× more into the residual stream. (Unscaled,
@@ -139,3 +161,38 @@ def test_the_profiling_pass_gives_the_search_the_same_hessians_and_then_only_nor
     for row, kept in zip(plain.stats, norms):
         for g, s in row.items():
             assert s.xtx is None and torch.equal(s.norms(), kept[g])
+
+
+def test_held_out_windows_share_no_token_with_the_statistics_windows_or_each_other():
+    """The search scores (and distillation trains) on windows drawn after the statistics windows; they
+    must be text the statistics never saw. The statistics windows themselves stay the reference draw."""
+    import random
+
+    from mosaic.data import window_starts
+
+    tokens, seqlen, n, k = 200_000, 2048, 16, 8
+    starts = window_starts(tokens, n, k, seqlen, random.Random(0))
+    reference = random.Random(0)
+    assert starts[:n] == [reference.randint(0, tokens - seqlen - 1) for _ in range(n)]
+    ranges = [set(range(s, s + seqlen)) for s in starts]
+    for i in range(n, n + k):
+        for j in range(n + k):
+            if j != i:
+                assert not ranges[i] & ranges[j], (i, j)
+    assert window_starts(3 * seqlen, 2, 8, seqlen, random.Random(0)) is None  # no room: refused, not overlapped
+
+
+def test_held_out_document_windows_never_reuse_a_document(tokenizer):
+    import random
+
+    from mosaic.data import Text, _document_windows
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    docs = [(c * 3 + " ") * 120 for c in letters]  # one letter per document: a window tells which it came from
+    windows = _document_windows(tokenizer, Text("docs", docs, documents=True), 12, 10, 32, random.Random(0),
+                                "calib_dataset")
+    sources = [set(tokenizer.decode(w)) - {" "} for w in windows]
+    assert windows.shape == (22, 32) and all(len(src) == 1 for src in sources)
+    sources = [src.pop() for src in sources]
+    held_out, earlier = sources[12:], sources[:12]
+    assert len(set(held_out)) == 10 and not set(held_out) & set(earlier)

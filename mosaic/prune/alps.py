@@ -8,7 +8,7 @@ variables B = W·S (kept in the weights' [out, in] layout, so each projection is
 code holds the transpose), the target B₀·H, (H + ρI)⁻¹ from one fp64 eigendecomposition, the first
 support from the largest |B₀| (= |W|·‖X_j‖), ρ₀ = 0.1, checks every 3 iterations, a 300-iteration cap.
 
-What differs, none of it changing the algorithm:
+What differs without changing the algorithm:
 - Projections sharing an input (q/k/v, gate/up) share H: their rows of B are solved in one ADMM,
   each with its own exact budget of round(s·numel) pruned weights (the official code has one budget
   per matrix; it never sees shared inputs).
@@ -17,9 +17,18 @@ What differs, none of it changing the algorithm:
   official test reads the unmasked one, which never vanishes, so it always ran to the cap).
 - (H + ρI)⁻¹ is rebuilt from the fp64 eigenvectors in fp32 (the precision the official code uses it in),
   and the device is the weights' (no hard-coded CUDA); the ρ reset keeps the dense start at hand.
-- ADMM's final support competes with the initial one (both refined by the same CG), per projection.
+- The eigendecomposition is kept with the statistics (``cached_eigen``), so the search, which prunes one
+  group at many sparsities, computes it once per group; the results are bit for bit those of a fresh one.
 - Columns removed whole (composite pruning) are dropped from the problem, so the solve moves their
   contribution onto the kept columns; the sparsities then apply to what is kept.
+
+One addition that can change the result, on by default (``alps_guard``; ``guard``): when ADMM's final
+support differs from the initial one, B0 is also refitted on the initial support by the same CG, and any
+projection whose ADMM result fits worse (by ``fit``) takes that refit instead. ADMM is a heuristic on a
+non-convex problem: with H = I, where magnitude pruning is the exact optimum, it can end a few weights off
+it, and the guard then returns magnitude pruning. On real activations it has not been seen to fire
+(``alps_start_kept`` in the notes counts it). When the two supports agree the guard does nothing, not even
+its CG.
 """
 
 from __future__ import annotations
@@ -56,12 +65,31 @@ def projector(segments: list[tuple[int, int, int]], nm: tuple[int, int] | None):
     return keep
 
 
-def admm(H: torch.Tensor, target: torch.Tensor, B0: torch.Tensor, keep, kept: int, rho: float,
-         max_iter: int, update_iter: int = 3, switch_iter: int = 30) -> tuple[torch.Tensor, dict]:
-    """The ADMM loop with the official ρ schedule; returns B (not yet projected) and what it did."""
+def eigen(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L, Q with H = Q diag(L) Qᵀ, from one fp64 eigendecomposition, kept in fp32: (H + ρI)⁻¹ is rebuilt
+    from them for every ρ in fp32, the precision the official code uses it in."""
     L, Q = torch.linalg.eigh(H.double())
-    L, Q = L.float(), Q.float()  # (H + ρI)⁻¹ = Q diag(1/(L+ρ)) Qᵀ, rebuilt in fp32 as the official uses it
-    eigh_done = time.perf_counter()
+    return L.float(), Q.float()
+
+
+def cached_eigen(stats: InputStats, H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eigen`` of ``H``, the normalised Hessian of these statistics at ``percdamp`` on H's device, computed
+    once and kept with the statistics (where they live, as ``sparsegpt.cached_factor``): pruning the group
+    again at another sparsity (the search's levels and mutations) reuses it, bit for bit."""
+    key = ("alps", percdamp)
+    if key in stats.derived:
+        L, Q = stats.derived[key]
+        return L.to(H.device), Q.to(H.device)
+    L, Q = eigen(H)
+    stats.derived[key] = (L.to(stats.device), Q.to(stats.device))
+    return L, Q
+
+
+def admm(eig: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor, B0: torch.Tensor, keep, kept: int,
+         rho: float, max_iter: int, update_iter: int = 3, switch_iter: int = 30) -> tuple[torch.Tensor, dict]:
+    """The ADMM loop with the official ρ schedule on H = Q diag(L) Qᵀ (``eig``); returns B (not yet
+    projected) and what it did."""
+    L, Q = eig
 
     def inverse(r: float) -> torch.Tensor:
         return (Q / (L + r)) @ Q.t()
@@ -100,7 +128,7 @@ def admm(H: torch.Tensor, target: torch.Tensor, B0: torch.Tensor, keep, kept: in
         if it > switch_iter and change < 3e-4 * kept:
             break
         Hinv = inverse(rho)
-    return B, {"iterations": it, "rho": rho, "support_change": change / max(kept, 1), "eigh_done": eigh_done}
+    return B, {"iterations": it, "rho": rho, "support_change": change / max(kept, 1)}
 
 
 def conjugate_gradient(H: torch.Tensor, target: torch.Tensor, X: torch.Tensor, support: torch.Tensor,
@@ -139,22 +167,39 @@ def fit(H: torch.Tensor, B: torch.Tensor, target: torch.Tensor) -> float:
     return float((B * (B @ H)).sum() - 2 * (B * target).sum())
 
 
+def guard(H: torch.Tensor, target: torch.Tensor, B: torch.Tensor, B0: torch.Tensor, support: torch.Tensor,
+          start: torch.Tensor, segments: list[tuple[int, int, int]], cg_iters: int) -> list[int]:
+    """Where ADMM's ``support`` differs from the initial one (``start``, the largest |B0|): refit B0 on
+    ``start`` by the same CG, and in each projection (segment of rows) whose refined B fits worse, put
+    that refit in B's place. Returns those projections. When the supports agree there is nothing to
+    compare and the second CG is skipped."""
+    if torch.equal(support, start):
+        return []
+    start_over, _ = conjugate_gradient(H, target, B0, start, cg_iters)
+    worse = [j for j, (r0, r1, _) in enumerate(segments)
+             if fit(H, B[r0:r1], target[r0:r1]) > fit(H, start_over[r0:r1], target[r0:r1])]
+    for j in worse:
+        r0, r1, _ = segments[j]
+        B[r0:r1] = start_over[r0:r1]
+    return worse
+
+
 def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float],
           nm: tuple[int, int] | None = None, percdamp: float = 0.01, forced_columns: torch.Tensor | None = None,
-          alps_rho0: float = 0.1, alps_max_iter: int = 300, alps_cg_iters: int = 10, **_) -> list[dict]:
+          alps_rho0: float = 0.1, alps_max_iter: int = 300, alps_cg_iters: int = 10, alps_guard: bool = True,
+          **_) -> list[dict]:
     """Prune the weights of one projection group in place; one info dict per projection.
 
-    Besides ADMM's support, the initial one (refined by the same CG) is kept for any projection where
-    it fits better: ADMM is a heuristic on a non-convex problem and, with H = I, can end up a little off
-    magnitude pruning, the exact optimum. On real activations this almost never applies
-    (``alps_start_kept`` in the notes says when it did)."""
+    ``alps_guard`` (see ``guard``): where ADMM's support differs from the initial one, each projection
+    whose CG-refined fit is worse than that of the initial support refined by the same CG gets the latter
+    (``alps_start_kept`` in its notes). Off, the result is ADMM's support and CG alone."""
     if nm is None and (forced_columns is None or not bool(forced_columns.any())):
         active = [j for j, (w, s) in enumerate(zip(weights, sparsities)) if target_count(w.numel(), s)]
         if len(active) < len(weights):  # a projection with nothing to prune is left exactly as it is
             infos = [{} for _ in weights]
             if active:
                 solved = prune([weights[j] for j in active], stats, [sparsities[j] for j in active], None, percdamp,
-                               None, alps_rho0, alps_max_iter, alps_cg_iters)
+                               None, alps_rho0, alps_max_iter, alps_cg_iters, alps_guard)
                 for j, info in zip(active, solved):
                     infos[j] = info
             return infos
@@ -170,6 +215,11 @@ def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float
             raise ValueError("N:M cannot be combined with structured column removal")
         columns = (~forced_columns.to(device)).nonzero().squeeze(1)
         H, B0, target = H[columns][:, columns], B0[:, columns].contiguous(), target[:, columns].contiguous()
+        eig = eigen(H)  # of this restriction of H: not kept
+    else:
+        eig = cached_eigen(stats, H, percdamp)
+    sync()
+    eigh_done = time.perf_counter()
     inputs = B0.shape[1]
     segments, r0 = [], 0
     for w, s in zip(weights, sparsities):
@@ -178,16 +228,12 @@ def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float
     kept = B0.numel() - (B0.numel() * nm[0] // nm[1] if nm else sum(p for _, _, p in segments))
     keep = projector(segments, nm)
 
-    B, info = admm(H, target, B0, keep, kept, alps_rho0, alps_max_iter)
+    B, info = admm(eig, target, B0, keep, kept, alps_rho0, alps_max_iter)
     sync()
     admm_done = time.perf_counter()
-    B, cg_iters = conjugate_gradient(H, target, B, keep(B), alps_cg_iters)
-    start_over, _ = conjugate_gradient(H, target, B0, keep(B0), alps_cg_iters)
-    worse = [j for j, (r0, r1, _) in enumerate(segments)
-             if fit(H, B[r0:r1], target[r0:r1]) > fit(H, start_over[r0:r1], target[r0:r1])]
-    for j in worse:
-        r0, r1, _ = segments[j]
-        B[r0:r1] = start_over[r0:r1]
+    support = keep(B)
+    B, cg_iters = conjugate_gradient(H, target, B, support, alps_cg_iters)
+    worse = guard(H, target, B, B0, support, keep(B0), segments, alps_cg_iters) if alps_guard else []
     sync()
     if columns is not None:
         full = torch.zeros(B.shape[0], forced_columns.numel(), device=device)
@@ -197,7 +243,7 @@ def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float
     for w, part in zip(weights, W.split([w.shape[0] for w in weights])):
         w.copy_(part)
     end = time.perf_counter()
-    seconds = {"eigh_s": info["eigh_done"] - start, "admm_s": admm_done - info["eigh_done"],
+    seconds = {"eigh_s": eigh_done - start, "admm_s": admm_done - eigh_done,
                "cg_s": end - admm_done}
     infos = [{"alps_iters": info["iterations"], "alps_rho": info["rho"], "alps_cg_iters": cg_iters,
               "alps_support_change": info["support_change"], **({"alps_start_kept": True} if j in worse else {})}
