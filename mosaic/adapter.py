@@ -82,6 +82,14 @@ class Adapter:
     def head_dim(self, layer: nn.Module) -> int:
         return layer.self_attn.head_dim
 
+    def attention_block(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The block's first residual half: h + o_proj(attention(input_layernorm(h)))."""
+        return hidden + layer.self_attn(hidden_states=layer.input_layernorm(hidden), **kwargs)[0]
+
+    def mlp_block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The second half: h + down_proj(act(gate_proj(n(h))) · up_proj(n(h)))."""
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
     def staged_forward(
         self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict
     ) -> Generator[tuple[tuple[str, ...], torch.Tensor], None, torch.Tensor]:

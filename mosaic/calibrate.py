@@ -180,6 +180,7 @@ def run_layers(
     scope: Callable[[int], AbstractContextManager] | None = None,
     start: int = 0,
     one_batch: bool | None = None,
+    recovery=None,
 ) -> None:
     """Walk all decoder layers, calling ``on_group`` with each group's input statistics.
 
@@ -198,14 +199,17 @@ def run_layers(
     cache: dict = {}
     if calib_dtype is not None:
         acts.hidden = [h.to(calib_dtype) for h in acts.hidden]
+    if recovery is not None and recovery.dense is None:  # layer 0: the dense and pruned inputs are the same
+        recovery.dense = list(acts.hidden)
     for index in tqdm(range(start, len(layers)), desc=desc, unit="layer", leave=False):
         with scope(index) if scope is not None else nullcontext():
-            _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, calib_dtype, cache, one_batch)
+            _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, calib_dtype, cache, one_batch,
+                       recovery)
         cache = {k: v for k, v in cache.items() if k[1] != index}  # this layer's kwargs are done
 
 
 def _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, calib_dtype, cache,
-               one_batch=None) -> None:
+               one_batch=None, recovery=None) -> None:
     """One layer's turn: its groups' statistics to ``on_group``, and ``acts.hidden`` advanced past it."""
     layer = layers[index]
     last = index == len(layers) - 1
@@ -220,6 +224,12 @@ def _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, c
         host = device.type == "cuda" and acts.hidden[0].device.type == "cpu"  # a GPU computes, the host keeps
         if host:  # pinned: fast host <-> device copies, and the non-blocking upload below is safe
             acts.hidden = [h if h.is_pinned() else h.pin_memory() for h in acts.hidden]
+        pruned_inputs, master_kwargs = None, None
+        if recovery is not None:  # the dense layer's outputs, before the kernel changes it (in the weights' dtype)
+            pruned_inputs, dtype = list(acts.hidden), next(layer.parameters()).dtype
+            master_kwargs = [layer_kwargs(acts, index, torch.empty(h.shape[0], 0, dtype=dtype), device, cache)
+                             for h in acts.hidden]
+            recovery.targets(layer, master_kwargs, device)
         keep = _to_pinned_host if host and not last else None
         if mode == "sequential" and (host if one_batch is None else one_batch):
             outputs = _sequential_one_batch(adapter, work, index, acts.hidden, kwargs, on_work_group, hessian,
@@ -233,6 +243,8 @@ def _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, c
             if mode == "reference" and not last:
                 outputs = [_tensor(work(h, **kw)) for h, kw in zip(inputs, kwargs)]
         del work
+        if recovery is not None:
+            outputs = recovery.tune(index, layer, pruned_inputs, master_kwargs, device, outputs, last)
         if not last:
             acts.hidden = [o.to(h.device) for o, h in zip(outputs, acts.hidden)]
 

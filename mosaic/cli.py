@@ -103,6 +103,25 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--no_true_sequential", "--no-true_sequential", dest="true_sequential", action="store_false",
                    help="the reference code's two-pass loop")
 
+    g = p.add_argument_group("recovery (mask kept: zeros stay zeros)")
+    g.add_argument("--reconstruct", default=d.reconstruct, choices=("none", "layer", "sublayer"),
+                   help="after each layer is pruned, tune its kept weights so that its output matches the dense "
+                        "layer's: the whole layer at once, or attention and MLP separately (none)")
+    g.add_argument("--reconstruct_steps", type=int, default=d.reconstruct_steps,
+                   help=f"Adam steps per layer (or per half, sublayer) ({d.reconstruct_steps})")
+    g.add_argument("--reconstruct_lr", type=float, default=d.reconstruct_lr,
+                   help=f"reconstruction learning rate ({d.reconstruct_lr:g})")
+    g.add_argument("--reconstruct_batch", type=int, default=d.reconstruct_batch,
+                   help=f"calibration windows per reconstruction step ({d.reconstruct_batch})")
+    g.add_argument("--distill_steps", type=int, default=d.distill_steps,
+                   help="end-to-end distillation steps from the dense model after pruning (0: none)")
+    g.add_argument("--distill_lr", type=float, default=d.distill_lr, help=f"AdamW peak learning rate ({d.distill_lr:g})")
+    g.add_argument("--distill_batch", type=int, default=d.distill_batch,
+                   help=f"windows per distillation step, accumulated one at a time ({d.distill_batch})")
+    g.add_argument("--distill_windows", type=int, default=d.distill_windows,
+                   help=f"calibration windows to distil on, none used for statistics; 1/8 as many more are held "
+                        f"out to keep the best state ({d.distill_windows})")
+
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_datasets", default=d.eval_datasets,
                    help="comma list: wiki-offline, wikitext2, ptb (test), ptb-val, c4, or files; none to skip")

@@ -36,6 +36,8 @@ class Workload:
     kernel: str | None = None  # kernel name (magnitude, wanda, sparsegpt, alps); None: nothing pruned
     stats: str = "none"  # what the kernel reads: none | norms | hessian
     mode: str | None = "sequential"  # engine mode; dense and reference hold all groups' statistics at once
+    reconstruct: str | None = None  # recovery granularity (layer | sublayer): a second, dense activation stream
+    reconstruct_batch: int = 8  # windows per reconstruction step
 
 
 def _widest(config, per_layer: str, name: str) -> int:
@@ -72,6 +74,7 @@ def device_need(config, weights: int, work: Workload, dtype: torch.dtype, one_ba
         "layer_copy": 0,
         "hessian": 0,
         "kernel": 0,
+        "reconstruct": 0,
     }
     if calib != dtype:  # forwards run on a copy of the layer in the calibration dtype
         need["layer_copy"] = sum(o * i for o, i in shapes) * c
@@ -82,7 +85,24 @@ def device_need(config, weights: int, work: Workload, dtype: torch.dtype, one_ba
         need["kernel"] = max(9 * o * i * FP32 + i * i * (3 * FP32 + 2 * 8) for o, i in shapes)
     elif work.kernel == "sparsegpt":  # W fp32 and its mask; H and its inverse Cholesky factor
         need["kernel"] = max(o * i * (FP32 + 1) + 2 * i * i * FP32 for o, i in shapes)
+    if work.reconstruct is not None:
+        need["reconstruct"] = reconstruct_need(config, work, seqlen, tokens, calib, dtype)
     return need
+
+
+def reconstruct_need(config, work: Workload, seqlen: int, tokens: int, calib: torch.dtype,
+                     dtype: torch.dtype) -> int:
+    """What reconstruction adds to a layer's turn: the dense stream's inputs and the dense layer's outputs
+    (and, sublayer, its residual stream after attention) for every window; the pruned inputs kept for
+    training; and one step's autograd: ~12 hidden-wide and 4 intermediate-wide activations per token of
+    the step's batch, the layer's gradients and Adam's two moments (fp32)."""
+    h, c = config.hidden_size, calib.itemsize
+    inter = groups(config)[3][1]
+    streams = (4 if work.reconstruct == "sublayer" else 3) * tokens * h * c
+    step_tokens = min(work.reconstruct_batch, work.nsamples) * seqlen
+    autograd = step_tokens * (12 * h + 4 * inter) * FP32
+    layer = sum(o * i for o, i in groups(config))
+    return streams + autograd + 3 * layer * max(dtype.itemsize, FP32)
 
 
 def describe(need: dict[str, int]) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mosaic import __version__, fit, stream
+from mosaic import __version__, fit, recover, stream
 from mosaic import allocate as alloc
 from mosaic.adapter import PROJECTIONS
 from mosaic.calibrate import Activations, capture, check_staged_forward, layer_kwargs, on_device, working_copy
@@ -99,6 +99,14 @@ class Options:
     alps_cg_iters: int = 10
     search_windows: int = 8  # --allocation search: Fisher windows, and as many held out to score allocations
     search_budget: int = 16  # --allocation search: generations of evolutionary refinement (0: the curve solve only)
+    reconstruct: str = "none"  # recovery: tune each pruned layer (or its attention and MLP) to the dense output
+    reconstruct_steps: int = recover.ReconstructSpec.steps
+    reconstruct_lr: float = recover.ReconstructSpec.lr
+    reconstruct_batch: int = recover.ReconstructSpec.batch
+    distill_steps: int = 0  # recovery: end-to-end distillation from the dense model afterwards (0: none)
+    distill_lr: float = recover.DistillSpec.lr
+    distill_batch: int = recover.DistillSpec.batch
+    distill_windows: int = 64  # calibration windows to distil on, none of them used for statistics
     eval_datasets: str = "wiki-offline"
     eval_windows: int | None = None
     eval_seqlen: int = 2048
@@ -138,6 +146,8 @@ class Plan:
     zs_tasks: list[str] | None
     offline: bool
     kv: KVSparsity | None = None  # Mustafar KV-cache sparsity applied in evaluation
+    reconstruct: recover.ReconstructSpec | None = None  # recovery: layer-wise reconstruction
+    distill: recover.DistillSpec | None = None  # recovery: end-to-end distillation
 
     @property
     def needs_profile(self) -> bool:
@@ -150,7 +160,12 @@ class Plan:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.kernel is not None and (self.kernel.stats != "none" or self.needs_profile)
+        return self.kernel is not None and (self.kernel.stats != "none" or self.needs_profile
+                                            or self.recovers)
+
+    @property
+    def recovers(self) -> bool:
+        return self.reconstruct is not None or self.distill is not None
 
 
 def run(opts: Options) -> dict:
@@ -161,8 +176,10 @@ def run(opts: Options) -> dict:
     calib = calibration(setup, plan, opts, timer)
     profile = profile_step(setup, calib, plan, timer)
     allocation = allocate_step(setup, plan, profile, opts, calib, timer)
-    notes = prune_step(setup, calib, allocation, profile, plan, opts, timer)
-    results = record(setup, plan, allocation, profile, notes, opts)
+    teacher = teacher_step(setup, plan)
+    notes, reconstruction = prune_step(setup, calib, allocation, profile, plan, opts, timer)
+    distilled = distill_step(setup, calib, teacher, plan, timer)
+    results = record(setup, plan, allocation, profile, notes, opts, recovery_report(reconstruction, distilled))
     saved = export(setup, results, opts, timer)
     return evaluate(setup, texts, saved, results, plan, opts, timer)
 
@@ -287,13 +304,70 @@ def validate(opts: Options) -> Plan:
     else:
         mode = "sequential" if opts.true_sequential else "reference"
     kv = kv_spec(opts, bool(names) or tasks is not None)
+    reconstruct, distill_spec = recovery_specs(opts, kernel, mode)
     lamda, hyper_m = alloc.hyper_defaults(allocation)
     plan = Plan(kernel=kernel, allocation=allocation, allocation_file=file, nm=nm, composite=composite, mode=mode,
                 lamda=lamda if opts.Lamda is None else opts.Lamda,
                 hyper_m=hyper_m if opts.Hyper_m is None else opts.Hyper_m,
-                eval_names=names, zs_tasks=tasks, offline=offline, kv=kv)
+                eval_names=names, zs_tasks=tasks, offline=offline, kv=kv, reconstruct=reconstruct,
+                distill=distill_spec)
     check_offload(opts, plan)
     return plan
+
+
+def _integer(value, option: str, minimum: int) -> None:
+    """A whole number (not a float or bool that happens to compare) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(option, f"must be a whole number, got {value!r}")
+    if value < minimum:
+        raise OptionError(option, f"must be >= {minimum}, got {value}")
+
+
+RECONSTRUCT_KNOBS = ("reconstruct_steps", "reconstruct_lr", "reconstruct_batch")
+DISTILL_KNOBS = ("distill_lr", "distill_batch", "distill_windows")
+
+
+def recovery_specs(opts: Options, kernel: Kernel | None, mode: str | None):
+    """Reconstruction and distillation as the options ask: every knob checked whether or not it is used,
+    one warning for a valid knob that this run ignores."""
+    if opts.reconstruct not in recover.GRANULARITIES:
+        raise OptionError("reconstruct", f"'{opts.reconstruct}' is not one of {', '.join(recover.GRANULARITIES)}")
+    _integer(opts.reconstruct_steps, "reconstruct_steps", 0)
+    _integer(opts.reconstruct_batch, "reconstruct_batch", 1)
+    _integer(opts.distill_steps, "distill_steps", 0)
+    _integer(opts.distill_batch, "distill_batch", 1)
+    _integer(opts.distill_windows, "distill_windows", 2)
+    for option in ("reconstruct_lr", "distill_lr"):
+        if isinstance(getattr(opts, option), bool) or not isinstance(getattr(opts, option), int | float):
+            raise OptionError(option, f"must be a number, got {getattr(opts, option)!r}")
+        _number(getattr(opts, option), option)
+    defaults = Options()
+    if opts.reconstruct == "none":
+        for option in RECONSTRUCT_KNOBS:
+            if getattr(opts, option) != getattr(defaults, option):
+                log.warning("--%s has no effect without --reconstruct layer or sublayer", option)
+    if opts.distill_steps == 0:
+        for option in DISTILL_KNOBS:
+            if getattr(opts, option) != getattr(defaults, option):
+                log.warning("--%s has no effect without --distill_steps", option)
+    wanted = opts.reconstruct != "none" or opts.distill_steps > 0
+    if kernel is None:
+        if wanted:
+            log.warning("nothing is pruned in this run: --reconstruct and --distill_steps have no effect")
+        return None, None
+    if opts.reconstruct != "none" and mode == "dense" and kernel.stats == "hessian":
+        raise OptionError("reconstruct", f"tunes each layer on the pruned model's activations, which {kernel.name} "
+                          "with --calib_stats dense does not carry; use --calib_stats sequential")
+    reconstruct = None
+    if opts.reconstruct != "none":
+        reconstruct = recover.ReconstructSpec(granularity=opts.reconstruct, steps=opts.reconstruct_steps,
+                                              lr=float(opts.reconstruct_lr), batch=opts.reconstruct_batch,
+                                              seed=opts.seed)
+    distill = None
+    if opts.distill_steps > 0:
+        distill = recover.DistillSpec(steps=opts.distill_steps, lr=float(opts.distill_lr), batch=opts.distill_batch,
+                                      seed=opts.seed)
+    return reconstruct, distill
 
 
 def check_offload(opts: Options, plan: Plan) -> None:
@@ -310,6 +384,12 @@ def check_offload(opts: Options, plan: Plan) -> None:
         if plan.allocation == "search" and plan.allocation_file is None:
             raise OptionError("allocation", "search needs the whole model in memory; use --offload none, or "
                               "apply a map found on a larger machine with --allocation_file")
+        if plan.distill is not None:
+            raise OptionError("distill_steps", DISTILL_STREAMED)
+
+
+DISTILL_STREAMED = ("needs the dense teacher and the pruned student in memory together, and this run streams the "
+                    "model from disk; use --offload none on a machine where both fit, or --reconstruct alone")
 
 
 def kv_spec(opts: Options, evaluates: bool) -> KVSparsity | None:
@@ -379,6 +459,10 @@ def load(opts: Options, plan: Plan, timer: Timer) -> Setup:
         raise OptionError("allocation", "search needs the whole model in memory, and this run streams it "
                           "(--offload); use --offload none, or apply a map found on a larger machine with "
                           "--allocation_file")
+    if streamed is not None and plan.distill is not None:
+        raise OptionError("distill_steps", DISTILL_STREAMED)
+    if plan.distill is not None:
+        check_distill_fits(loaded.model, opts)
     model, adapter = loaded.model, loaded.adapter
     check_finite(model)
     n_layers = len(adapter.layers(model))
@@ -403,7 +487,9 @@ def workload(opts: Options, plan: Plan) -> fit.Workload | None:
     calib = None if opts.calib_dtype == "auto" else resolve_calib_dtype(opts.calib_dtype, torch.float32, None)
     return fit.Workload(nsamples=opts.nsamples, seqlen=opts.seqlen, batch_size=opts.calib_batch_size,
                         calib_dtype=calib, kernel=plan.kernel.name if plan.kernel else None,
-                        stats=plan.kernel.stats if plan.kernel else "none", mode=plan.mode)
+                        stats=plan.kernel.stats if plan.kernel else "none", mode=plan.mode,
+                        reconstruct=None if opts.reconstruct == "none" else opts.reconstruct,
+                        reconstruct_batch=opts.reconstruct_batch)
 
 
 def check_finite(model) -> None:
@@ -434,6 +520,8 @@ class Calibration:
     batch_size: int
     held_out: torch.Tensor | None = None  # allocation search: the windows drawn after these (not in statistics)
     validation: torch.Tensor | None = None  # ... and after those, to judge the refined map on unseen tokens
+    distill: torch.Tensor | None = None  # distillation: training windows, none of them in the statistics
+    distill_held_out: torch.Tensor | None = None  # ... and the ones that choose the state to keep
 
     def activations(self, setup: Setup) -> Activations:
         """Fresh layer-0 inputs (each pass over the layers consumes its own)."""
@@ -448,11 +536,20 @@ def calibration(setup: Setup, plan: Plan, opts: Options, timer: Timer) -> Calibr
         extra = 0
         if plan.allocation == "search" and plan.allocation_file is None:  # held out; and validation, to refine
             extra = opts.search_windows * (2 if opts.search_budget > 0 else 1)
-        windows = calibration_windows(setup.loaded.tokenizer, opts.calib_dataset, opts.nsamples + extra,
-                                      setup.seqlen, opts.seed)  # the same first nsamples windows either way
+        distilled = distill_split(opts) if plan.distill is not None else (0, 0)
+        windows = calibration_windows(setup.loaded.tokenizer, opts.calib_dataset, opts.nsamples,
+                                      setup.seqlen, opts.seed, held_out=extra + sum(distilled))
     n, k = opts.nsamples, opts.search_windows
-    return Calibration(windows[:n], opts.calib_batch_size, windows[n:n + k] if extra else None,
-                       windows[n + k:] if extra > k else None)
+    searched = windows[n:n + extra]
+    rest = windows[n + extra:]
+    return Calibration(windows[:n], opts.calib_batch_size, searched[:k] if extra else None,
+                       searched[k:] if extra > k else None,
+                       rest[:distilled[0]] if plan.distill else None, rest[distilled[0]:] if plan.distill else None)
+
+
+def distill_split(opts: Options) -> tuple[int, int]:
+    """Distillation windows: (training, held out to keep the best state)."""
+    return opts.distill_windows, max(2, opts.distill_windows // 8)
 
 
 def profile_step(setup: Setup, calib: Calibration | None, plan: Plan, timer: Timer) -> Profile | None:
@@ -583,41 +680,55 @@ def plan_composite(setup: Setup, profile: Profile, plan: Plan, opts: Options) ->
 # --- prune -------------------------------------------------------------------------------------------
 
 def prune_step(setup: Setup, calib: Calibration | None, allocation: Allocation, profile: Profile | None,
-               plan: Plan, opts: Options, timer: Timer) -> list[dict]:
-    """Prune every projection as allocated, from the statistics the plan's mode names; then remove the
-    planned heads and channels physically (composite). Returns notes (e.g. extra damping)."""
+               plan: Plan, opts: Options, timer: Timer) -> tuple[list[dict], recover.Reconstruction | None]:
+    """Prune every projection as allocated, from the statistics the plan's mode names, each layer then
+    reconstructed (if asked); then remove the planned heads and channels physically (composite). Returns
+    notes (e.g. extra damping) and the reconstruction's record."""
     kernel = plan.kernel
+    recovery = recover.Reconstruction(setup.adapter, plan.reconstruct) if plan.reconstruct else None
     if setup.stream is not None:
-        return prune_streamed(setup, calib, allocation, profile, plan, opts, timer)
+        return prune_streamed(setup, calib, allocation, profile, plan, opts, timer, recovery), recovery
     if kernel is None:
-        return []
+        return [], None
     model, structure = setup.model, allocation.structure
     with timer("prune"):
         notes = prune_as_planned(model, setup, calib, allocation.sparsity, allocation.nm, profile, plan, opts,
-                                 structure)
+                                 structure, recovery=recovery)
     if structure is not None:
         with timer("restructure"):
             restructure(model, setup.adapter, structure)
-    return notes
+    return notes, recovery
 
 
 def prune_as_planned(model: nn.Module, setup: Setup, calib: Calibration | None, sparsity: SparsityMap, nm: NMPlan,
                      profile: Profile | None, plan: Plan, opts: Options, structure: list | None = None,
-                     keep_stats: list[dict] | None = None) -> list[dict]:
+                     keep_stats: list[dict] | None = None,
+                     recovery: recover.Reconstruction | None = None) -> list[dict]:
     """Prune ``model`` (the run's model, or a copy of it) in place with the plan's kernel and statistics
-    (with ``keep_stats``, one dict per layer, also the statistics each group was pruned with)."""
+    (with ``keep_stats``, one dict per layer, also the statistics each group was pruned with), each layer
+    reconstructed by ``recovery`` right after its kernel ran."""
     kernel, adapter = plan.kernel, setup.adapter
-    if plan.mode == "dense" and kernel.stats == "norms":  # Wanda: the profiling pass's own statistics
-        if keep_stats is not None:
-            for kept, layer_stats in zip(keep_stats, profile.stats):
-                kept.update(layer_stats)
-        return prune_from_stats(model, adapter, kernel, sparsity, nm, profile.stats, setup.compute, structure)
-    acts = calib.activations(setup) if plan.mode else None
-    if plan.mode in ("sequential", "reference"):
+    given = profile.stats if plan.mode == "dense" and kernel.stats == "norms" else None  # Wanda, dense statistics
+    if given is not None and keep_stats is not None:
+        for kept, layer_stats in zip(keep_stats, given):
+            kept.update(layer_stats)
+    if given is not None and recovery is None:  # the profiling pass's own statistics: no second pass
+        return prune_from_stats(model, adapter, kernel, sparsity, nm, given, setup.compute, structure)
+    mode = engine_mode(plan, recovery)
+    acts = calib.activations(setup) if mode else None
+    if mode in ("sequential", "reference"):
         check_staged(setup, acts)
-    return prune_model(model, adapter, kernel, sparsity, nm, acts, mode=plan.mode or "sequential",
+    return prune_model(model, adapter, kernel, sparsity, nm, acts, mode=mode or "sequential",
                        compute=setup.compute, calib_dtype=setup.calib_dtype, options=kernel_options(opts),
-                       structure=structure, keep_stats=keep_stats)
+                       structure=structure, keep_stats=keep_stats, stats=given, recovery=recovery)
+
+
+def engine_mode(plan: Plan, recovery: recover.Reconstruction | None) -> str | None:
+    """The engine's mode: the plan's, except that reconstruction walks the pruned model's activations even
+    where the kernel reads none (magnitude) or reads the profiling pass's (Wanda with dense statistics)."""
+    if recovery is not None and plan.mode in (None, "dense"):
+        return "sequential"
+    return plan.mode
 
 
 def kernel_options(opts: Options) -> dict:
@@ -626,7 +737,8 @@ def kernel_options(opts: Options) -> dict:
 
 
 def prune_streamed(setup: Setup, calib: Calibration | None, allocation: Allocation, profile: Profile | None,
-                   plan: Plan, opts: Options, timer: Timer) -> list[dict]:
+                   plan: Plan, opts: Options, timer: Timer,
+                   recovery: recover.Reconstruction | None = None) -> list[dict]:
     """The same pruning, one layer in memory at a time, each written as it is done (the dense model is
     copied through when nothing is pruned)."""
     kernel = plan.kernel
@@ -634,15 +746,55 @@ def prune_streamed(setup: Setup, calib: Calibration | None, allocation: Allocati
     with timer("prune"):
         notes = setup.stream.prune(
             kernel=kernel, sparsity=allocation.sparsity, nm=allocation.nm,
-            activations=(lambda: calib.activations(setup)) if calib else None, mode=plan.mode,
+            activations=(lambda: calib.activations(setup)) if calib else None, mode=engine_mode(plan, recovery),
             compute=setup.compute, calib_dtype=setup.calib_dtype,
             options=kernel_options(opts),
             run_options=asdict(opts), stats=profile.stats if dense_wanda else None,
-            check=(lambda acts: check_staged(setup, acts)) if plan.mode in ("sequential", "reference") else None,
-            structure=allocation.structure)
+            check=(lambda acts: check_staged(setup, acts)) if engine_mode(plan, recovery) in ("sequential", "reference")
+            else None, structure=allocation.structure, recovery=recovery)
     if allocation.structure is not None:
         reconfigure(setup.model, allocation.structure)  # the layers were sliced as they were written
     return notes
+
+
+# --- recover ---------------------------------------------------------------------------------------------
+
+def teacher_step(setup: Setup, plan: Plan) -> nn.Module | None:
+    """The dense model, copied before pruning changes it in place: distillation's teacher."""
+    return recover.teacher_copy(setup.model) if plan.distill is not None else None
+
+
+def distill_step(setup: Setup, calib: Calibration | None, teacher: nn.Module | None, plan: Plan,
+                 timer: Timer) -> dict | None:
+    """End-to-end distillation of the pruned model from the dense one, mask frozen (optional)."""
+    if teacher is None:
+        return None
+    with timer("distill"):
+        report = recover.distill(setup.model, teacher, setup.adapter, calib.distill, calib.distill_held_out,
+                                 plan.distill)
+    del teacher
+    return report
+
+
+def check_distill_fits(model: nn.Module, opts: Options) -> None:
+    """Teacher and student together, the optimizer's state and one micro-batch's logits must fit where the
+    model lives; refuse in one line before any work otherwise."""
+    device = next(model.parameters()).device
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = recover.distill_need(model, min(opts.seqlen, int(getattr(model.config, "max_position_embeddings",
+                                                                    opts.seqlen) or opts.seqlen)))
+    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else stream.available_memory()
+    if need > have:
+        raise OptionError("distill_steps", f"distillation needs about {need / 2**30:.1f} GiB beside what is loaded "
+                          f"(a dense teacher of {weights / 2**30:.1f} GiB, the optimizer's state and one window's "
+                          f"logits) and {have / 2**30:.1f} GiB is free on {device}; use --reconstruct alone, or a "
+                          "smaller --seqlen")
+
+
+def recovery_report(reconstruction: recover.Reconstruction | None, distilled: dict | None) -> dict | None:
+    if reconstruction is None and distilled is None:
+        return None
+    return {"reconstruct": reconstruction.report() if reconstruction else None, "distill": distilled}
 
 
 def check_staged(setup: Setup, acts: Activations) -> None:
@@ -668,7 +820,7 @@ def alps_report(notes: list[dict], opts: Options) -> dict:
 # --- record, export ----------------------------------------------------------------------------------
 
 def record(setup: Setup, plan: Plan, allocation: Allocation, profile: Profile | None, notes: list[dict],
-           opts: Options) -> dict:
+           opts: Options, recovery: dict | None = None) -> dict:
     """results.json as it stands once pruning is done; evaluation fills in the rest."""
     model, loaded = setup.model, setup.loaded
     achieved = setup.stream.achieved if setup.stream else measure(model, setup.adapter)
@@ -706,6 +858,8 @@ def record(setup: Setup, plan: Plan, allocation: Allocation, profile: Profile | 
         results["alps"] = alps_report(notes, opts)
     if profile is not None:
         results["profile"] = profile.to_json()
+    if recovery is not None:
+        results["recovery"] = recovery
     return results
 
 

@@ -72,6 +72,16 @@ def summary_text(r: dict) -> str:
         z = r["zero_shot"]
         lines.append(f"  zero-shot    mean acc {z['mean_acc']:.4f} over {len(z['tasks'])} tasks"
                      + (f" (limit {z['limit']} per task)" if z.get("limit") else ""))
+    rec = r.get("recovery") or {}
+    if rec.get("reconstruct"):
+        rc = rec["reconstruct"]
+        lines.append(f"  reconstruct  {rc['granularity']}, {rc['steps']} steps × lr {rc['lr']:g}: layer output error "
+                     f"{rc['mean_error_before']:.4f} → {rc['mean_error_after']:.4f} (mean relative; "
+                     f"{rc['tuned_layers']} of {len(rc['layers'])} layers tuned) in {rc['seconds']:.1f} s")
+    if rec.get("distill"):
+        d = rec["distill"]
+        lines.append(f"  distill      {d['steps']} steps: held-out KL to the dense model {d['held_out_kl_before']:.4f} → "
+                     f"{d['held_out_kl_after']:.4f} (best at step {d['best_step']}) in {d['seconds']:.1f} s")
     status = r.get("evaluation", {}).get("status")
     if status and status != "complete":
         lines.append(f"  evaluation   {status}" + (": results above are what finished" if status != "pending" else ""))
@@ -88,14 +98,46 @@ def summary_text(r: dict) -> str:
 
 
 def write_plots(r: dict, directory: Path) -> list[Path]:
-    """Heat-map of allocated sparsity (layers × projections) and outlier ratios by depth."""
-    rows = r["sparsity"]["per_projection"]
-    if not rows or "allocated" not in rows[0] or r["settings"].get("allocation") in (None, "uniform"):
-        return []
+    """Heat-map of allocated sparsity (layers × projections) and outlier ratios by depth; the
+    reconstruction's layer output error by depth."""
+    return allocation_plots(r, directory) + reconstruction_plot(r, directory)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def reconstruction_plot(r: dict, directory: Path) -> list[Path]:
+    rc = (r.get("recovery") or {}).get("reconstruct")
+    if not rc or not rc["layers"]:
+        return []
+    plt = _pyplot()
+    depth = [row["layer"] for row in rc["layers"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(depth, [row["error_before"] for row in rc["layers"]], marker=".", label="pruned")
+    ax.plot(depth, [row["error_after"] for row in rc["layers"]], marker=".", label="reconstructed")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("relative output error vs the dense layer")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title(f"reconstruction ({rc['granularity']}, {rc['steps']} steps, lr {rc['lr']:g})", fontsize=9)
+    fig.tight_layout()
+    path = directory / "reconstruction.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def allocation_plots(r: dict, directory: Path) -> list[Path]:
+    rows = r["sparsity"]["per_projection"]
+    if not rows or "allocated" not in rows[0] or r["settings"].get("allocation") in (None, "uniform"):
+        return []
+    plt = _pyplot()
 
     n_layers = r["model"]["layers"]
     grid = [[0.0] * len(PROJECTIONS) for _ in range(n_layers)]

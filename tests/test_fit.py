@@ -28,8 +28,17 @@ def test_activations_by_hand():
     n = need(kernel="wanda", stats="norms")
     tokens, batch = 8 * 48, 3 * 48
     assert n == {"weights": WEIGHTS, "layer_io": 2 * tokens * 64 * 4, "paused": tokens * 128 * 4,
-                 "batch_temp": 3 * batch * 128 * 4, "layer_copy": 0, "hessian": 0, "kernel": 0}
+                 "batch_temp": 3 * batch * 128 * 4, "layer_copy": 0, "hessian": 0, "kernel": 0, "reconstruct": 0}
     assert n["layer_io"] == 196608 and n["paused"] == 196608 and n["batch_temp"] == 221184
+
+
+def test_reconstruction_counts_the_dense_stream_and_one_steps_autograd_by_hand():
+    tokens, step = 8 * 48, 4 * 48
+    layer = 128 * 64 + 64 * 64 + 256 * 64 + 64 * 128
+    autograd = step * (12 * 64 + 4 * 128) * 4
+    layer_wise = need(reconstruct="layer", reconstruct_batch=4)["reconstruct"]
+    assert layer_wise == 3 * tokens * 64 * 4 + autograd + 3 * layer * 4  # dense inputs, targets, pruned inputs
+    assert need(reconstruct="sublayer", reconstruct_batch=4)["reconstruct"] == layer_wise + tokens * 64 * 4  # + mids
 
 
 def test_hessians_and_kernels_by_hand():

@@ -112,24 +112,37 @@ def prune_model(
     options: dict | None = None,
     structure: list | None = None,
     keep_stats: list[dict] | None = None,
+    stats: list[dict[tuple[str, ...], InputStats]] | None = None,
+    recovery=None,
 ) -> list[dict]:
     """Prune every projection of every layer; returns notes (e.g. extra damping) per projection. With
-    ``keep_stats`` (one dict per layer) each group's statistics, as the kernel saw them, are kept there (CPU)."""
-    if kernel.stats == "none":
-        return prune_from_stats(model, adapter, kernel, sparsity, nm, None, compute, structure)
+    ``keep_stats`` (one dict per layer) each group's statistics, as the kernel saw them, are kept there (CPU).
+    ``stats`` (from an earlier dense pass) replace the engine's own; ``recovery`` tunes each pruned layer
+    (``recover.Reconstruction``), which needs the engine's walk even for kernels that read no statistics."""
+    if recovery is None and (kernel.stats == "none" or stats is not None):
+        return prune_from_stats(model, adapter, kernel, sparsity, nm, stats, compute, structure, options)
     if acts is None:
         raise ValueError(f"{kernel.name} needs calibration activations")
     notes: list[dict] = []
     prune = _group_pruner(adapter, kernel, sparsity, nm, options or {}, structure, notes)
 
-    def on_group(index, layer, group, stats) -> None:
-        if keep_stats is not None:
-            keep_stats[index][group] = stats.to(torch.device("cpu"))
-        prune(index, layer, group, stats)
+    def on_group(index, layer, group, seen) -> None:
+        seen = stats_for(kernel, stats, index, group, seen)
+        if keep_stats is not None and seen is not None:
+            keep_stats[index][group] = seen.to(torch.device("cpu"))
+        prune(index, layer, group, seen)
 
-    run_layers(model, adapter, acts, on_group, mode=mode, hessian=kernel.stats == "hessian", compute=compute,
-               calib_dtype=calib_dtype, desc=f"prune ({kernel.name})")
+    run_layers(model, adapter, acts, on_group, mode=mode, hessian=kernel.stats == "hessian" and stats is None,
+               compute=compute, calib_dtype=calib_dtype, desc=f"prune ({kernel.name})", recovery=recovery)
     return notes
+
+
+def stats_for(kernel: Kernel, given: list[dict] | None, index: int, group: tuple[str, ...], seen: InputStats):
+    """What the kernel prunes a group from: statistics given from an earlier pass, none (magnitude), or what
+    the engine collected (``seen``)."""
+    if given is not None:
+        return given[index][group].to(seen.device)
+    return None if kernel.stats == "none" else seen
 
 
 def prune_from_stats(model: nn.Module, adapter: Adapter, kernel: Kernel, sparsity: SparsityMap, nm: NMPlan,

@@ -1,0 +1,206 @@
+"""Recovery after pruning on SmolLM2-135M: perplexity without recovery, with layer-wise reconstruction, and
+with reconstruction + distillation, and the time of each phase.
+
+Within a row only the recovery differs: the same kernel, allocation, 32 × 512 calibration windows of
+wiki-offline (seed 0), sequential statistics and fp32 forwards. Two perplexities per job:
+  - ``ppl``: the first 16 windows × 2048 tokens of the held-out wiki-offline *eval* split (the table);
+  - ``calib_ppl``: 8 windows × 512 tokens of the *calibration* split that share no token with the 32
+    statistics windows: the only number the knobs were tuned on (``--tune`` jobs).
+Finished jobs are kept in ``results/recover_runs.jsonl``, so an interrupted sweep resumes.
+
+    python benchmark/bench_recover.py                 # the table's jobs, most informative first
+    python benchmark/bench_recover.py --tune          # the knob sweep on calibration text
+    python benchmark/bench_recover.py --only=NAME,..  # some jobs
+    python benchmark/bench_recover.py --report        # only rebuild the table
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, machine_line, write  # noqa: E402
+
+RUNS = RESULTS / "recover_runs.jsonl"
+SETTINGS = dict(nsamples=32, seqlen=512, eval_windows=16, seed=0)
+SHARED_MACHINE = "--shared-machine" in sys.argv  # other jobs ran on the same cores: times are not idle figures
+
+
+def base(method: str, s: float, kind: str = "unstructured", **kw) -> dict:
+    return dict(prune_method=method, sparsity_ratio=s, sparsity_type=kind, **kw)
+
+
+RECON = dict(reconstruct="sublayer")  # the defaults of --reconstruct_steps/_lr/_batch
+DISTILL = dict(distill_steps=100)
+
+# name -> options; "none" / "recon" / "recon+distill" variants of each pruning
+PRUNINGS = {
+    "sparsegpt-uniform-0.7": base("sparsegpt", 0.7),
+    "alps-uniform-0.7": base("alps", 0.7),
+    "sparsegpt-uniform-0.5": base("sparsegpt", 0.5),
+    "sparsegpt-uniform-2:4": base("sparsegpt", 0.5, "2:4"),
+    "sparsegpt-composite-0.5-0.5": base("sparsegpt_mosaic", 0.5, "composite", structured_ratio=0.5),
+    "sparsegpt-composite-0.5-0.35": base("sparsegpt_mosaic", 0.5, "composite", structured_ratio=0.35),
+    "alps-uniform-0.5": base("alps", 0.5),
+    "sparsegpt-uniform-0.8": base("sparsegpt", 0.8),
+    "alps-uniform-0.8": base("alps", 0.8),
+    "alps-search-0.7": base("alps_search", 0.7),
+    "sparsegpt-search-0.7": base("sparsegpt_search", 0.7),
+}
+VARIANTS = {"none": {}, "recon": RECON, "recon+distill": {**RECON, **DISTILL}}
+JOBS = [(p, v) for v in ("none", "recon") for p in list(PRUNINGS)[:2]] + \
+       [(p, v) for p in list(PRUNINGS)[2:6] for v in ("none", "recon")] + \
+       [(p, "recon+distill") for p in list(PRUNINGS)[:2]] + \
+       [(p, v) for p in list(PRUNINGS)[6:] for v in ("none", "recon")]
+
+# knob sweep on calibration text (SparseGPT 70% uniform)
+TUNE = {
+    "tune-layer-20-5e-4": dict(reconstruct="layer", reconstruct_steps=20, reconstruct_lr=5e-4),
+    "tune-sublayer-20-5e-4": dict(reconstruct="sublayer", reconstruct_steps=20, reconstruct_lr=5e-4),
+    "tune-sublayer-20-1e-3": dict(reconstruct="sublayer", reconstruct_steps=20, reconstruct_lr=1e-3),
+    "tune-sublayer-40-5e-4": dict(reconstruct="sublayer", reconstruct_steps=40, reconstruct_lr=5e-4),
+    "tune-sublayer-20-2e-4": dict(reconstruct="sublayer", reconstruct_steps=20, reconstruct_lr=2e-4),
+}
+
+
+def finished() -> dict[str, dict]:
+    if not RUNS.exists():
+        return {}
+    return {r["name"]: r for r in (json.loads(line) for line in RUNS.read_text().splitlines() if line.strip())}
+
+
+def calib_ppl(model_dir: Path) -> float:
+    """Perplexity on 8 × 512 calibration-split windows that share no token with the statistics windows."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mosaic.data import calibration_windows
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    windows = calibration_windows(tok, "wiki-offline", SETTINGS["nsamples"], SETTINGS["seqlen"], SETTINGS["seed"],
+                                  held_out=8)[SETTINGS["nsamples"]:]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    nll = 0.0
+    with torch.no_grad():
+        for w in windows:
+            nll += float(model(input_ids=w[None], labels=w[None]).loss)
+    return math.exp(nll / len(windows))
+
+
+def run_one(name: str, opts: dict) -> dict:
+    from mosaic.pipeline import Options, run
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        r = run(Options(**SETTINGS, **opts, save_model=str(Path(tmp) / "model")))
+        cppl = calib_ppl(Path(tmp) / "model")
+    rec = r.get("recovery") or {}
+    row = {"name": name, "options": opts, "achieved": r["sparsity"]["achieved"],
+           "ppl": r["perplexity"]["wiki-offline"]["ppl"], "calib_ppl": cppl,
+           "time_s": {k: round(v, 1) for k, v in r["time_s"].items()},
+           "wall_s": round(time.perf_counter() - start, 1), "shared_machine": SHARED_MACHINE}
+    if rec.get("reconstruct"):
+        rc = rec["reconstruct"]
+        row["reconstruct"] = {k: rc[k] for k in ("granularity", "steps", "lr", "batch", "tuned_layers",
+                                                 "mean_error_before", "mean_error_after", "seconds")}
+        row["reconstruct"]["per_layer"] = [(x["error_before"], x["error_after"]) for x in rc["layers"]]
+    if rec.get("distill"):
+        d = rec["distill"]
+        row["distill"] = {k: d[k] for k in ("steps", "lr", "batch", "best_step", "held_out_kl_before",
+                                            "held_out_kl_after", "seconds")}
+    return row
+
+
+def jobs(tune: bool) -> list[tuple[str, dict]]:
+    if tune:
+        return [("sparsegpt-uniform-0.7/none", PRUNINGS["sparsegpt-uniform-0.7"])] + \
+               [(f"sparsegpt-uniform-0.7/{k}", {**PRUNINGS["sparsegpt-uniform-0.7"], **v}) for k, v in TUNE.items()]
+    return [(f"{p}/{v}", {**PRUNINGS[p], **VARIANTS[v]}) for p, v in JOBS]
+
+
+def sweep(tune: bool, only: set[str] | None) -> None:
+    done = finished()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name, opts in jobs(tune):
+        if name in done or (only and name not in only):
+            continue
+        row = run_one(name, opts)
+        with RUNS.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+def _t(row: dict, phase: str) -> str:
+    return f"{row['time_s'].get(phase, 0):.0f}"
+
+
+def report(m: dict) -> None:
+    done = finished()
+    dense = done.get("dense")
+    lines = ["# Recovery after pruning: SmolLM2-135M", "", f"Machine: {machine_line(m)}.", "",
+             "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0), sequential statistics, fp32 weights and "
+             "forwards; perplexity on the first 16 windows × 2048 tokens of the held-out wiki-offline eval split. "
+             "Within a row only the recovery differs. `calib ppl`: 8 × 512 calibration-split windows disjoint from "
+             "the statistics windows (the knobs were tuned on it, never on the eval split). Produced by "
+             "`python benchmark/bench_recover.py`; times in seconds; ‡: another job shared the 2 cores, so the "
+             "time is not an idle figure.", ""]
+    if dense:
+        lines += [f"Dense: ppl {dense['ppl']:.2f}.", ""]
+    lines += ["| pruning | recovery | ppl | ÷ dense | vs none | calib ppl | achieved | prune s | reconstruct s | "
+              "distill s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in PRUNINGS:
+        none = done.get(f"{p}/none")
+        for v in VARIANTS:
+            r = done.get(f"{p}/{v}")
+            if r is None:
+                continue
+            shared = "‡" if r.get("shared_machine") else ""
+            recon_s = r.get("reconstruct", {}).get("seconds")
+            detail = v
+            if r.get("reconstruct"):
+                rc = r["reconstruct"]
+                detail += f" ({rc['granularity']}, {rc['steps']} steps, lr {rc['lr']:g}, batch {rc['batch']})"
+            if r.get("distill"):
+                detail += f" + distill {r['distill']['steps']} steps (best {r['distill']['best_step']})"
+            prune_s = r["time_s"].get("prune", 0) - (recon_s or 0)
+            lines.append(
+                f"| {p} | {detail} | {r['ppl']:.2f} | {r['ppl'] / dense['ppl']:.2f}× | " if dense else
+                f"| {p} | {detail} | {r['ppl']:.2f} | — | ")
+            lines[-1] += (f"{r['ppl'] / none['ppl'] - 1:+.1%} | " if none and v != "none" else "— | ")
+            lines[-1] += (f"{r['calib_ppl']:.2f} | {r['achieved']:.4f} | {prune_s:.0f}{shared} | "
+                          f"{recon_s if recon_s is not None else 0:.0f}{shared} | {_t(r, 'distill')}{shared} |")
+    tuned = [r for k, r in done.items() if "/tune-" in k]
+    if tuned:
+        lines += ["", "## Knob sweep (SparseGPT 70% uniform; chosen on calib ppl only)", "",
+                  "| granularity | steps | lr | calib ppl | eval ppl | mean layer error before → after | "
+                  "reconstruct s |", "|---|---|---|---|---|---|---|"]
+        for r in tuned:
+            rc = r["reconstruct"]
+            lines.append(f"| {rc['granularity']} | {rc['steps']} | {rc['lr']:g} | {r['calib_ppl']:.2f} | "
+                         f"{r['ppl']:.2f} | {rc['mean_error_before']:.3f} → {rc['mean_error_after']:.3f} | "
+                         f"{rc['seconds']:.0f}{'‡' if r.get('shared_machine') else ''} |")
+    missing = [f"{p}/{v}" for p, v in JOBS if f"{p}/{v}" not in done]
+    if missing:
+        lines += ["", f"**Not measured (CPU time)**: {', '.join(missing)}. The sweep resumes from "
+                  "`results/recover_runs.jsonl` (`--only=`)."]
+    notes = RESULTS / "recover_notes.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    write("recover", "\n".join(lines) + "\n", {"machine": m, "settings": SETTINGS, "rows": list(done.values())})
+
+
+if __name__ == "__main__":
+    m = machine()
+    only = next((set(a.split("=", 1)[1].split(",")) for a in sys.argv if a.startswith("--only=")), None)
+    if "--report" not in sys.argv:
+        if "--dense" in sys.argv and "dense" not in finished():
+            row = run_one("dense", dict(prune_method="dense"))
+            with RUNS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        sweep("--tune" in sys.argv, only)
+    report(m)
