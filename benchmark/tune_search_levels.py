@@ -44,7 +44,7 @@ def main(target: float, names: list[str]) -> None:
     setup = load(opts, plan, timer)
     calib = calibration(setup, plan, opts, timer)
     profile = profile_step(setup, calib, plan, timer)
-    model, adapter, kernel, options = setup.model, setup.adapter, plan.kernel, kernel_options(opts)
+    model, adapter, kernel, options = setup.model, setup.adapter, plan.kernel, kernel_options(opts, plan.kernel)
     levels = sorted({round(min(max(target + d / 100, 0.0), 0.95), 4) for d in range(-35, 26, 5)})
     stats = S.dense_hessians(model, adapter, calib.activations(setup))
     grads = S.fisher(model, adapter, calib.windows[:opts.search_windows], 2, opts.seed)

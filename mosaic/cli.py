@@ -70,8 +70,8 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     g.add_argument("--search_windows", type=int, default=d.search_windows,
                    help="allocation search: windows for the Fisher, and as many held-out ones that score allocations (8)")
     g.add_argument("--search_budget", type=int, default=d.search_budget,
-                   help="allocation search: generations of evolutionary refinement by true KL, ~30 s each for "
-                        "SmolLM2 on 2 CPU cores (12; 0: the curve solve only)")
+                   help="allocation search: generations of evolutionary refinement by true KL, ~25 s each for "
+                        f"SmolLM2 on 2 CPU cores ({d.search_budget}; 0: the curve solve only)")
     g.add_argument("--Hyper_m", type=float, default=None,
                    help="outlier threshold M: scores above M × mean (5; 6 for wanda_owl_structure, as OWL's N:M)")
     g.add_argument("--Lamda", type=float, default=None,

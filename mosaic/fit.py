@@ -1,7 +1,11 @@
-"""What a pruning run holds on the compute device at once, estimated from the config before any work.
+"""What a pruning run holds at once, estimated from the config before any work: one memory model for both
+decisions that depend on it.
 
-``load.place`` moves the whole model to the GPU only if the weights *and* this working set fit; otherwise
-the model stays on the host and the layer-wise engine brings one decoder layer at a time.
+``load.place`` moves the whole model to the GPU only if the weights *and* this working set fit
+(``device_need``); otherwise the model stays on the host and the layer-wise engine brings one decoder layer
+at a time. ``stream.choose`` (``--offload auto``) loads the model into host memory only if what the host then
+holds fits the budget (``host_need``: on CPU the same working set, the host being the compute device);
+otherwise it streams the model from disk one layer at a time.
 
 The working set follows the engine (``calibrate.run_layers``): while a layer runs, the inputs of every
 calibration batch and their residual stream (later the layer outputs) are on the device, and the staged
@@ -10,6 +14,12 @@ true-sequential forward keeps every batch paused at the same projection group, s
 one batch's MLP temporaries, the statistics of the group being pruned (a Hessian, fp32, in² entries; all
 four groups' at once in the dense and reference modes), the kernel's own matrices, and a copy of the layer
 in the calibration dtype when it differs from the model's. Attention scores are not counted (SDPA).
+
+The allocation search (``search.search``, ``refine.Fitness``) holds, for every window it scores by true KL
+(held out, and validation when it refines), the dense model's next-token distribution (fp32, seqlen × vocab
+per window: about 8 GiB per scorer for a 128k vocabulary at 8 × 2048 windows) and every layer's inputs
+(twice: the committed ones and a candidate's); and beside the dense model two pruned copies (the best
+candidate so far and the one being built).
 
 When the model stays on the host and layers come to the device one at a time, the activations stay on the
 host too and sequential mode keeps one batch on the device (``one_batch``): then only one batch's inputs,
@@ -38,6 +48,7 @@ class Workload:
     mode: str | None = "sequential"  # engine mode; dense and reference hold all groups' statistics at once
     reconstruct: str | None = None  # recovery granularity (layer | sublayer): a second, dense activation stream
     reconstruct_batch: int = 8  # windows per reconstruction step
+    search_windows: int = 0  # windows the allocation search scores by true KL (held out + validation); 0: none
 
 
 def _widest(config, per_layer: str, name: str) -> int:
@@ -75,6 +86,9 @@ def device_need(config, weights: int, work: Workload, dtype: torch.dtype, one_ba
         "hessian": 0,
         "kernel": 0,
         "reconstruct": 0,
+        "search_reference": 0,
+        "search_inputs": 0,
+        "search_copies": 0,
     }
     if calib != dtype:  # forwards run on a copy of the layer in the calibration dtype
         need["layer_copy"] = sum(o * i for o, i in shapes) * c
@@ -87,7 +101,37 @@ def device_need(config, weights: int, work: Workload, dtype: torch.dtype, one_ba
         need["kernel"] = max(o * i * (FP32 + 1) + 2 * i * i * FP32 for o, i in shapes)
     if work.reconstruct is not None:
         need["reconstruct"] = reconstruct_need(config, work, seqlen, tokens, calib, dtype)
+    if work.search_windows and not one_batch:  # the search runs on the whole model where it lives
+        need.update(search_need(config, weights, work.search_windows, seqlen, dtype))
     return need
+
+
+def search_need(config, weights: int, windows: int, seqlen: int, dtype: torch.dtype) -> dict[str, int]:
+    """The allocation search's scorers on ``windows`` windows: the dense next-token distribution [seqlen,
+    vocab] fp32 per window, each layer's inputs twice (committed and a candidate's, in the model's dtype),
+    and two pruned copies of the model beside the dense one."""
+    tokens = windows * seqlen
+    return {"search_reference": tokens * config.vocab_size * FP32,
+            "search_inputs": 2 * (config.num_hidden_layers + 1) * tokens * config.hidden_size * dtype.itemsize,
+            "search_copies": 2 * weights}
+
+
+# what stays in host memory when a GPU computes: the model loads there first, and when it does not fit the
+# device every batch's activations, the reconstruction's streams and the search stay there with it
+HOST_PARTS = ("weights", "layer_io", "reconstruct", "search_reference", "search_inputs", "search_copies")
+
+
+def host_need(config, weights: int, work: Workload | None, dtype: torch.dtype,
+              compute: torch.device) -> dict[str, int]:
+    """Host bytes of a run that loads the model (``weights`` bytes in ``dtype``) into memory: on CPU the
+    whole ``device_need``; with a GPU its host-side parts (``HOST_PARTS``). ``work`` None: nothing is
+    calibrated, the weights alone."""
+    if work is None:
+        return {"weights": weights}
+    need = device_need(config, weights, work, dtype)
+    if compute.type == "cpu":
+        return need
+    return {k: v for k, v in need.items() if k in HOST_PARTS}
 
 
 def reconstruct_need(config, work: Workload, seqlen: int, tokens: int, calib: torch.dtype,

@@ -33,6 +33,7 @@ from mosaic.eval.perplexity import perplexity
 from mosaic.export import atomic_dir, check_writable, replace_file, save_checkpoint, write_json
 from mosaic.hub import hub_reachable
 from mosaic.kv import KVSparsity, kv_bytes, mustafar_attention
+from mosaic.kv.prune import METHODS as KV_METHODS
 from mosaic.load import DEFAULT_MODEL, Loaded, compute_device, load_model, parse_device_map
 from mosaic.profile import Profile, profile_model
 from mosaic.prune import (
@@ -46,6 +47,7 @@ from mosaic.prune import (
     prune_model,
     uniform_map,
 )
+from mosaic.prune import kernel_options as select_options
 from mosaic.report import summary_text, write_plots
 from mosaic.restructure import (
     budgets_from_allocation,
@@ -231,8 +233,30 @@ def eval_names(opts: Options) -> list[str]:
     return [] if names in ([], ["none"]) else names
 
 
+INTEGERS = ("round_to", "nsamples", "seqlen", "seed", "calib_batch_size", "eval_windows", "eval_seqlen",
+            "eval_batch_size", "blocksize", "zs_limit", "zs_batch_size", "alps_max_iter", "alps_cg_iters",
+            "search_windows", "search_budget", "kv_window", "reconstruct_steps", "reconstruct_batch", "distill_steps",
+            "distill_batch", "distill_windows")
+NUMBERS = ("sparsity_ratio", "structured_ratio", "Hyper_m", "Lamda", "percdamp", "alps_rho0", "kv_sparsity",
+           "k_sparsity", "v_sparsity", "reconstruct_lr", "distill_lr")
+
+
+def check_types(opts: Options) -> None:
+    """Numbers are numbers of the right kind, from the CLI or the Python API (2.5 iterations, "0.5", or
+    True is an error before any work, not a crash after calibration)."""
+    for option in INTEGERS:
+        value = getattr(opts, option)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise OptionError(option, f"must be a whole number, got {value!r}")
+    for option in NUMBERS:
+        value = getattr(opts, option)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise OptionError(option, f"must be a number, got {value!r}")
+
+
 def validate(opts: Options) -> Plan:
     """Check every option before any work and derive the plan."""
+    check_types(opts)
     if opts.prune_method not in METHODS:
         raise OptionError("prune_method", f"unknown method '{opts.prune_method}'; choose from {', '.join(METHODS)}")
     _fraction(opts.sparsity_ratio, "sparsity_ratio")
@@ -312,7 +336,33 @@ def validate(opts: Options) -> Plan:
                 eval_names=names, zs_tasks=tasks, offline=offline, kv=kv, reconstruct=reconstruct,
                 distill=distill_spec)
     check_offload(opts, plan)
+    if plan.allocation == "search" and plan.allocation_file is None and kernel is not None \
+            and opts.search_windows > opts.nsamples:
+        raise OptionError("search_windows", f"the Fisher reads the first --search_windows of the --nsamples "
+                          f"{opts.nsamples} statistics windows, so it must be at most {opts.nsamples}, got "
+                          f"{opts.search_windows}")
+    warn_unused(opts, plan)
     return plan
+
+
+def warn_unused(opts: Options, plan: Plan) -> None:
+    """One warning line for each option set away from its default that this run does not use."""
+    kernel = plan.kernel.name if plan.kernel else None
+    searches = kernel is not None and plan.allocation == "search" and plan.allocation_file is None
+    used = {"search_budget": searches, "search_windows": searches, "blocksize": kernel == "sparsegpt",
+            "percdamp": kernel in ("sparsegpt", "alps"), "alps_rho0": kernel == "alps",
+            "alps_max_iter": kernel == "alps", "alps_cg_iters": kernel == "alps",
+            "max_memory": opts.offload == "auto", "kv_window": plan.kv is not None,
+            "kv_method": plan.kv is not None, "kv_reference": plan.kv is not None}
+    why = {"search_budget": "the allocation is not a search", "search_windows": "the allocation is not a search",
+           "blocksize": "only SparseGPT reads it", "percdamp": "only SparseGPT and ALPS read it",
+           "alps_rho0": "only ALPS reads it", "alps_max_iter": "only ALPS reads it", "alps_cg_iters": "only ALPS reads it",
+           "max_memory": "it budgets --offload auto only", "kv_window": "no KV-cache sparsity is set",
+           "kv_method": "no KV-cache sparsity is set", "kv_reference": "no KV-cache sparsity is set"}
+    defaults = Options()
+    for option, is_used in used.items():
+        if not is_used and getattr(opts, option) != getattr(defaults, option):
+            log.warning("--%s has no effect in this run: %s", option, why[option])
 
 
 def _integer(value, option: str, minimum: int) -> None:
@@ -396,6 +446,10 @@ def kv_spec(opts: Options, evaluates: bool) -> KVSparsity | None:
     """The Mustafar KV sparsity evaluation applies, if any KV option asks for one."""
     k = opts.k_sparsity if opts.k_sparsity is not None else opts.kv_sparsity
     v = opts.v_sparsity if opts.v_sparsity is not None else opts.kv_sparsity
+    if opts.kv_window < 0:
+        raise OptionError("kv_window", f"must be >= 0 tokens, got {opts.kv_window}")
+    if opts.kv_method not in KV_METHODS:
+        raise OptionError("kv_method", f"'{opts.kv_method}' is not one of {', '.join(KV_METHODS)}")
     if k is None and v is None:
         return None
     for option in ("kv_sparsity", "k_sparsity", "v_sparsity"):
@@ -633,7 +687,7 @@ def search_step(setup: Setup, plan: Plan, profile: Profile, opts: Options, calib
 
     found = search(setup.model, setup.adapter, plan.kernel, profile.stats, calib.windows[:opts.search_windows],
                    calib.held_out, params, target, seed_map, batch_size=min(opts.calib_batch_size, 2),
-                   seed=opts.seed, options=kernel_options(opts), generations=int(opts.search_budget),
+                   seed=opts.seed, options=kernel_options(opts, plan.kernel), generations=int(opts.search_budget),
                    validation=calib.validation, final=final)
     profile.drop_hessians()
     return found
@@ -719,7 +773,7 @@ def prune_as_planned(model: nn.Module, setup: Setup, calib: Calibration | None, 
     if mode in ("sequential", "reference"):
         check_staged(setup, acts)
     return prune_model(model, adapter, kernel, sparsity, nm, acts, mode=mode or "sequential",
-                       compute=setup.compute, calib_dtype=setup.calib_dtype, options=kernel_options(opts),
+                       compute=setup.compute, calib_dtype=setup.calib_dtype, options=kernel_options(opts, plan.kernel),
                        structure=structure, keep_stats=keep_stats, stats=given, recovery=recovery)
 
 
@@ -731,9 +785,13 @@ def engine_mode(plan: Plan, recovery: recover.Reconstruction | None) -> str | No
     return plan.mode
 
 
-def kernel_options(opts: Options) -> dict:
-    return {"blocksize": opts.blocksize, "percdamp": opts.percdamp, "alps_rho0": opts.alps_rho0,
-            "alps_max_iter": opts.alps_max_iter, "alps_cg_iters": opts.alps_cg_iters}
+def kernel_options(opts: Options, kernel: Kernel | None) -> dict:
+    """The knobs ``kernel`` takes, from the options (which name every kernel's)."""
+    if kernel is None:
+        return {}
+    return select_options(kernel, {"blocksize": opts.blocksize, "percdamp": opts.percdamp,
+                                   "alps_rho0": opts.alps_rho0, "alps_max_iter": opts.alps_max_iter,
+                                   "alps_cg_iters": opts.alps_cg_iters})
 
 
 def prune_streamed(setup: Setup, calib: Calibration | None, allocation: Allocation, profile: Profile | None,
@@ -748,7 +806,7 @@ def prune_streamed(setup: Setup, calib: Calibration | None, allocation: Allocati
             kernel=kernel, sparsity=allocation.sparsity, nm=allocation.nm,
             activations=(lambda: calib.activations(setup)) if calib else None, mode=engine_mode(plan, recovery),
             compute=setup.compute, calib_dtype=setup.calib_dtype,
-            options=kernel_options(opts),
+            options=kernel_options(opts, plan.kernel),
             run_options=asdict(opts), stats=profile.stats if dense_wanda else None,
             check=(lambda acts: check_staged(setup, acts)) if engine_mode(plan, recovery) in ("sequential", "reference")
             else None, structure=allocation.structure, recovery=recovery)

@@ -33,10 +33,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mosaic import fit
 from mosaic.adapter import GROUPS, adapter_for
 from mosaic.calibrate import Activations, on_device, run_layers
 from mosaic.errors import OptionError
 from mosaic.export import after_commit, fsync_path, make_serializable, replace_file, write_json
+from mosaic.load import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +93,14 @@ class ShardSource:
 
     def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The named tensors, floating ones as ``dtype``. Read with plain file reads into fresh tensors
-        rather than through a memory map, so the file's pages never count in this process's RSS."""
+        rather than through a memory map, so the file's pages never count in this process's RSS; a tensor
+        stored in another floating dtype is read and converted ``READ_CHUNK`` bytes at a time into its
+        destination, never whole beside it. The heap's freed pages go back to the OS first: tokenizing the
+        calibration text leaves a few hundred MB of them, which the embedding would otherwise come on top of."""
         missing = [n for n in names if n not in self.files]
         if missing:
             raise OptionError("model", f"{self.directory} lacks tensor {missing[0]}")
+        _return_freed_memory()
         out = {}
         for file in dict.fromkeys(self.files[n] for n in names):
             header, base = _header(file)
@@ -104,18 +110,12 @@ class ShardSource:
                         continue
                     info = header[n]
                     start, end = info["data_offsets"]
-                    t = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+                    stored = _DTYPES[info["dtype"]]
+                    t = torch.empty(info["shape"], dtype=dtype if stored.is_floating_point else stored)
                     if end > start:
                         f.seek(base + start)
-                        view = memoryview(t.view(-1).view(torch.uint8).numpy())
-                        got = 0
-                        while got < end - start:
-                            count = f.readinto(view[got:])
-                            if not count:
-                                raise OptionError("model", f"{file} ends inside tensor {n}: the file is truncated; "
-                                                  "re-download or re-save the checkpoint")
-                            got += count
-                    out[n] = t.to(dtype) if t.is_floating_point() else t
+                        _read_as(f, t, stored, f"{file} ends inside tensor {n}")
+                    out[n] = t
         return out
 
     def nbytes(self, dtype: torch.dtype) -> int:
@@ -129,6 +129,35 @@ class ShardSource:
                     numel *= d
                 total += numel * (dtype.itemsize if stored.is_floating_point else stored.itemsize)
         return total
+
+
+READ_CHUNK = 2**22  # bytes read at a time when a tensor's stored dtype differs from the run's
+
+
+def _read_as(f, t: torch.Tensor, stored: torch.dtype, truncated: str) -> None:
+    """Fill ``t`` from ``f``'s next ``t.numel()`` values of dtype ``stored``: straight into its memory, or
+    through a ``READ_CHUNK`` buffer converted slice by slice (``copy_`` casts exactly as ``to`` does)."""
+    flat = t.view(-1)
+    if stored == t.dtype:
+        _read_exactly(f, flat, truncated)
+        return
+    step = max(1, READ_CHUNK // stored.itemsize)
+    buffer = torch.empty(min(step, flat.numel()), dtype=stored)
+    for start in range(0, flat.numel(), step):
+        part = buffer[:min(step, flat.numel() - start)]
+        _read_exactly(f, part, truncated)
+        flat[start:start + part.numel()].copy_(part)
+
+
+def _read_exactly(f, t: torch.Tensor, truncated: str) -> None:
+    """Read exactly ``t``'s bytes from ``f`` into it (a contiguous 1-D tensor)."""
+    view = memoryview(t.view(torch.uint8).numpy())
+    got = 0
+    while got < len(view):
+        count = f.readinto(view[got:])
+        if not count:
+            raise OptionError("model", f"{truncated}: the file is truncated; re-download or re-save the checkpoint")
+        got += count
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -205,11 +234,13 @@ class Streamed:
         return [n for n in self.names(part) if n not in self.tied]
 
     def load(self, part) -> dict[str, torch.Tensor]:
+        """Materialise ``part``: one copy of its tensors (``ShardSource.read``), checked finite slice by
+        slice (``all_finite``)."""
         names = self.names(part)
         reads = self.source.read([self.tied.get(n, n) for n in names], self.dtype)
         tensors = {n: reads[self.tied.get(n, n)] for n in names}
         for name, t in tensors.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise OptionError("model", f"weight {name} holds NaN or inf values; repair or re-download the checkpoint")
             _assign(self.model, name, t)
         if isinstance(part, int):
@@ -296,7 +327,7 @@ def check_streamable(plan, opts) -> None:
 
 def choose(opts, plan, path: str, dtype: torch.dtype) -> ShardSource | None:
     """The source to stream from, or None to load in memory: always with offload disk, and with offload
-    auto when the weights would not fit the memory budget."""
+    auto when the weights and the run's working set would not fit the memory budget (``host_need``)."""
     if opts.offload == "none":
         return None
     if not Path(path).is_dir():
@@ -311,27 +342,29 @@ def choose(opts, plan, path: str, dtype: torch.dtype) -> ShardSource | None:
             raise
         return None
     if opts.offload == "auto" and not opts.resume:
-        weights = source.nbytes(dtype)
-        acts = activation_bytes(path, opts, dtype) if plan.needs_calibration else 0
+        need = host_need(path, opts, plan, source.nbytes(dtype), dtype)
         budget = parse_memory(opts.max_memory) if opts.max_memory else available_memory()
-        if weights + acts <= budget:
+        if sum(need.values()) <= budget:
             return None
-        log.warning("the weights (%.2f GiB as %s) and calibration activations (%.2f GiB) exceed the memory budget "
-                    "(%.2f GiB%s): streaming one layer at a time from disk (--offload disk)", weights / 2**30,
-                    str(dtype).replace("torch.", ""), acts / 2**30, budget / 2**30,
-                    ", --max_memory" if opts.max_memory else "")
+        log.warning("the weights (as %s) and the run's working set, %s, exceed the memory budget (%.2f GiB%s): "
+                    "streaming one layer at a time from disk (--offload disk)", str(dtype).replace("torch.", ""),
+                    fit.describe(need), budget / 2**30, ", --max_memory" if opts.max_memory else "")
     check_streamable(plan, opts)
     if opts.device_map:
         log.info("streaming: --device_map is not used; each layer runs on the compute device")
     return source
 
 
-def activation_bytes(path: str, opts, dtype: torch.dtype) -> int:
-    """A layer's calibration inputs and outputs, all windows (the engine holds both while it runs a layer)."""
+def host_need(path: str, opts, plan, weights: int, dtype: torch.dtype) -> dict[str, int]:
+    """Host bytes, by part, of this run with the model loaded in memory: ``fit.host_need`` for the run's
+    ``fit.Workload`` (``pipeline.workload``, the same that ``load.place`` counts on the device)."""
     from transformers import AutoConfig
 
-    hidden = AutoConfig.from_pretrained(path).hidden_size
-    return 2 * opts.nsamples * opts.seqlen * hidden * dtype.itemsize
+    from mosaic.load import resolve_device
+    from mosaic.pipeline import workload  # imported here: the pipeline imports this module
+
+    config = AutoConfig.from_pretrained(path)
+    return fit.host_need(config, weights, workload(opts, plan), dtype, resolve_device(opts.device))
 
 
 def open_run(opts, plan) -> StreamRun | None:

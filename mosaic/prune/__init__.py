@@ -24,14 +24,20 @@ class Kernel:
     name: str
     stats: str  # what it needs from calibration: "none", "norms" or "hessian"
     prune: Callable[..., list[dict]]
+    options: tuple[str, ...] = ()  # the knobs it takes; any other is a TypeError, never silently dropped
 
 
 KERNELS: dict[str, Kernel] = {
     "magnitude": Kernel("magnitude", "none", magnitude.prune),
     "wanda": Kernel("wanda", "norms", wanda.prune),
-    "sparsegpt": Kernel("sparsegpt", "hessian", sparsegpt.prune),
-    "alps": Kernel("alps", "hessian", alps.prune),
+    "sparsegpt": Kernel("sparsegpt", "hessian", sparsegpt.prune, ("blocksize", "percdamp")),
+    "alps": Kernel("alps", "hessian", alps.prune, ("percdamp", "alps_rho0", "alps_max_iter", "alps_cg_iters", "alps_guard")),
 }
+
+
+def kernel_options(kernel: Kernel, options: dict) -> dict:
+    """The knobs of ``options`` that ``kernel`` takes (a run's options name every kernel's)."""
+    return {k: options[k] for k in kernel.options if k in options}
 
 
 @dataclass(frozen=True)

@@ -186,8 +186,8 @@ def guard(H: torch.Tensor, target: torch.Tensor, B: torch.Tensor, B0: torch.Tens
 
 def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float],
           nm: tuple[int, int] | None = None, percdamp: float = 0.01, forced_columns: torch.Tensor | None = None,
-          alps_rho0: float = 0.1, alps_max_iter: int = 300, alps_cg_iters: int = 10, alps_guard: bool = True,
-          **_) -> list[dict]:
+          alps_rho0: float = 0.1, alps_max_iter: int = 300, alps_cg_iters: int = 10,
+          alps_guard: bool = True) -> list[dict]:
     """Prune the weights of one projection group in place; one info dict per projection.
 
     ``alps_guard`` (see ``guard``): where ADMM's support differs from the initial one, each projection

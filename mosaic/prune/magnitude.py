@@ -9,7 +9,7 @@ from mosaic.stats import InputStats
 
 
 def prune(weights: list[torch.Tensor], stats: InputStats | None, sparsities: list[float],
-          nm: tuple[int, int] | None = None, **_) -> list[dict]:
+          nm: tuple[int, int] | None = None) -> list[dict]:
     for w, s in zip(weights, sparsities):
         score = w.abs()
         mask = n_of_m(score, *nm) if nm else smallest_k(score, target_count(w.numel(), s))

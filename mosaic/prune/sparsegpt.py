@@ -101,7 +101,7 @@ def solve(W: torch.Tensor, U: torch.Tensor, segments: list[tuple[int, int, float
 
 def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float],
           nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01,
-          forced_columns: torch.Tensor | None = None, **_) -> list[dict]:
+          forced_columns: torch.Tensor | None = None) -> list[dict]:
     """``forced_columns`` (bool, per input column): columns removed whole, with OBS compensation."""
     W = torch.cat([w.float() for w in weights], dim=0)
     order, forced = None, 0

@@ -13,7 +13,7 @@ def scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 
 
 def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float],
-          nm: tuple[int, int] | None = None, forced_columns: torch.Tensor | None = None, **_) -> list[dict]:
+          nm: tuple[int, int] | None = None, forced_columns: torch.Tensor | None = None) -> list[dict]:
     """``forced_columns`` (bool, per input column): removed whole; the sparsity applies to the rest."""
     norms = stats.norms()
     for w, s in zip(weights, sparsities):
