@@ -40,7 +40,7 @@ class ReconstructSpec:
     """Knobs of the layer-wise reconstruction (defaults: the best measured on calibration text)."""
 
     granularity: str = "sublayer"  # layer | sublayer
-    steps: int = 40
+    steps: int = 20
     lr: float = 5e-4
     batch: int = 8  # calibration windows per step
     seed: int = 0
@@ -172,7 +172,8 @@ class Reconstruction:
                 mids = self._forward(layer, inputs, kwargs, device, attention_only=True)
                 _tune(a, layer, MLP, lambda x, kw: a.mlp_block(layer, x), mids, outs, kwargs, spec, generator, bar)
                 del mids
-        after = self._error(layer, inputs, kwargs, device, outs) if spec.steps else before
+        tuned = self._forward(layer, inputs, kwargs, device) if spec.steps else None
+        after = relative_error(tuned, outs) if spec.steps else before
         kept = after < before
         if spec.steps and not kept:  # never worse than the kernel left it
             with torch.no_grad():
@@ -183,9 +184,7 @@ class Reconstruction:
                             "seconds": round(time.perf_counter() - start, 3)})
         self.dense = outs if not last else None
         self._targets = {}
-        if kept and not last:
-            outputs = self._forward(layer, inputs, kwargs, device)
-        return outputs
+        return tuned if kept and not last else outputs
 
     @torch.no_grad()
     def _forward(self, layer, inputs, kwargs, device, attention_only: bool = False) -> list[torch.Tensor]:
