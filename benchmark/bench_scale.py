@@ -7,6 +7,11 @@ billion parameters, and the streamed peak against one layer + the embedding + th
 
     python benchmark/bench_scale.py                       # all sizes (needs ~60 GB RAM and disk for 3b)
     python benchmark/bench_scale.py --sizes 135m --nsamples 4 --seqlen 128 --out /tmp/scale   # a trial
+
+``--peak`` measures only the streamed run's peak RSS over the bare-import baseline, as a share of the
+checkpoint's bytes (issue 20: Wanda 50%, 4 × 128 on the 0.55B shape), prints it and writes nothing:
+
+    python benchmark/bench_scale.py --peak --sizes 500m --method wanda --nsamples 4 --seqlen 128 --runs 2
 """
 
 from __future__ import annotations
@@ -85,9 +90,10 @@ def baseline_rss_gib() -> float:
     return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 2**20
 
 
-def timed_run(model: Path, offload: str, out: Path, nsamples: int, seqlen: int, batch: int) -> dict:
+def timed_run(model: Path, offload: str, out: Path, nsamples: int, seqlen: int, batch: int,
+              method: str = "sparsegpt") -> dict:
     cmd = ["/usr/bin/time", "-v", sys.executable, str(ROOT / "main.py"), "--model", str(model),
-           "--prune_method", "sparsegpt", "--sparsity_ratio", "0.5", "--nsamples", str(nsamples),
+           "--prune_method", method, "--sparsity_ratio", "0.5", "--nsamples", str(nsamples),
            "--seqlen", str(seqlen), "--calib_batch_size", str(batch), "--eval_datasets", "none",
            "--offload", offload, "--save_model", str(out / "model"), "--save", str(out / "run"), "--overwrite"]
     start = time.perf_counter()
@@ -172,6 +178,21 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def streamed_peak(name: str, work: Path, args) -> dict:
+    """Peak RSS of ``args.runs`` streamed runs over the bare-import baseline, and as a share of the checkpoint's
+    bytes. A checkpoint already in ``work`` is reused."""
+    model = work / f"llama-{name}"
+    if not (model / "model.safetensors.index.json").is_file():
+        make_checkpoint(name, model)
+    size = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    baseline = baseline_rss_gib()
+    peaks = [timed_run(model, "disk", work / f"out-{name}-peak", args.nsamples, args.seqlen, args.batch,
+                       args.method)["peak_rss_gib"] for _ in range(args.runs)]
+    return {"name": name, "method": args.method, "nsamples": args.nsamples, "seqlen": args.seqlen,
+            "model_gib": size / 2**30, "baseline_gib": baseline, "peak_gib": peaks,
+            "over_baseline_share": [(p - baseline) * 2**30 / size for p in peaks], "machine": machine()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {', '.join(SIZES)}")
@@ -180,8 +201,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="--calib_batch_size")
     p.add_argument("--work", default=None, help="where the checkpoints go (default: a temporary directory)")
     p.add_argument("--out", default=str(RESULTS), help="where scale.md/json/png go")
+    p.add_argument("--peak", action="store_true",
+                   help="only the streamed run's peak RSS over the bare-import baseline (printed; writes nothing)")
+    p.add_argument("--method", default="sparsegpt", help="--prune_method of --peak runs")
+    p.add_argument("--runs", type=int, default=1, help="--peak runs per size, one at a time")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="mosaic-scale-"))
+    if args.peak:
+        for name in args.sizes.split(","):
+            print(json.dumps(streamed_peak(name, work, args)), flush=True)
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, baseline = [], baseline_rss_gib()

@@ -16,10 +16,13 @@ four groups' at once in the dense and reference modes), the kernel's own matrice
 in the calibration dtype when it differs from the model's. Attention scores are not counted (SDPA).
 
 The allocation search (``search.search``, ``refine.Fitness``) holds, for every window it scores by true KL
-(held out, and validation when it refines), the dense model's next-token distribution (fp32, seqlen × vocab
-per window: about 8 GiB per scorer for a 128k vocabulary at 8 × 2048 windows) and every layer's inputs
-(twice: the committed ones and a candidate's); and beside the dense model two pruned copies (the best
-candidate so far and the one being built).
+(``search_windows`` held out, and as many validation windows when it refines), the dense model's next-token
+distribution (fp32, seqlen × vocab per window: about 8 GiB per scorer for a 128k vocabulary at 8 × 2048
+windows) and every layer's inputs (on the held-out windows twice: the committed ones and a candidate's);
+beside the dense model it keeps two pruned copies (the best candidate and the one being built) and every
+layer's dense Hessians (the profile's statistics it prunes candidates from, fp32). When it refines, the
+run's own pruning pass (``final``) runs on such a copy while all of this is held, so the search's parts add
+to the calibration pass's rather than alternate with them.
 
 When the model stays on the host and layers come to the device one at a time, the activations stay on the
 host too and sequential mode keeps one batch on the device (``one_batch``): then only one batch's inputs,
@@ -48,7 +51,8 @@ class Workload:
     mode: str | None = "sequential"  # engine mode; dense and reference hold all groups' statistics at once
     reconstruct: str | None = None  # recovery granularity (layer | sublayer): a second, dense activation stream
     reconstruct_batch: int = 8  # windows per reconstruction step
-    search_windows: int = 0  # windows the allocation search scores by true KL (held out + validation); 0: none
+    search_windows: int = 0  # allocation search: held-out windows scored by true KL; 0: no search
+    search_validation: bool = False  # ... and as many validation windows (the search refines: --search_budget > 0)
 
 
 def _widest(config, per_layer: str, name: str) -> int:
@@ -66,8 +70,9 @@ def groups(config) -> list[tuple[int, int]]:
 
 
 def device_need(config, weights: int, work: Workload, dtype: torch.dtype, one_batch: bool = False) -> dict[str, int]:
-    """Bytes the compute device holds at the peak of a layer's turn, by part, for a model whose
-    parameters take ``weights`` bytes in ``dtype`` (one layer's bytes with ``one_batch``)."""
+    """Bytes the compute device holds at the peak of a layer's turn (with the allocation search, of the
+    search's final pruning pass), by part, for a model whose parameters take ``weights`` bytes in ``dtype``
+    (one layer's bytes with ``one_batch``: the search then runs on the host, where the model is)."""
     calib = work.calib_dtype or dtype
     c = calib.itemsize
     seqlen = min(work.seqlen, int(getattr(config, "max_position_embeddings", work.seqlen) or work.seqlen))
@@ -89,6 +94,7 @@ def device_need(config, weights: int, work: Workload, dtype: torch.dtype, one_ba
         "search_reference": 0,
         "search_inputs": 0,
         "search_copies": 0,
+        "search_hessians": 0,
     }
     if calib != dtype:  # forwards run on a copy of the layer in the calibration dtype
         need["layer_copy"] = sum(o * i for o, i in shapes) * c
@@ -102,23 +108,28 @@ def device_need(config, weights: int, work: Workload, dtype: torch.dtype, one_ba
     if work.reconstruct is not None:
         need["reconstruct"] = reconstruct_need(config, work, seqlen, tokens, calib, dtype)
     if work.search_windows and not one_batch:  # the search runs on the whole model where it lives
-        need.update(search_need(config, weights, work.search_windows, seqlen, dtype))
+        need.update(search_need(config, weights, work, seqlen, dtype))
     return need
 
 
-def search_need(config, weights: int, windows: int, seqlen: int, dtype: torch.dtype) -> dict[str, int]:
-    """The allocation search's scorers on ``windows`` windows: the dense next-token distribution [seqlen,
-    vocab] fp32 per window, each layer's inputs twice (committed and a candidate's, in the model's dtype),
-    and two pruned copies of the model beside the dense one."""
-    tokens = windows * seqlen
-    return {"search_reference": tokens * config.vocab_size * FP32,
-            "search_inputs": 2 * (config.num_hidden_layers + 1) * tokens * config.hidden_size * dtype.itemsize,
-            "search_copies": 2 * weights}
+def search_need(config, weights: int, work: Workload, seqlen: int, dtype: torch.dtype) -> dict[str, int]:
+    """The allocation search's scorers: the dense next-token distribution [seqlen, vocab] fp32 on every
+    scored window (held out and validation), each layer's inputs in the model's dtype on every scored window
+    and once more on the held-out ones (a candidate's beside the committed ones), two pruned copies of the
+    model beside the dense one, and every layer's four dense Hessians (fp32)."""
+    held = work.search_windows
+    scored = held * (2 if work.search_validation else 1)
+    layer_inputs = (config.num_hidden_layers + 1) * seqlen * config.hidden_size * dtype.itemsize
+    return {"search_reference": scored * seqlen * config.vocab_size * FP32,
+            "search_inputs": (scored + held) * layer_inputs,
+            "search_copies": 2 * weights,
+            "search_hessians": config.num_hidden_layers * sum(i * i for _, i in groups(config)) * FP32}
 
 
 # what stays in host memory when a GPU computes: the model loads there first, and when it does not fit the
 # device every batch's activations, the reconstruction's streams and the search stay there with it
-HOST_PARTS = ("weights", "layer_io", "reconstruct", "search_reference", "search_inputs", "search_copies")
+HOST_PARTS = ("weights", "layer_io", "reconstruct", "search_reference", "search_inputs", "search_copies",
+              "search_hessians")
 
 
 def host_need(config, weights: int, work: Workload | None, dtype: torch.dtype,

@@ -34,7 +34,7 @@ from mosaic.export import atomic_dir, check_writable, replace_file, save_checkpo
 from mosaic.hub import hub_reachable
 from mosaic.kv import KVSparsity, kv_bytes, mustafar_attention
 from mosaic.kv.prune import METHODS as KV_METHODS
-from mosaic.load import DEFAULT_MODEL, Loaded, compute_device, load_model, parse_device_map
+from mosaic.load import DEFAULT_MODEL, Loaded, all_finite, compute_device, load_model, parse_device_map
 from mosaic.profile import Profile, profile_model
 from mosaic.prune import (
     KERNELS,
@@ -539,17 +539,20 @@ def workload(opts: Options, plan: Plan) -> fit.Workload | None:
     if not plan.needs_calibration:
         return None
     calib = None if opts.calib_dtype == "auto" else resolve_calib_dtype(opts.calib_dtype, torch.float32, None)
+    searches = plan.allocation == "search" and plan.allocation_file is None  # as calibration() draws its windows
     return fit.Workload(nsamples=opts.nsamples, seqlen=opts.seqlen, batch_size=opts.calib_batch_size,
                         calib_dtype=calib, kernel=plan.kernel.name if plan.kernel else None,
                         stats=plan.kernel.stats if plan.kernel else "none", mode=plan.mode,
                         reconstruct=None if opts.reconstruct == "none" else opts.reconstruct,
-                        reconstruct_batch=opts.reconstruct_batch)
+                        reconstruct_batch=opts.reconstruct_batch,
+                        search_windows=opts.search_windows if searches else 0,
+                        search_validation=searches and opts.search_budget > 0)
 
 
 def check_finite(model) -> None:
     """NaN or inf in a weight poisons every statistic computed from it: refuse, naming the tensor."""
     for name, p in model.named_parameters():
-        if p.device.type != "meta" and p.is_floating_point() and not bool(torch.isfinite(p).all()):
+        if p.device.type != "meta" and not all_finite(p):
             raise OptionError("model", f"weight {name} holds NaN or inf values; repair or re-download the checkpoint")
 
 

@@ -7,12 +7,15 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, tiny_model
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from mosaic.pipeline import Options, run
 
@@ -178,6 +181,88 @@ def test_offload_auto_streams_when_the_weights_exceed_the_budget(tmp_path, shard
     assert_same_checkpoint(tmp_path / "auto", tmp_path / "roomy")
 
 
+def test_offload_auto_counts_the_whole_working_set(tmp_path, sharded, calib_file, caplog):
+    """SparseGPT on 8 × 48 windows: the weights and every batch's layer inputs and outputs (the old estimate,
+    0.77 MB) fit 1 MB; with the paused MLP intermediates, one batch's temporaries, the Hessian and the
+    kernel's matrices (fit.device_need, 1.43 MB) they do not, so --offload auto streams."""
+    from mosaic.stream import ShardSource
+
+    weights = ShardSource(sharded).nbytes(torch.float32)
+    layer_io = 2 * 8 * 48 * 64 * 4
+    rest = 8 * 48 * 128 * 4 + 3 * 3 * 48 * 128 * 4 + 128 * 128 * 4 + (64 * 128 * 5 + 2 * 128 * 128 * 4)
+    assert weights + layer_io < 10**6 < weights + layer_io + rest
+    result = run(options(sharded, calib_file, tmp_path / "auto", prune_method="sparsegpt", max_memory="1MB"))
+    assert result["streaming"]["offload"] == "disk"
+    assert "exceed the memory budget" in caplog.text and "paused" in caplog.text and "kernel" in caplog.text
+
+
+def test_the_host_decision_and_the_device_decision_share_one_memory_model(sharded, calib_file):
+    """stream.choose counts (on CPU) exactly what load.place counts: fit.device_need of pipeline.workload."""
+    from transformers import AutoConfig
+
+    from mosaic import fit
+    from mosaic.pipeline import validate, workload
+    from mosaic.stream import host_need
+
+    for kw in (dict(prune_method="sparsegpt"), dict(prune_method="alps", calib_dtype="bfloat16"),
+               dict(prune_method="wanda", reconstruct="sublayer")):
+        opts = options(sharded, calib_file, sharded.parent / "unused", **kw)
+        plan = validate(opts)
+        expected = fit.device_need(AutoConfig.from_pretrained(sharded), 12345, workload(opts, plan), torch.float32)
+        assert host_need(str(sharded), opts, plan, 12345, torch.float32) == expected
+
+
+class Allocations(TorchDispatchMode):
+    """Bytes of the CPU tensors that torch ops create inside the mode and that are still alive, and their
+    peak: every storage is counted once, when an op returns it, and uncounted when it is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.storages: set[int] = set()
+
+    def _freed(self, key: int, size: int) -> None:
+        self.storages.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                if size and key not in self.storages:
+                    self.storages.add(key)
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, key, size)
+        return out
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_loading_a_part_holds_one_copy_of_it(tmp_path, monkeypatch, stored):
+    """The embedding's load was a streamed run's peak (53% of a 0.55B model over the bare imports): besides
+    the tensor, torch.isfinite on it built |W| and three boolean masks (1.75× its bytes), and a tensor
+    stored in another dtype was read whole and then converted (two copies). Now the finiteness check goes
+    slice by slice and the conversion through a bounded buffer, so the live tensors of Streamed.load peak
+    at one copy and a slice (counted at every torch op, not RSS). Slices are made small for the tiny model."""
+    from mosaic.stream import ShardSource, Streamed, skeleton
+
+    monkeypatch.setattr("mosaic.load.FINITE_CHUNK", 1024, raising=False)
+    monkeypatch.setattr("mosaic.stream.READ_CHUNK", 4096, raising=False)
+    model = tiny_model("llama").to(stored)
+    model.save_pretrained(tmp_path)
+    streamed = Streamed(skeleton(str(tmp_path), torch.float32), ShardSource(tmp_path), torch.float32)
+    with Allocations() as seen:
+        loaded = streamed.load("embed")["model.embed_tokens.weight"]
+    embed = 512 * 64 * 4
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, model.model.embed_tokens.weight.float())
+    assert embed <= seen.peak <= 1.25 * embed, seen.peak / embed
+    del loaded
+    streamed.release("embed")
+    assert seen.live == 0  # nothing of the load outlives the part
+
+
 @pytest.mark.parametrize("extra, flag", [
     (["--offload", "none", "--resume"], "--resume"),
     (["--eval_zero_shot", "piqa"], "--eval_zero_shot"),
@@ -262,3 +347,21 @@ def test_device_map_refusal_is_one_line_from_the_cli(tmp_path, sharded, calib_fi
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("main.py: error: --device_map: this map offloads model.layers.1") and "--offload disk" in last, last
+
+
+def test_offload_auto_counts_the_search_scorers(tmp_path, sharded, calib_file):
+    from mosaic.errors import OptionError
+    from mosaic.pipeline import validate, workload
+    from mosaic.stream import ShardSource, host_need
+
+    opts = options(sharded, calib_file, tmp_path / "s", prune_method="sparsegpt_search", search_windows=4,
+                   search_budget=2)
+    plan = validate(opts)
+    assert workload(opts, plan).search_windows == 4 and workload(opts, plan).search_validation
+    need = host_need(str(sharded), opts, plan, ShardSource(sharded).nbytes(torch.float32), torch.float32)
+    assert need["search_reference"] == 2 * 4 * 48 * 512 * 4
+    without = sum(v for k, v in need.items() if not k.startswith("search"))
+    with pytest.raises(OptionError) as refused:
+        run(options(sharded, calib_file, tmp_path / "s", prune_method="sparsegpt_search", search_windows=4,
+                    search_budget=2, max_memory=str((without + sum(need.values())) // 2)))
+    assert refused.value.option == "allocation" and "search needs the whole model in memory" in refused.value.message
