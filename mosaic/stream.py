@@ -364,6 +364,7 @@ def host_need(path: str, opts, plan, weights: int, dtype: torch.dtype) -> dict[s
     from mosaic.pipeline import workload  # imported here: the pipeline imports this module
 
     config = AutoConfig.from_pretrained(path)
+    adapter_for(config)  # an unsupported architecture is named as such, before its config is read for sizes
     return fit.host_need(config, weights, workload(opts, plan), dtype, resolve_device(opts.device))
 
 
