@@ -35,7 +35,7 @@ def base(method: str, s: float, kind: str = "unstructured", **kw) -> dict:
     return dict(prune_method=method, sparsity_ratio=s, sparsity_type=kind, **kw)
 
 
-RECON = dict(reconstruct="sublayer")  # the defaults of --reconstruct_steps/_lr/_batch
+RECON = dict(reconstruct="layer")  # the defaults of --reconstruct_steps/_lr/_batch (layer: the tuning winner)
 DISTILL = dict(distill_steps=100)
 
 # name -> options; "none" / "recon" / "recon+distill" variants of each pruning
@@ -135,8 +135,21 @@ def sweep(tune: bool, only: set[str] | None) -> None:
         print(json.dumps(row), flush=True)
 
 
+def same_run(done: dict[str, dict], name: str) -> dict | None:
+    """The finished job ``name``, or a knob-sweep job that ran exactly its options (not run twice)."""
+    if name in done:
+        return done[name]
+    pruning, variant = name.split("/")
+    want = {**PRUNINGS[pruning], **VARIANTS[variant]}
+    defaults = {"reconstruct_steps": 20, "reconstruct_lr": 5e-4}  # --reconstruct_steps/_lr defaults
+    for key, row in done.items():
+        if key.startswith(f"{pruning}/tune-") and row["options"] == {**want, **defaults}:
+            return {**row, "same_as": key}
+    return None
+
+
 def _t(row: dict, phase: str) -> str:
-    return f"{row['time_s'].get(phase, 0):.0f}"
+    return f"{row['time_s'][phase]:.0f}" if phase in row["time_s"] else "—"
 
 
 def report(m: dict) -> None:
@@ -156,7 +169,7 @@ def report(m: dict) -> None:
     for p in PRUNINGS:
         none = done.get(f"{p}/none")
         for v in VARIANTS:
-            r = done.get(f"{p}/{v}")
+            r = same_run(done, f"{p}/{v}")
             if r is None:
                 continue
             shared = "‡" if r.get("shared_machine") else ""
@@ -172,8 +185,9 @@ def report(m: dict) -> None:
                 f"| {p} | {detail} | {r['ppl']:.2f} | {r['ppl'] / dense['ppl']:.2f}× | " if dense else
                 f"| {p} | {detail} | {r['ppl']:.2f} | — | ")
             lines[-1] += (f"{r['ppl'] / none['ppl'] - 1:+.1%} | " if none and v != "none" else "— | ")
-            lines[-1] += (f"{r['calib_ppl']:.2f} | {r['achieved']:.4f} | {prune_s:.0f}{shared} | "
-                          f"{recon_s if recon_s is not None else 0:.0f}{shared} | {_t(r, 'distill')}{shared} |")
+            recon = f"{recon_s:.0f}{shared}" if recon_s is not None else "—"
+            distill = f"{_t(r, 'distill')}{shared}" if "distill" in r["time_s"] else "—"
+            lines[-1] += f"{r['calib_ppl']:.2f} | {r['achieved']:.4f} | {prune_s:.0f}{shared} | {recon} | {distill} |"
     tuned = [r for k, r in done.items() if "/tune-" in k]
     if tuned:
         lines += ["", "## Knob sweep (SparseGPT 70% uniform; chosen on calib ppl only)", "",
@@ -184,7 +198,7 @@ def report(m: dict) -> None:
             lines.append(f"| {rc['granularity']} | {rc['steps']} | {rc['lr']:g} | {r['calib_ppl']:.2f} | "
                          f"{r['ppl']:.2f} | {rc['mean_error_before']:.3f} → {rc['mean_error_after']:.3f} | "
                          f"{rc['seconds']:.0f}{'‡' if r.get('shared_machine') else ''} |")
-    missing = [f"{p}/{v}" for p, v in JOBS if f"{p}/{v}" not in done]
+    missing = [f"{p}/{v}" for p, v in JOBS if same_run(done, f"{p}/{v}") is None]
     if missing:
         lines += ["", f"**Not measured (CPU time)**: {', '.join(missing)}. The sweep resumes from "
                   "`results/recover_runs.jsonl` (`--only=`)."]

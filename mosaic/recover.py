@@ -304,7 +304,7 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
                 with torch.enable_grad(), _autocast(device):
                     loss = _kl(student(input_ids=ids, use_cache=False).logits, t_logits) * ids.shape[0] / pick.numel()
                     loss.backward()
-                total += float(loss)
+                total += loss.item()
                 del t_logits
             for p, m in zip(params, masks):
                 if p.grad is not None:
