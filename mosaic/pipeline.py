@@ -359,47 +359,27 @@ def warn_unused(opts: Options, plan: Plan) -> None:
            "alps_rho0": "only ALPS reads it", "alps_max_iter": "only ALPS reads it", "alps_cg_iters": "only ALPS reads it",
            "max_memory": "it budgets --offload auto only", "kv_window": "no KV-cache sparsity is set",
            "kv_method": "no KV-cache sparsity is set", "kv_reference": "no KV-cache sparsity is set"}
+    for option in ("reconstruct_steps", "reconstruct_lr", "reconstruct_batch"):
+        used[option], why[option] = opts.reconstruct != "none", "--reconstruct is none"
+    for option in ("distill_lr", "distill_batch", "distill_windows"):
+        used[option], why[option] = opts.distill_steps > 0, "--distill_steps is 0"
     defaults = Options()
     for option, is_used in used.items():
         if not is_used and getattr(opts, option) != getattr(defaults, option):
             log.warning("--%s has no effect in this run: %s", option, why[option])
 
 
-def _integer(value, option: str, minimum: int) -> None:
-    """A whole number (not a float or bool that happens to compare) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise OptionError(option, f"must be a whole number, got {value!r}")
-    if value < minimum:
-        raise OptionError(option, f"must be >= {minimum}, got {value}")
-
-
-RECONSTRUCT_KNOBS = ("reconstruct_steps", "reconstruct_lr", "reconstruct_batch")
-DISTILL_KNOBS = ("distill_lr", "distill_batch", "distill_windows")
-
-
 def recovery_specs(opts: Options, kernel: Kernel | None, mode: str | None):
-    """Reconstruction and distillation as the options ask: every knob checked whether or not it is used,
-    one warning for a valid knob that this run ignores."""
+    """Reconstruction and distillation as the options ask: every knob's range checked whether or not it is
+    used (``warn_unused`` names the knobs a run ignores)."""
     if opts.reconstruct not in recover.GRANULARITIES:
         raise OptionError("reconstruct", f"'{opts.reconstruct}' is not one of {', '.join(recover.GRANULARITIES)}")
-    _integer(opts.reconstruct_steps, "reconstruct_steps", 0)
-    _integer(opts.reconstruct_batch, "reconstruct_batch", 1)
-    _integer(opts.distill_steps, "distill_steps", 0)
-    _integer(opts.distill_batch, "distill_batch", 1)
-    _integer(opts.distill_windows, "distill_windows", 2)
+    for option, least in (("reconstruct_steps", 0), ("reconstruct_batch", 1), ("distill_steps", 0),
+                          ("distill_batch", 1), ("distill_windows", 2)):  # types: check_types, which runs first
+        if getattr(opts, option) < least:
+            raise OptionError(option, f"must be >= {least}, got {getattr(opts, option)}")
     for option in ("reconstruct_lr", "distill_lr"):
-        if isinstance(getattr(opts, option), bool) or not isinstance(getattr(opts, option), int | float):
-            raise OptionError(option, f"must be a number, got {getattr(opts, option)!r}")
         _number(getattr(opts, option), option)
-    defaults = Options()
-    if opts.reconstruct == "none":
-        for option in RECONSTRUCT_KNOBS:
-            if getattr(opts, option) != getattr(defaults, option):
-                log.warning("--%s has no effect without --reconstruct layer or sublayer", option)
-    if opts.distill_steps == 0:
-        for option in DISTILL_KNOBS:
-            if getattr(opts, option) != getattr(defaults, option):
-                log.warning("--%s has no effect without --distill_steps", option)
     wanted = opts.reconstruct != "none" or opts.distill_steps > 0
     if kernel is None:
         if wanted:
