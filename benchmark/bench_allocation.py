@@ -17,12 +17,12 @@ an interrupted sweep resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
+from operator import itemgetter
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, write  # noqa: E402
+from common import RESULTS, append, finished, machine, machine_line, not_measured, notes, write  # noqa: E402
 
 METHODS = ("wanda", "sparsegpt")
 STATS = ("sequential", "dense")
@@ -30,17 +30,7 @@ ALLOCATIONS = ("uniform", "owl", "mosaic", "mosaic_ref")
 SPARSITIES = (0.7, 0.8, 0.6, 0.5)  # the most informative first, in case the sweep is cut short
 RUNS = RESULTS / "allocation_runs.jsonl"
 SETTINGS = dict(nsamples=32, seqlen=512, eval_windows=8, eval_dtype="bfloat16")
-
-
-def key(method: str, stats: str, allocation: str, sparsity: float) -> str:
-    return f"{method}/{stats}/{allocation}/{sparsity}"
-
-
-def finished() -> dict[str, dict]:
-    if not RUNS.exists():
-        return {}
-    rows = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
-    return {key(r["method"], r["stats"], r["allocation"], r["target"]): r for r in rows}
+CELL = itemgetter("method", "stats", "allocation", "target")  # a finished job's cell in the grid
 
 
 def run_one(method: str, stats: str, allocation: str, sparsity: float) -> dict:
@@ -51,25 +41,21 @@ def run_one(method: str, stats: str, allocation: str, sparsity: float) -> dict:
                     **SETTINGS))
     s = r["sparsity"]
     return {"method": method, "stats": stats, "allocation": allocation, "target": sparsity,
-            "achieved": s["achieved"], "drift": s.get("drift", 0.0), "ppl": r["perplexity"]["wiki-offline"]["ppl"],
+            "achieved": s["achieved"], "drift": s.get("drift", 0.0),
+            "ppl": r["perplexity"]["wiki-offline"]["ppl"],
             "mode": r["settings"]["mode"], "calib_dtype": r["settings"]["calib_dtype"],
             "prune_s": round(r["time_s"].get("prune", 0) + r["time_s"].get("profile", 0), 1),
             "wall_s": round(time.perf_counter() - start, 1)}
 
 
 def sweep() -> None:
-    done = finished()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    done = finished(RUNS, CELL)
     for sparsity in SPARSITIES:
         for method in METHODS:
             for stats in STATS:
                 for allocation in ALLOCATIONS:
-                    if key(method, stats, allocation, sparsity) in done:
-                        continue
-                    row = run_one(method, stats, allocation, sparsity)
-                    with RUNS.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    print(row, flush=True)
+                    if (method, stats, allocation, sparsity) not in done:
+                        append(RUNS, run_one(method, stats, allocation, sparsity))
 
 
 def plot(rows: list[dict]) -> None:
@@ -78,7 +64,8 @@ def plot(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(STATS), len(METHODS), figsize=(5 * len(METHODS), 4 * len(STATS)), sharey=True)
+    fig, axes = plt.subplots(len(STATS), len(METHODS), figsize=(5 * len(METHODS), 4 * len(STATS)),
+                             sharey=True)
     for i, stats in enumerate(STATS):
         for j, method in enumerate(METHODS):
             ax = axes[i][j]
@@ -103,23 +90,24 @@ def _cell(by: dict, *k) -> str:
 
 
 def report(m: dict) -> None:
-    done = finished()
-    rows = list(done.values())
-    by = {(r["method"], r["stats"], r["allocation"], r["target"]): r for r in rows}
+    by = finished(RUNS, CELL)
+    rows = list(by.values())
     plot(rows)
     lines = ["# Allocation benchmark: SmolLM2-135M, like for like", "",
              f"Machine: {machine_line(m)}.", "",
-             "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0); perplexity on the first 8 windows × "
-             "2048 tokens of the held-out wiki-offline split with bf16 forwards (`--eval_dtype bfloat16`); "
-             "`--Hyper_m 5 --Lamda 0.08` (defaults, never tuned on the eval split); model fp32, calibration "
-             "forwards bf16 (auto). Produced by `python benchmark/bench_allocation.py`; plot: `allocation.png`.", "",
+             "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0); perplexity on the first 8 "
+             "windows × 2048 tokens of the held-out wiki-offline split with bf16 forwards (`--eval_dtype "
+             "bfloat16`); `--Hyper_m 5 --Lamda 0.08` (defaults, never tuned on the eval split); model fp32, "
+             "calibration forwards bf16 (auto). Produced by `python benchmark/bench_allocation.py`; plot: "
+             "`allocation.png`.", "",
              "**What each comparison holds fixed.** Within a row, the four allocations share the kernel, the "
-             "calibration windows and the statistics source the weights are pruned from (`--calib_stats`); only "
-             "the per-projection sparsities differ. `sequential`: each layer is pruned from the activations of the "
-             "already-pruned layers before it (true-sequential within the layer; the reference pruning pass). "
-             "`dense`: from the dense model's activations (Wanda prunes from the profiling pass's own statistics). "
-             "The outlier profile that drives owl/mosaic/mosaic_ref always comes from the dense model. Rows with the "
-             "same method and S differ in the statistics source only.", "",
+             "calibration windows and the statistics source the weights are pruned from (`--calib_stats`); "
+             "only the per-projection sparsities differ. `sequential`: each layer is pruned from the "
+             "activations of the already-pruned layers before it (true-sequential within the layer; the "
+             "reference pruning pass). `dense`: from the dense model's activations (Wanda prunes from the "
+             "profiling pass's own statistics). The outlier profile that drives owl/mosaic/mosaic_ref always "
+             "comes from the dense model. Rows with the same method and S differ in the statistics source "
+             "only.", "",
              "| method | statistics | S | uniform | owl | mosaic | mosaic_ref | mosaic vs uniform |",
              "|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
@@ -134,7 +122,8 @@ def report(m: dict) -> None:
                 u, mo = by.get((method, stats, "uniform", s)), by.get((method, stats, "mosaic", s))
                 gain = f"{mo['ppl'] / u['ppl'] - 1:+.1%}" if u and mo else "—"
                 lines.append(f"| {method} | {stats} | {s} | {' | '.join(cells)} | {gain} |")
-    lines += ["", "Statistics source alone (same allocation, same kernel): dense vs sequential perplexity.", "",
+    lines += ["", "Statistics source alone (same allocation, same kernel): dense vs sequential perplexity.",
+              "",
               "| method | S | " + " | ".join(f"{a}: dense / sequential" for a in ALLOCATIONS) + " |",
               "|---|---|" + "---|" * len(ALLOCATIONS)]
     for method in METHODS:
@@ -146,9 +135,9 @@ def report(m: dict) -> None:
             if set(cells) == {"—"}:
                 continue
             lines.append(f"| {method} | {s} | " + " | ".join(cells) + " |")
-    lines += ["", "Achieved overall sparsity, mosaic_ref's drift from the target, and profile + prune wall time (s; "
-              "indicative only: this sweep shared the 2 cores with other jobs, so times are not comparable between "
-              "cells; `core.md` has timings on an idle machine):", "",
+    lines += ["", "Achieved overall sparsity, mosaic_ref's drift from the target, and profile + prune wall "
+                  "time (s; indicative only: this sweep shared the 2 cores with other jobs, so times are not "
+                  "comparable between cells; `core.md` has timings on an idle machine):", "",
               "| method | statistics | S | " + " | ".join(f"{a}" for a in ALLOCATIONS) + " |",
               "|---|---|---|" + "---|" * len(ALLOCATIONS)]
     for method in METHODS:
@@ -164,13 +153,10 @@ def report(m: dict) -> None:
                 lines.append(f"| {method} | {stats} | {s} | " + " | ".join(cells) + " |")
     missing = [f"{m} {st} S={s}" for s in sorted(SPARSITIES) for m in METHODS for st in STATS
                if not all((m, st, a, s) in by for a in ALLOCATIONS)]
-    if missing:
-        lines += ["", f"**Not measured (yet)**: {', '.join(missing)}. The sweep runs the most informative targets "
-                  "first and resumes where it stopped (`results/allocation_runs.jsonl`); these cells did not fit this "
-                  "session's CPU budget."]
-    notes = RESULTS / "allocation_notes.md"
-    if notes.exists():
-        lines += ["", notes.read_text().strip()]
+    lines += not_measured(missing, RUNS, why="The sweep runs the most informative targets first and resumes "
+                          f"where it stopped (`results/{RUNS.name}`); these cells did not fit this session's "
+                          "CPU budget.")
+    lines += notes("allocation")
     write("allocation", "\n".join(lines) + "\n", {"machine": m, "settings": SETTINGS, "rows": rows})
 
 

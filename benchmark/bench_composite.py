@@ -46,8 +46,8 @@ CONFIGS = [  # label, sparsity S, structured R (None: not composite)
 
 
 def latency(checkpoint: Path, dtype: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "latency.py"), str(checkpoint), "--dtype", dtype],
-                          capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "latency.py"), str(checkpoint),
+                           "--dtype", dtype], capture_output=True, text=True, cwd=ROOT, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -66,8 +66,9 @@ def main() -> None:
             method = "dense" if sparsity == 0 else METHOD
             r = run_main(["--prune_method", method, "--sparsity_ratio", str(sparsity), *kind, *YARDSTICK,
                           "--eval_dtype", "bfloat16", "--save_model", str(ckpt)])
-            row = {"label": label, "S": sparsity, "R": structured, "ppl": r["perplexity"]["wiki-offline"]["ppl"],
-                   "params": r["parameters"]["after"]["total"], "nonzero": r["parameters"]["after"]["nonzero"],
+            row = {"label": label, "S": sparsity, "R": structured,
+                   "ppl": r["perplexity"]["wiki-offline"]["ppl"], "params": r["parameters"]["after"]["total"],
+                   "nonzero": r["parameters"]["after"]["nonzero"],
                    "disk_bytes": r["checkpoint"]["safetensors_bytes"], "prune_s": r["time_s"].get("prune"),
                    "achieved": r["sparsity"]["achieved"], "structured": r["sparsity"].get("structured", 0.0)}
             for dtype in ("float32", "bfloat16"):
@@ -81,7 +82,8 @@ def main() -> None:
     r50 = by["composite S=0.7 R=0.5"]
     best_05 = min((r for r in rows if r["S"] == 0.5 and r["R"] not in (None, 0.5)), key=lambda r: r["ppl"])
     checks = {
-        f"R=0.5 decodes ≥ 1.5× dense at batch 1, fp32 (got {r50['float32']['decode_b1_tok_s'] / dense['float32']['decode_b1_tok_s']:.2f}×)":
+        "R=0.5 decodes ≥ 1.5× dense at batch 1, fp32 (got "
+        f"{r50['float32']['decode_b1_tok_s'] / dense['float32']['decode_b1_tok_s']:.2f}×)":
             r50["float32"]["decode_b1_tok_s"] >= 1.5 * dense["float32"]["decode_b1_tok_s"],
         f"R=0.5 checkpoint ≤ 62% of dense bytes (got {r50['disk_bytes'] / dense['disk_bytes']:.1%})":
             r50["disk_bytes"] <= 0.62 * dense["disk_bytes"],
@@ -90,25 +92,29 @@ def main() -> None:
     }
     lines = ["# Composite benchmark: SmolLM2-135M, size and speed of structured removal", "",
              f"Machine: {machine_line(m)}.", "",
-             f"Settings: `{METHOD}`, calibration 32 × 512 tokens of wiki-offline (seed 0), `--round_to 8`, sequential statistics for every row (`--calib_stats sequential`); perplexity "
-             "on the first 16 windows × 2048 tokens of the held-out wiki-offline split (bf16 forwards). S = share of "
-             "decoder projection weights removed in total, R = share removed structurally (heads and MLP channels); "
-             "the tied 28M-parameter embedding is never pruned. Disk: the fp32 safetensors checkpoint. Latency: "
-             "each checkpoint reloaded in a fresh process (`benchmark/latency.py`), torch CPU, 2 threads; prefill "
-             "= one forward of 1 × 512 tokens (median of 3); decode = greedy `generate` of 128 new tokens after a "
-             "32-token prompt (batch 1: median of 2; batch 8: one run), tokens/s over all sequences; peak RSS of that process (Python + torch "
-             "+ model). Produced by `python benchmark/bench_composite.py`.", "",
-             "| model | params | disk (MB) | ppl | fp32 prefill (ms) | fp32 decode b1 (tok/s) | fp32 decode b8 | "
-             "bf16 prefill (ms) | bf16 decode b1 | bf16 decode b8 | RSS fp32 (GiB) |",
+             f"Settings: `{METHOD}`, calibration 32 × 512 tokens of wiki-offline (seed 0), `--round_to 8`, "
+             "sequential statistics for every row (`--calib_stats sequential`); perplexity on the first 16 "
+             "windows × 2048 tokens of the held-out wiki-offline split (bf16 forwards). S = share of decoder "
+             "projection weights removed in total, R = share removed structurally (heads and MLP channels); "
+             "the tied 28M-parameter embedding is never pruned. Disk: the fp32 safetensors checkpoint. "
+             "Latency: each checkpoint reloaded in a fresh process (`benchmark/latency.py`), torch CPU, 2 "
+             "threads; prefill = one forward of 1 × 512 tokens (median of 3); decode = greedy `generate` of "
+             "128 new tokens after a 32-token prompt (batch 1: median of 2; batch 8: one run), tokens/s over "
+             "all sequences; peak RSS of that process (Python + torch + model). Produced by `python "
+             "benchmark/bench_composite.py`.", "",
+             "| model | params | disk (MB) | ppl | fp32 prefill (ms) | fp32 decode b1 (tok/s) | "
+             "fp32 decode b8 | bf16 prefill (ms) | bf16 decode b1 | bf16 decode b8 | RSS fp32 (GiB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f, b = r["float32"], r["bfloat16"]
         lines.append(f"| {r['label']} | {r['params'] / 1e6:.1f}M | {r['disk_bytes'] / 1e6:.0f} "
-                     f"({r['disk_bytes'] / dense['disk_bytes']:.0%}) | {r['ppl']:.2f} | {f['prefill_512_ms']:.0f} | "
-                     f"{f['decode_b1_tok_s']:.1f} ({f['decode_b1_tok_s'] / dense['float32']['decode_b1_tok_s']:.2f}×) | "
+                     f"({r['disk_bytes'] / dense['disk_bytes']:.0%}) | {r['ppl']:.2f} | "
+                     f"{f['prefill_512_ms']:.0f} | {f['decode_b1_tok_s']:.1f} "
+                     f"({f['decode_b1_tok_s'] / dense['float32']['decode_b1_tok_s']:.2f}×) | "
                      f"{f['decode_b8_tok_s']:.1f} | {b['prefill_512_ms']:.0f} | {b['decode_b1_tok_s']:.1f} | "
                      f"{b['decode_b8_tok_s']:.1f} | {f['peak_rss_gib']:.2f} |")
-    lines += ["", "Targets (issue 4):", *[f"- {k}: **{'met' if v else 'MISSED'}**" for k, v in checks.items()], NOTES]
+    lines += ["", "Targets (issue 4):",
+              *[f"- {k}: **{'met' if v else 'MISSED'}**" for k, v in checks.items()], NOTES]
     write("composite", "\n".join(lines), {"machine": m, "method": METHOD, "rows": rows,
                                           "checks": {k: bool(v) for k, v in checks.items()}})
 

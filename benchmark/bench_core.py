@@ -51,7 +51,8 @@ JOBS = [
     ("sparsegpt 2:4", "sparsegpt", "2:4", []),
     ("sparsegpt 70%", "sparsegpt", "unstructured", ["--sparsity_ratio", "0.7"]),
     # the reference code's choices: fp32 forwards and its two-pass layer loop
-    ("wanda · fp32 calib · reference loop", "wanda", "unstructured", ["--calib_dtype", "float32", "--no_true_sequential"]),
+    ("wanda · fp32 calib · reference loop", "wanda", "unstructured",
+     ["--calib_dtype", "float32", "--no_true_sequential"]),
     ("sparsegpt · fp32 calib · reference loop", "sparsegpt", "unstructured",
      ["--calib_dtype", "float32", "--no_true_sequential"]),
 ]
@@ -64,12 +65,14 @@ def main() -> None:
     # CORE_RESUME=rows.jsonl: reuse rows measured by an interrupted run (same machine, same settings)
     done = {}
     if os.environ.get("CORE_RESUME"):
-        done = {r["label"]: r for r in map(json.loads, Path(os.environ["CORE_RESUME"]).read_text().splitlines())}
+        done = {r["label"]: r
+                for r in map(json.loads, Path(os.environ["CORE_RESUME"]).read_text().splitlines())}
     for label, method, kind, extra in JOBS:
         if label in done:
             rows.append(done[label])
             continue
-        r = run_main(["--prune_method", method, "--sparsity_ratio", "0.5", "--sparsity_type", kind, *YARDSTICK, *extra])
+        r = run_main(["--prune_method", method, "--sparsity_ratio", "0.5", "--sparsity_type", kind,
+                      *YARDSTICK, *extra])
         sparsity = float(extra[extra.index("--sparsity_ratio") + 1]) if "--sparsity_ratio" in extra else 0.5
         sparsity = 0.0 if method == "dense" else sparsity
         rows.append({"label": label, "method": method, "type": kind, "extra": extra, "sparsity": sparsity,
@@ -86,29 +89,36 @@ def main() -> None:
             by["wanda"]["prune_s"] <= 46.5 and by["wanda"]["ppl"] <= 32.18 * 1.01,
         "sparsegpt 50% ≥ 2× faster than llm-compressor's 145 s at ppl ≤ 26.45 + 1%":
             by["sparsegpt"]["prune_s"] <= 72.5 and by["sparsegpt"]["ppl"] <= 26.45 * 1.01,
-        "sparsegpt 70% ≥ 2× faster than the reference code's 93 s (two threads)": by["sparsegpt 70%"]["prune_s"] <= 46.5,
-        "ppl at 50%: sparsegpt ≤ wanda < magnitude": by["sparsegpt"]["ppl"] <= by["wanda"]["ppl"] < by["magnitude"]["ppl"],
+        "sparsegpt 70% ≥ 2× faster than the reference code's 93 s (two threads)":
+            by["sparsegpt 70%"]["prune_s"] <= 46.5,
+        "ppl at 50%: sparsegpt ≤ wanda < magnitude":
+            by["sparsegpt"]["ppl"] <= by["wanda"]["ppl"] < by["magnitude"]["ppl"],
     }
     lines = ["# Core benchmark: SmolLM2-135M, 50% unstructured and 2:4", "",
              f"Machine: {machine_line(m)}.", "",
-             "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0, batches of 8); perplexity on the first "
-             "16 windows × 2048 tokens of the held-out wiki-offline split; model fp32 on CPU; defaults otherwise "
-             "(`--true_sequential`, `--calib_dtype auto` = bf16 forwards on this CPU). Statistics source: sequential for every row (`--calib_stats sequential`); magnitude uses no calibration statistics. *Prune* is the wall time of "
-             "the pruning alone (calibration passes + kernels; not loading, tokenizing or evaluating). Peak RSS is of "
-             "the whole run. Produced by `python benchmark/bench_core.py`.", "",
-             f"Yardstick: one plain forward pass of the 32 × 512 calibration set through the whole model takes "
-             f"**{fwd['float32']:.1f} s** in fp32 ({fwd['bfloat16']:.1f} s in bf16).", "",
-             "| run | S | type | calib dtype | engine | prune (s) | × two fp32 forwards | peak RSS (GiB) | sparsity | ppl |",
+             "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0, batches of 8); perplexity on "
+             "the first 16 windows × 2048 tokens of the held-out wiki-offline split; model fp32 on CPU; "
+             "defaults otherwise (`--true_sequential`, `--calib_dtype auto` = bf16 forwards on this CPU). "
+             "Statistics source: sequential for every row (`--calib_stats sequential`); magnitude uses no "
+             "calibration statistics. *Prune* is the wall time of the pruning alone (calibration passes + "
+             "kernels; not loading, tokenizing or evaluating). Peak RSS is of the whole run. Produced by "
+             "`python benchmark/bench_core.py`.", "",
+             "Yardstick: one plain forward pass of the 32 × 512 calibration set through the whole model "
+             f"takes **{fwd['float32']:.1f} s** in fp32 ({fwd['bfloat16']:.1f} s in bf16).", "",
+             "| run | S | type | calib dtype | engine | prune (s) | × two fp32 forwards | peak RSS (GiB) | "
+             "sparsity | ppl |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         prune = "—" if row["prune_s"] is None else f"{row['prune_s']:.1f}"
         ratio = "—" if row["prune_s"] is None else f"{row['prune_s'] / two:.2f}"
-        lines.append(f"| {row['label']} | {row['sparsity']} | {row['type']} | {row['calib_dtype'] or '—'} | {row['mode'] or '—'} | {prune} | "
-                     f"{ratio} | {row['peak_rss_gib']:.2f} | {row['achieved']:.4f} | {row['ppl']:.2f} |")
+        lines.append(f"| {row['label']} | {row['sparsity']} | {row['type']} | {row['calib_dtype'] or '—'} | "
+                     f"{row['mode'] or '—'} | {prune} | {ratio} | {row['peak_rss_gib']:.2f} | "
+                     f"{row['achieved']:.4f} | {row['ppl']:.2f} |")
     lines += ["", "Targets:", *[f"- {k}: **{'met' if v else 'MISSED'}**" for k, v in checks.items()], "",
-              "For comparison (from the developers' guide, same model and settings): llm-compressor 0.14 prunes "
-              "SparseGPT 50% to ppl 26.45 in 145 s and Wanda 50% to 32.18 in 93 s (one thread); the reference code's "
-              "SparseGPT 70% takes 93 s (two threads). Our runs use torch's default two threads.", ""]
+              "For comparison (from the developers' guide, same model and settings): llm-compressor 0.14 "
+              "prunes SparseGPT 50% to ppl 26.45 in 145 s and Wanda 50% to 32.18 in 93 s (one thread); the "
+              "reference code's SparseGPT 70% takes 93 s (two threads). Our runs use torch's default two "
+              "threads.", ""]
     write("core", "\n".join(lines), {"machine": m, "plain_forward_s": fwd, "rows": rows, "checks": checks})
 
 

@@ -16,19 +16,20 @@ Finished jobs are kept in ``results/recover_runs.jsonl``, so an interrupted swee
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import tempfile
 import time
+from operator import itemgetter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, write  # noqa: E402
+from common import RESULTS, append, finished, machine, machine_line, not_measured, notes, parse_only, write  # noqa: E402
 
 RUNS = RESULTS / "recover_runs.jsonl"
 SETTINGS = dict(nsamples=32, seqlen=512, eval_windows=16, seed=0)
-SHARED_MACHINE = "--shared-machine" in sys.argv  # other jobs ran on the same cores: times are not idle figures
+SHARED_MACHINE = "--shared-machine" in sys.argv  # other jobs ran on the same cores: times aren't idle figures
+NAME = itemgetter("name")  # a finished job's cell: pruning/recovery
 
 
 def base(method: str, s: float, kind: str = "unstructured", **kw) -> dict:
@@ -68,12 +69,6 @@ TUNE = {
 }
 
 
-def finished() -> dict[str, dict]:
-    if not RUNS.exists():
-        return {}
-    return {r["name"]: r for r in (json.loads(line) for line in RUNS.read_text().splitlines() if line.strip())}
-
-
 def calib_ppl(model_dir: Path) -> float:
     """Perplexity on 8 × 512 calibration-split windows that share no token with the statistics windows."""
     import torch
@@ -82,8 +77,8 @@ def calib_ppl(model_dir: Path) -> float:
     from mosaic.data import calibration_windows
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    windows = calibration_windows(tok, "wiki-offline", SETTINGS["nsamples"], SETTINGS["seqlen"], SETTINGS["seed"],
-                                  held_out=8)[SETTINGS["nsamples"]:]
+    windows = calibration_windows(tok, "wiki-offline", SETTINGS["nsamples"], SETTINGS["seqlen"],
+                                  SETTINGS["seed"], held_out=8)[SETTINGS["nsamples"]:]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     nll = 0.0
     with torch.no_grad():
@@ -118,21 +113,17 @@ def run_one(name: str, opts: dict) -> dict:
 
 def jobs(tune: bool) -> list[tuple[str, dict]]:
     if tune:
-        return [("sparsegpt-uniform-0.7/none", PRUNINGS["sparsegpt-uniform-0.7"])] + \
-               [(f"sparsegpt-uniform-0.7/{k}", {**PRUNINGS["sparsegpt-uniform-0.7"], **v}) for k, v in TUNE.items()]
+        base70 = PRUNINGS["sparsegpt-uniform-0.7"]
+        return [("sparsegpt-uniform-0.7/none", base70)] + \
+               [(f"sparsegpt-uniform-0.7/{k}", {**base70, **v}) for k, v in TUNE.items()]
     return [(f"{p}/{v}", {**PRUNINGS[p], **VARIANTS[v]}) for p, v in JOBS]
 
 
 def sweep(tune: bool, only: set[str] | None) -> None:
-    done = finished()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    done = finished(RUNS, NAME)
     for name, opts in jobs(tune):
-        if name in done or (only and name not in only):
-            continue
-        row = run_one(name, opts)
-        with RUNS.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        if name not in done and (not only or name in only):
+            append(RUNS, run_one(name, opts))
 
 
 def same_run(done: dict[str, dict], name: str) -> dict | None:
@@ -153,19 +144,19 @@ def _t(row: dict, phase: str) -> str:
 
 
 def report(m: dict) -> None:
-    done = finished()
+    done = finished(RUNS, NAME)
     dense = done.get("dense")
     lines = ["# Recovery after pruning: SmolLM2-135M", "", f"Machine: {machine_line(m)}.", "",
-             "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0), sequential statistics, fp32 weights and "
-             "forwards; perplexity on the first 16 windows × 2048 tokens of the held-out wiki-offline eval split. "
-             "Within a row only the recovery differs. `calib ppl`: 8 × 512 calibration-split windows disjoint from "
-             "the statistics windows (the knobs were tuned on it, never on the eval split). Produced by "
-             "`python benchmark/bench_recover.py`; times in seconds; ‡: another job shared the 2 cores, so the "
-             "time is not an idle figure.", ""]
+             "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0), sequential statistics, fp32 "
+             "weights and forwards; perplexity on the first 16 windows × 2048 tokens of the held-out "
+             "wiki-offline eval split. Within a row only the recovery differs. `calib ppl`: 8 × 512 "
+             "calibration-split windows disjoint from the statistics windows (the knobs were tuned on it, "
+             "never on the eval split). Produced by `python benchmark/bench_recover.py`; times in seconds; "
+             "‡: another job shared the 2 cores, so the time is not an idle figure.", ""]
     if dense:
         lines += [f"Dense: ppl {dense['ppl']:.2f}.", ""]
-    lines += ["| pruning | recovery | ppl | ÷ dense | vs none | calib ppl | achieved | prune s | reconstruct s | "
-              "distill s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| pruning | recovery | ppl | ÷ dense | vs none | calib ppl | achieved | prune s | "
+              "reconstruct s | distill s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in PRUNINGS:
         none = done.get(f"{p}/none")
         for v in VARIANTS:
@@ -187,7 +178,8 @@ def report(m: dict) -> None:
             lines[-1] += (f"{r['ppl'] / none['ppl'] - 1:+.1%} | " if none and v != "none" else "— | ")
             recon = f"{recon_s:.0f}{shared}" if recon_s is not None else "—"
             distill = f"{_t(r, 'distill')}{shared}" if "distill" in r["time_s"] else "—"
-            lines[-1] += f"{r['calib_ppl']:.2f} | {r['achieved']:.4f} | {prune_s:.0f}{shared} | {recon} | {distill} |"
+            lines[-1] += (f"{r['calib_ppl']:.2f} | {r['achieved']:.4f} | {prune_s:.0f}{shared} | {recon} | "
+                          f"{distill} |")
     tuned = [r for k, r in done.items() if "/tune-" in k]
     if tuned:
         lines += ["", "## Knob sweep (SparseGPT 70% uniform; chosen on calib ppl only)", "",
@@ -199,22 +191,17 @@ def report(m: dict) -> None:
                          f"{r['ppl']:.2f} | {rc['mean_error_before']:.3f} → {rc['mean_error_after']:.3f} | "
                          f"{rc['seconds']:.0f}{'‡' if r.get('shared_machine') else ''} |")
     missing = [f"{p}/{v}" for p, v in JOBS if same_run(done, f"{p}/{v}") is None]
-    if missing:
-        lines += ["", f"**Not measured (CPU time)**: {', '.join(missing)}. The sweep resumes from "
-                  "`results/recover_runs.jsonl` (`--only=`)."]
-    notes = RESULTS / "recover_notes.md"
-    if notes.exists():
-        lines += ["", notes.read_text().strip()]
-    write("recover", "\n".join(lines) + "\n", {"machine": m, "settings": SETTINGS, "rows": list(done.values())})
+    lines += not_measured(missing, RUNS, "Not measured (CPU time)",
+                          f"The sweep resumes from `results/{RUNS.name}` (`--only=`).")
+    lines += notes("recover")
+    write("recover", "\n".join(lines) + "\n",
+          {"machine": m, "settings": SETTINGS, "rows": list(done.values())})
 
 
 if __name__ == "__main__":
     m = machine()
-    only = next((set(a.split("=", 1)[1].split(",")) for a in sys.argv if a.startswith("--only=")), None)
     if "--report" not in sys.argv:
-        if "--dense" in sys.argv and "dense" not in finished():
-            row = run_one("dense", dict(prune_method="dense"))
-            with RUNS.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-        sweep("--tune" in sys.argv, only)
+        if "--dense" in sys.argv and "dense" not in finished(RUNS, NAME):
+            append(RUNS, run_one("dense", dict(prune_method="dense")))
+        sweep("--tune" in sys.argv, parse_only(sys.argv))
     report(m)

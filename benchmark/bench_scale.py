@@ -46,8 +46,9 @@ def config_for(name: str):
     from transformers import LlamaConfig
 
     hidden, inter, layers, heads, kv = SIZES[name]
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                       max_position_embeddings=2048,
                        tie_word_embeddings=name == "135m", bos_token_id=1, eos_token_id=2)
 
 
@@ -56,11 +57,13 @@ def make_checkpoint(name: str, directory: Path, seed: int = 0) -> dict:
     from transformers import AutoTokenizer
 
     from mosaic.load import resolve_model
-    from mosaic.stream import Streamed, shard_name, skeleton, write_index, write_shard
+    from mosaic.shards import shard_name, write_index, write_shard
+    from mosaic.stream import Streamed, skeleton
 
     directory.mkdir(parents=True, exist_ok=True)
     config_for(name).save_pretrained(directory)
-    AutoTokenizer.from_pretrained(resolve_model("smollm2-135m", str(ROOT / "llm_weights"))).save_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m", str(ROOT / "llm_weights")))
+    tokenizer.save_pretrained(directory)
     model = skeleton(str(directory), torch.float32)
     s = Streamed(model, None, torch.float32)
     parts = ["embed", *range(s.n_layers), "head"]
@@ -84,9 +87,11 @@ def make_checkpoint(name: str, directory: Path, seed: int = 0) -> dict:
 
 
 def baseline_rss_gib() -> float:
-    """Peak RSS of a process that only imports what main.py imports (torch, transformers, datasets, mosaic)."""
-    code = "import datasets, transformers, mosaic.pipeline, mosaic.stream; from transformers import LlamaForCausalLM"
-    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    """Peak RSS of a process that only imports what main.py does (torch, transformers, datasets, mosaic)."""
+    code = ("import datasets, transformers, mosaic.pipeline, mosaic.stream; "
+            "from transformers import LlamaForCausalLM")
+    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT)
     return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 2**20
 
 
@@ -95,7 +100,8 @@ def timed_run(model: Path, offload: str, out: Path, nsamples: int, seqlen: int, 
     cmd = ["/usr/bin/time", "-v", sys.executable, str(ROOT / "main.py"), "--model", str(model),
            "--prune_method", method, "--sparsity_ratio", "0.5", "--nsamples", str(nsamples),
            "--seqlen", str(seqlen), "--calib_batch_size", str(batch), "--eval_datasets", "none",
-           "--offload", offload, "--save_model", str(out / "model"), "--save", str(out / "run"), "--overwrite"]
+           "--offload", offload, "--save_model", str(out / "model"), "--save", str(out / "run"),
+           "--overwrite"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -112,45 +118,50 @@ def table(rows: list[dict], args) -> str:
     lines = [
         "# Scale: pruning in memory vs streamed from disk (`--offload disk`)",
         "",
-        f"SparseGPT 50% unstructured, {args.nsamples}×{args.seqlen} calibration (batch {args.batch}), fp32 random-weight "
-        "LLaMA-shaped checkpoints written in one shard per layer; `/usr/bin/time -v` peak RSS and wall time of "
-        "`main.py` (load, calibration, pruning, save; no evaluation). *Bound* = largest layer + embedding + "
-        "calibration activations (fp32) + the RSS of a process that only imports the libraries "
-        f"({rows[0]['baseline_gib']:.2f} GiB here); the streamed target is ≤ 1.5× bound. *Working set* adds what "
-        "the bound leaves out but a SparseGPT layer turn holds at its peak (the down_proj stage): the Hessian "
-        "and its inverse factor (2 × intermediate² fp32), every batch's paused MLP intermediate (nsamples × "
-        "seqlen × intermediate) and one batch's gate/up temporaries (3 × batch × seqlen × intermediate).",
+        f"SparseGPT 50% unstructured, {args.nsamples}×{args.seqlen} calibration (batch {args.batch}), fp32 "
+        "random-weight LLaMA-shaped checkpoints written in one shard per layer; `/usr/bin/time -v` peak RSS "
+        "and wall time of `main.py` (load, calibration, pruning, save; no evaluation). *Bound* = largest "
+        "layer + embedding + calibration activations (fp32) + the RSS of a process that only imports the "
+        f"libraries ({rows[0]['baseline_gib']:.2f} GiB here); the streamed target is ≤ 1.5× bound. *Working "
+        "set* adds what the bound leaves out but a SparseGPT layer turn holds at its peak (the down_proj "
+        "stage): the Hessian and its inverse factor (2 × intermediate² fp32), every batch's paused MLP "
+        "intermediate (nsamples × seqlen × intermediate) and one batch's gate/up temporaries (3 × batch × "
+        "seqlen × intermediate).",
         "",
         f"Machine: {machine_line(machine())}",
         "",
-        "| model | params | layers | mode | peak RSS GiB | bound GiB | RSS / bound | working set GiB | RSS / working "
-        "set | wall s | prune s/layer | s per B params | streamed/in-memory wall | streamed/in-memory RSS |",
+        "| model | params | layers | mode | peak RSS GiB | bound GiB | RSS / bound | working set GiB | "
+        "RSS / working set | wall s | prune s/layer | s per B params | streamed/in-memory wall | "
+        "streamed/in-memory RSS |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for mode in ("memory", "disk"):
             m = r[mode]
             ratios = (f"{r['disk']['wall_s'] / r['memory']['wall_s']:.2f} | "
-                      f"{r['disk']['peak_rss_gib'] / r['memory']['peak_rss_gib']:.2f}") if mode == "disk" else " | "
+                      f"{r['disk']['peak_rss_gib'] / r['memory']['peak_rss_gib']:.2f}"
+                      if mode == "disk" else " | ")
             inter = SIZES[r["name"]][1]
-            working = r["bound_gib"] + (2 * inter * inter * 4 + (args.nsamples + 3 * min(args.batch, args.nsamples))
+            working = r["bound_gib"] + (2 * inter * inter * 4
+                                        + (args.nsamples + 3 * min(args.batch, args.nsamples))
                                         * args.seqlen * inter * 4) / 2**30
             lines.append(
                 f"| {r['name']} | {r['params'] / 1e9:.3f} B | {r['layers']} | "
-                f"{'in memory' if mode == 'memory' else 'streamed'} | {m['peak_rss_gib']:.2f} | {r['bound_gib']:.2f} "
-                f"| {m['peak_rss_gib'] / r['bound_gib']:.2f} | {working:.2f} | {m['peak_rss_gib'] / working:.2f} "
-                f"| {m['wall_s']:.1f} "
-                f"| {m['time_s'].get('prune', 0) / r['layers']:.2f} | {m['wall_s'] / (r['params'] / 1e9):.1f} "
-                f"| {ratios} |")
+                f"{'in memory' if mode == 'memory' else 'streamed'} | {m['peak_rss_gib']:.2f} | "
+                f"{r['bound_gib']:.2f} | {m['peak_rss_gib'] / r['bound_gib']:.2f} | {working:.2f} | "
+                f"{m['peak_rss_gib'] / working:.2f} | {m['wall_s']:.1f} "
+                f"| {m['time_s'].get('prune', 0) / r['layers']:.2f} | "
+                f"{m['wall_s'] / (r['params'] / 1e9):.1f} | {ratios} |")
     lines += ["", "Targets (issue 12): streamed peak RSS ≤ 1.5× bound and ≤ 30% of the in-memory peak at 3B; "
               "streamed wall ≤ 1.3× in memory.", ""]
     run_here = [r["name"] for r in rows]  # in SIZES order
     if run_here != list(SIZES) or (args.nsamples, args.seqlen) != (16, 512):
-        lines += [f"**A trial, not the sweep**: sizes {', '.join(run_here)} with {args.nsamples}×{args.seqlen} "
-                  "calibration only. At this size the streamed peak is dominated by fixed costs the bound leaves "
-                  "out (the calibration text and its tokenization, ≈0.2 GiB, and the embedding held during "
-                  "capture), which do not grow with the model. The full sweep is `python benchmark/bench_scale.py` "
-                  "on an idle machine (≈60 GB RAM and disk for 3b).", ""]
+        lines += [f"**A trial, not the sweep**: sizes {', '.join(run_here)} with "
+                  f"{args.nsamples}×{args.seqlen} calibration only. At this size the streamed peak is "
+                  "dominated by fixed costs the bound leaves out (the calibration text and its tokenization, "
+                  "≈0.2 GiB, and the embedding held during capture), which do not grow with the model. The "
+                  "full sweep is `python benchmark/bench_scale.py` on an idle machine (≈60 GB RAM and disk "
+                  "for 3b).", ""]
     notes = RESULTS / "scale_notes.md"
     if notes.exists():
         lines += [notes.read_text().strip(), ""]
@@ -179,8 +190,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def streamed_peak(name: str, work: Path, args) -> dict:
-    """Peak RSS of ``args.runs`` streamed runs over the bare-import baseline, and as a share of the checkpoint's
-    bytes. A checkpoint already in ``work`` is reused."""
+    """Peak RSS of ``args.runs`` streamed runs over the bare-import baseline, and as a share of the
+    checkpoint's bytes. A checkpoint already in ``work`` is reused."""
     model = work / f"llama-{name}"
     if not (model / "model.safetensors.index.json").is_file():
         make_checkpoint(name, model)
@@ -202,7 +213,8 @@ def main() -> None:
     p.add_argument("--work", default=None, help="where the checkpoints go (default: a temporary directory)")
     p.add_argument("--out", default=str(RESULTS), help="where scale.md/json/png go")
     p.add_argument("--peak", action="store_true",
-                   help="only the streamed run's peak RSS over the bare-import baseline (printed; writes nothing)")
+                   help="only the streamed run's peak RSS over the bare-import baseline (printed; writes "
+                        "nothing)")
     p.add_argument("--method", default="sparsegpt", help="--prune_method of --peak runs")
     p.add_argument("--runs", type=int, default=1, help="--peak runs per size, one at a time")
     args = p.parse_args()
@@ -215,8 +227,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows, baseline = [], baseline_rss_gib()
     previous = json.loads((out / "scale.json").read_text()) if (out / "scale.json").exists() else {}
-    if (previous.get("args", {}).get("nsamples"), previous.get("args", {}).get("seqlen")) == (args.nsamples, args.seqlen):
-        rows = [r for r in previous["rows"] if r["name"] in args.sizes.split(",")]  # resume: sizes already measured
+    before = previous.get("args", {})
+    if (before.get("nsamples"), before.get("seqlen")) == (args.nsamples, args.seqlen):
+        # resume: sizes already measured
+        rows = [r for r in previous["rows"] if r["name"] in args.sizes.split(",")]
     for name in args.sizes.split(","):
         if any(r["name"] == name for r in rows):
             continue
@@ -233,7 +247,8 @@ def main() -> None:
         rows.append(row)
         rows.sort(key=lambda r: list(SIZES).index(r["name"]))
         shutil.rmtree(model, ignore_errors=True)
-        (out / "scale.json").write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows}, indent=1))
+        (out / "scale.json").write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows},
+                                                   indent=1))
         (out / "scale.md").write_text(table(rows, args))
         plot(rows, out / "scale.png")
     print((out / "scale.md").read_text())

@@ -30,7 +30,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, write  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    append,
+    finished,
+    machine,
+    machine_line,
+    not_measured,
+    notes,
+    parse_only,
+    read_runs,
+    write,
+)
 
 KERNELS = ("sparsegpt", "wanda")
 ALLOCATIONS = ("uniform", "owl", "mosaic", "search")
@@ -43,17 +54,10 @@ EVAL = SETTINGS["eval_dtype"]  # rows without an eval_dtype field used bf16 forw
 
 
 def rows() -> dict[tuple, dict]:
-    out = {}
-    if SHARED.exists():
-        for line in SHARED.read_text().splitlines():
-            r = json.loads(line)
-            if r["kernel"] == "sparsegpt" and r["type"] == "unstructured":
-                out[key(r)] = {**r, "from": "alps_runs.jsonl"}
-    if RUNS.exists():
-        for line in RUNS.read_text().splitlines():
-            r = json.loads(line)
-            out[key(r)] = r
-    return out
+    """The finished jobs by key(), re-read each time: a job run beside this one may have added rows."""
+    shared = {key(r): {**r, "from": SHARED.name} for r in read_runs(SHARED)
+              if r["kernel"] == "sparsegpt" and r["type"] == "unstructured"}
+    return {**shared, **finished(RUNS, key)}
 
 
 def key(r: dict) -> tuple:
@@ -71,13 +75,14 @@ def run_one(kernel: str, allocation: str, sparsity: float) -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:  # the map, for what the search learned
         mapped = Path(tmp) / "map.json"
-        r = run(Options(prune_method=kernel, allocation=allocation, sparsity_ratio=sparsity, search_budget=BUDGET,
-                        allocation_file=str(mapped), **SETTINGS))
+        r = run(Options(prune_method=kernel, allocation=allocation, sparsity_ratio=sparsity,
+                        search_budget=BUDGET, allocation_file=str(mapped), **SETTINGS))
         sparsity_map = json.loads(mapped.read_text())["sparsity"]
-    row = {"kernel": kernel, "allocation": allocation, "target": sparsity, "eval_dtype": EVAL, "cpu": machine()["cpu"],
-           "achieved": r["sparsity"]["achieved"],
+    row = {"kernel": kernel, "allocation": allocation, "target": sparsity, "eval_dtype": EVAL,
+           "cpu": machine()["cpu"], "achieved": r["sparsity"]["achieved"],
            "ppl": r["perplexity"]["wiki-offline"]["ppl"], "prune_s": round(r["time_s"].get("prune", 0), 1),
-           "search_s": round(r["time_s"].get("search", 0), 1), "wall_s": round(time.perf_counter() - start, 1)}
+           "search_s": round(r["time_s"].get("search", 0), 1),
+           "wall_s": round(time.perf_counter() - start, 1)}
     if "search" in r:
         row["search"], row["budget"], row["map"] = r["search"], BUDGET, sparsity_map
     if SHARED_MACHINE:  # times from such rows are not comparable with idle ones
@@ -85,15 +90,16 @@ def run_one(kernel: str, allocation: str, sparsity: float) -> dict:
     return row
 
 
-SMOLLM2 = {"q": 576 * 576, "k": 192 * 576, "v": 192 * 576, "o": 576 * 576, "gate": 1536 * 576, "up": 1536 * 576,
-           "down": 576 * 1536}  # weights per projection, every layer alike
+SMOLLM2 = {"q": 576 * 576, "k": 192 * 576, "v": 192 * 576, "o": 576 * 576, "gate": 1536 * 576,
+           "up": 1536 * 576, "down": 576 * 1536}  # weights per projection, every layer alike
 
 
 def profile(sparsity: list[dict]) -> list[str]:
     """Mean sparsity per projection type, then parameter-weighted per third of the layers."""
     by_type = [sum(row[p] for row in sparsity) / len(sparsity) for p in SMOLLM2]
     third = -(-len(sparsity) // 3)
-    by_depth = [sum(SMOLLM2[p] * row[p] for row in part for p in SMOLLM2) / (len(part) * sum(SMOLLM2.values()))
+    total = sum(SMOLLM2.values())
+    by_depth = [sum(SMOLLM2[p] * row[p] for row in part for p in SMOLLM2) / (len(part) * total)
                 for part in (sparsity[:third], sparsity[third:2 * third], sparsity[2 * third:])]
     return [f"{v:.2f}" for v in by_type + by_depth]
 
@@ -102,7 +108,8 @@ def table(by: dict, dtype: str) -> list[str]:
     """Perplexity per (kernel, S) for one forwards dtype, with the search's time and KL figures."""
     lines = ["| kernel | S | uniform | owl | mosaic | search, curves only | search | search vs uniform | "
              "search time s | surrogate KL: uniform / mosaic / curves | refinement KL: start → refined | "
-             "validation KL: start / refined | chosen |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "validation KL: start / refined | chosen |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     columns = ("uniform", "owl", "mosaic", "search@0", f"search@{BUDGET}")
     for kernel in KERNELS:
         for s in sorted(SPARSITIES):
@@ -126,63 +133,59 @@ def kl_cells(q: dict | None) -> str:
     dagger = "" if evo.get("statistics") == "as shipped" else " †"
     refined = f"{evo['start_kl']:.3f} → {evo['kl']:.3f}{dagger}" if evo else "—"
     judged = evo.get("validation_kl_final", {})
-    val = " / ".join(f"{judged[k]:.3f}" if k in judged else "—" for k in (evo.get("from"), "evolved")) if judged else "—"
+    val = (" / ".join(f"{judged[k]:.3f}" if k in judged else "—" for k in (evo.get("from"), "evolved"))
+           if judged else "—")
     return f"{surrogate} | {refined} | {val} | {q['search']['chosen']}"
 
 
 def sweep(only: set | None = None) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     for sparsity in SPARSITIES:
         for kernel in KERNELS:
             for allocation in ALLOCATIONS:
                 wanted = f"search@{BUDGET}" if allocation == "search" else allocation
-                if (EVAL, kernel, wanted, sparsity) in rows() or (only and (kernel, allocation, sparsity) not in only):
+                if only and (kernel, allocation, sparsity) not in only:
                     continue
-                row = run_one(kernel, allocation, sparsity)
-                with RUNS.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(row, flush=True)
+                if (EVAL, kernel, wanted, sparsity) not in rows():  # re-read: a parallel job may add rows
+                    append(RUNS, run_one(kernel, allocation, sparsity))
 
 
 def report(m: dict) -> None:
     by = rows()
-    lines = ["# Allocation search vs the rules: SmolLM2-135M", "", f"Machine (this report): {machine_line(m)}.", "",
-             "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0), sequential statistics, 1% damping; "
-             "`search` holds out the next 8 calibration windows; perplexity on the first 16 windows × 2048 tokens "
-             "of the held-out wiki-offline split; M = 5, λ = 0.08 for owl/mosaic. Within a row only the allocation "
-             "differs. Produced by `python benchmark/bench_search.py`."]
+    lines = ["# Allocation search vs the rules: SmolLM2-135M", "",
+             f"Machine (this report): {machine_line(m)}.", "",
+             "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0), sequential statistics, 1% "
+             "damping; `search` holds out the next 8 calibration windows; perplexity on the first 16 windows "
+             "× 2048 tokens of the held-out wiki-offline split; M = 5, λ = 0.08 for owl/mosaic. Within a row "
+             "only the allocation differs. Produced by `python benchmark/bench_search.py`."]
     for dtype, title in (("float32", "fp32 forwards (this machine, an AMD EPYC without native bf16)"),
                          ("bfloat16", "bf16 forwards (earlier sessions, on a Xeon with native bf16)")):
         if any(k[0] == dtype for k in by):
             lines += ["", f"## {title}", ""] + table(by, dtype)
-    lines += ["", f"*search* is the default budget ({BUDGET} generations of refinement by true KL; rows of earlier "
-              "defaults are kept in `search_runs.jsonl`); *search, curves only* ran with `--search_budget 0`. "
-              "*search vs uniform* uses the refined row where it exists. The two tables differ in the forwards' "
-              "dtype and the CPU (bf16 on a CPU without native bf16 is ~50× slower than fp32), so compare within "
-              "a table only. The KL columns come from the search's own run, in nats per token. *Surrogate*: "
-              "held-out calibration windows, every projection pruned from the dense statistics (the guard's "
-              "score). *Refinement*: held-out windows, the start pruned as shipped (sequential statistics) and "
-              "the refined map re-pruned with those statistics (rows marked † refined the dense surrogate, an "
-              "earlier version). *Validation*: windows after the held-out ones, both maps pruned as shipped; the "
-              "lower one is chosen. ‡: the time of a run made while another benchmark job shared the 2 cores, not "
-              "an idle time (perplexity and KL are unaffected)."]
+    lines += ["", f"*search* is the default budget ({BUDGET} generations of refinement by true KL; rows of "
+                  "earlier defaults are kept in `search_runs.jsonl`); *search, curves only* ran with "
+                  "`--search_budget 0`. *search vs uniform* uses the refined row where it exists. The two "
+                  "tables differ in the forwards' dtype and the CPU (bf16 on a CPU without native bf16 is "
+                  "~50× slower than fp32), so compare within a table only. The KL columns come from the "
+                  "search's own run, in nats per token. *Surrogate*: held-out calibration windows, every "
+                  "projection pruned from the dense statistics (the guard's score). *Refinement*: held-out "
+                  "windows, the start pruned as shipped (sequential statistics) and the refined map "
+                  "re-pruned with those statistics (rows marked † refined the dense surrogate, an earlier "
+                  "version). *Validation*: windows after the held-out ones, both maps pruned as shipped; the "
+                  "lower one is chosen. ‡: the time of a run made while another benchmark job shared the 2 "
+                  "cores, not an idle time (perplexity and KL are unaffected)."]
     missing = [f"{k} {a} {s}" for s in sorted(SPARSITIES) for k in KERNELS for a in ALLOCATIONS
                if (EVAL, k, f"search@{BUDGET}" if a == "search" else a, s) not in by]
-    if missing:
-        lines += ["", f"**Not measured (yet) with {EVAL} forwards**: {', '.join(missing)}. The sweep resumes from "
-                  "`results/search_runs.jsonl`."]
+    lines += not_measured(missing, RUNS, f"Not measured (yet) with {EVAL} forwards")
     learned = [r for r in by.values() if "map" in r]
     if learned:
-        lines += ["", "What each search map prunes (from its allocation file): the mean sparsity by projection type, "
-                  "and the parameter-weighted mean by thirds of the depth.", "",
-                  "| kernel | S | budget | forwards | q | k | v | o | gate | up | down | first third | middle | "
-                  "last third |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "What each search map prunes (from its allocation file): the mean sparsity by "
+                      "projection type, and the parameter-weighted mean by thirds of the depth.", "",
+                  "| kernel | S | budget | forwards | q | k | v | o | gate | up | down | first third | "
+                  "middle | last third |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(learned, key=lambda r: (r["kernel"], r["target"], r["budget"], key(r)[0])):
             lines.append(f"| {r['kernel']} | {r['target']} | {r['budget']} | {key(r)[0]} | "
                          + " | ".join(profile(r["map"])) + " |")
-    notes = RESULTS / "search_notes.md"
-    if notes.exists():
-        lines += ["", notes.read_text().strip()]
+    lines += notes("search")
     write("search", "\n".join(lines) + "\n", {"machine": m, "settings": SETTINGS, "rows": list(by.values())})
 
 
@@ -190,7 +193,7 @@ SHARED_MACHINE = "--shared-machine" in sys.argv  # say so when another job runs 
 
 if __name__ == "__main__":
     m = machine()
-    if "--report" not in sys.argv:  # --only sparsegpt:search:0.7,... runs just those cells
-        only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")), None)
-        sweep({(k, a, float(s)) for k, a, s in (c.split(":") for c in only.split(","))} if only else None)
+    if "--report" not in sys.argv:  # --only=sparsegpt:search:0.7,... runs just those cells
+        only = parse_only(sys.argv)
+        sweep(None if only is None else {(k, a, float(s)) for k, a, s in (c.split(":") for c in only)})
     report(m)

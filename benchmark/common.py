@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmark scripts: run main.py in a fresh process, describe the machine."""
+"""Shared helpers for the benchmark scripts: run main.py in a fresh process, describe the machine, and keep
+a resumable sweep's finished jobs in ``results/<name>_runs.jsonl``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +32,9 @@ def machine() -> dict:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "date": time.strftime("%Y-%m-%d")}
     try:
@@ -66,3 +69,45 @@ def write(name: str, markdown: str, data: dict) -> None:
     (RESULTS / f"{name}.md").write_text(markdown)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
     print(markdown)
+
+
+def read_runs(path: Path) -> list[dict]:
+    """A sweep's finished jobs, one JSON row a line, in the order they ran (none before its first job)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def finished(path: Path, key: Callable[[dict], Hashable]) -> dict:
+    """The finished jobs by cell, so that a resumed sweep skips them; a cell run twice keeps its last row."""
+    return {key(r): r for r in read_runs(path)}
+
+
+def append(path: Path, row: dict) -> None:
+    """Record a job the moment it finishes: an interrupted sweep loses only the job it was running."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def parse_only(argv: list[str]) -> set[str] | None:
+    """``--only=a,b``: the cells to run, named as each script names them; None (no flag): the whole grid."""
+    only = next((a.split("=", 1)[1] for a in argv if a.startswith("--only=")), None)
+    return None if only is None else set(only.split(","))
+
+
+def not_measured(missing: list[str], runs: Path, label: str = "Not measured (yet)",
+                 why: str = "") -> list[str]:
+    """The report's note on the cells a cut-short sweep left, so that a partial table never passes for a whole
+    one; ``why`` replaces the default "the sweep resumes from" sentence."""
+    if not missing:
+        return []
+    why = why or f"The sweep resumes from `results/{runs.name}`."
+    return ["", f"**{label}**: {', '.join(missing)}. {why}"]
+
+
+def notes(name: str) -> list[str]:
+    """The hand-written ``results/<name>_notes.md`` under a report, so that rebuilding the table keeps it."""
+    path = RESULTS / f"{name}_notes.md"
+    return ["", path.read_text().strip()] if path.exists() else []

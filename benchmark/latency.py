@@ -4,7 +4,8 @@
 
 Prefill: one forward of 1 × 512 tokens (median of 3 after a warm-up). Decode: greedy ``generate`` of
 exactly 128 new tokens after a 32-token prompt, batch 1 (median of 2) and 8 (one run), after a short
-warm-up; tokens/s counts every sequence's new tokens. Peak RSS is the whole process (Python, torch and the model).
+warm-up; tokens/s counts every sequence's new tokens. Peak RSS is the whole process (Python, torch and
+the model).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def measure(path: str, dtype: str, new_tokens: int = 128) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()

@@ -58,8 +58,8 @@ def main() -> None:
     tokens = args["nsamples"] * args["seqlen"]
     lines = ["# Projection: what LLaMA-2-7B and 70B need, from the measured scale sweep", "",
              f"From `scale.json` (SparseGPT 50%, {args['nsamples']}×{args['seqlen']} calibration, fp32, this "
-             "machine). Effective throughput = counted FLOPs per layer (forward, Hessians, SparseGPT solve) ÷ "
-             "measured prune seconds per layer.", "",
+             "machine). Effective throughput = counted FLOPs per layer (forward, Hessians, SparseGPT solve) "
+             "÷ measured prune seconds per layer.", "",
              "| measured | FLOPs per layer (G) | in memory s/layer | GFLOP/s | streamed s/layer | GFLOP/s |",
              "|---|---|---|---|---|---|"]
     rate = {}
@@ -70,11 +70,12 @@ def main() -> None:
         rate = {m: f / per[m] for m in per}  # the last (largest) model's rates are used below
         lines.append(f"| {r['name']} | {f / 1e9:.0f} | {per['memory']:.2f} | {rate['memory'] / 1e9:.0f} | "
                      f"{per['disk']:.2f} | {rate['disk'] / 1e9:.0f} |")
-    lines += ["", f"Projected with the largest measured model's streamed rate ({rate['disk'] / 1e9:.0f} GFLOP/s on "
-              f"this CPU) and an assumed {GPU_TFLOPS:.0f} TFLOP/s effective on one GPU (an A100/H100 doing this "
-              "mix of large matmuls and SparseGPT's column sweep; not measured here), for 128 × 2048 calibration "
-              "tokens, the usual setting, weights in bf16:", "",
-              "| model | weights GB | streamed peak host memory GB | CPU h (this machine) | GPU min (assumed) |",
+    lines += ["", f"Projected with the largest measured model's streamed rate ({rate['disk'] / 1e9:.0f} "
+                  f"GFLOP/s on this CPU) and an assumed {GPU_TFLOPS:.0f} TFLOP/s effective on one GPU (an "
+                  "A100/H100 doing this mix of large matmuls and SparseGPT's column sweep; not measured "
+                  "here), for 128 × 2048 calibration tokens, the usual setting, weights in bf16:", "",
+              "| model | weights GB | streamed peak host memory GB | CPU h (this machine) | "
+              "GPU min (assumed) |",
               "|---|---|---|---|---|"]
     for name, shape in TARGETS.items():
         h, inter, layers, _, _, vocab = shape
