@@ -1,97 +1,318 @@
-"""KV-cache sparsity (Mustafar) on SmolLM2-135M: perplexity with the teacher-forced attention that sees
-what decoding sees, and the bytes of a 2048-token cache, alone and on top of weight pruning.
+"""KV-cache sparsity (Mustafar) on SmolLM2-135M: uniform vs a sparsity per layer or per (layer, KV head),
+alone and on top of weight pruning, with perplexity, the bytes the evaluated caches really held, and the time
+of the sensitivity measurement.
 
-Within each weight setting (dense, SparseGPT 50%), the rows differ in the KV sparsity only. Perplexity:
-the first 8 windows × 2048 tokens of the held-out wiki-offline split, bf16 forwards; window 32, per-token
-criterion; SparseGPT with 32 × 512 calibration windows (seed 0, sequential statistics).
+Grid: weights {dense, SparseGPT 50%} × KV sparsity {0.5, 0.7, 0.8} × {K and V, K only, V only} ×
+{per_token, per_channel} × allocation {uniform, layer, head}, plus each weight setting without KV sparsity;
+and zero-shot (arc_easy, hellaswag, piqa, winogrande, 500 items each) for dense weights at no KV sparsity and
+at 0.7 K and V per_token, uniform / layer / head.
 
-    python benchmark/bench_kv.py      # ~10 min on 2 cores
+Settings: perplexity on the first 16 windows × 2048 tokens of the held-out wiki-offline split, fp32 forwards
+(this CPU has no native bf16), through the teacher-forced Mustafar attention (window 32) with a ``KVMeter``:
+achieved sparsity and bytes come from the keys and values those forwards computed (fp16 bytes, real tile
+occupancy). The sensitivity reads 4 × 512 calibration windows of wiki-offline (seed 0), never the evaluation
+split; it is measured once per (weights, criterion) at head granularity (the Fisher estimate, whose layer
+curves are the head curves summed) and kept in ``results/kv_curves.jsonl``. SparseGPT 50%: 32 × 512
+calibration windows (seed 0), sequential statistics, pruned once and kept in
+``llm_weights/bench_kv_sparsegpt50``.
+Finished cells are kept in ``results/kv_runs.jsonl`` and skipped.
+
+    python benchmark/bench_kv.py                 # every missing cell, the most important first (hours)
+    python benchmark/bench_kv.py --list          # the cells in that order
+    python benchmark/bench_kv.py --only=dense:0.7:kv:per_token:uniform,dense:0.7:kv:per_token:layer
+    python benchmark/bench_kv.py --only=dense:none,zs:dense:0.7:head
+    python benchmark/bench_kv.py --report        # only rebuild kv.md / kv.json
+
+A cell is ``WEIGHTS:none`` (no KV sparsity), ``WEIGHTS:S:SIDE:CRITERION:ALLOCATION`` with WEIGHTS ``dense`` or
+``sparsegpt50``, SIDE ``kv`` / ``k`` / ``v``, or ``zs:dense:none`` / ``zs:dense:0.7:ALLOCATION``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import time
+from pathlib import Path
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import RESULTS, machine, machine_line, write  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, machine, machine_line, write  # noqa: E402
 
-EVAL = dict(eval_windows=8, eval_dtype="bfloat16")
-WEIGHTS = {"dense": dict(prune_method="dense"),
-           "sparsegpt 50%": dict(prune_method="sparsegpt", sparsity_ratio=0.5, nsamples=32, seqlen=512)}
-KV = {"none": {}, "K/V 50%": dict(kv_sparsity=0.5), "K/V 70%": dict(kv_sparsity=0.7),
-      "K/V 70% (official count)": dict(kv_sparsity=0.7, kv_reference=True)}
-NOTES = """Notes:
-- 70% KV sparsity costs +7.2% perplexity on the dense model (+5.1% with the official count, which prunes 43
-  of 64 entries instead of 45) and +2.4% on top of SparseGPT 50%; 50% costs +0.7%. The paper's "little
-  accuracy loss at 70%" is for 7B+ models; a 135M model with head_dim 64 has less redundancy per vector.
-- Bytes are the steady state with every pruned token compressed (`kv_bytes`). `MustafarCache` compresses
-  in chunks of 256 pruned tokens, so up to 255 pruned tokens per layer wait dense in staging
-  (`stats().held_bytes` reports exactly what it holds). At 70% the cache is 44–49% of dense in fp16, in
-  line with the paper's ≈45%.
-- Perplexity is teacher-forced through the Mustafar attention; a test checks it equals step-by-step
-  decoding with the cache. Decode throughput is not measured: on a CPU, reading the compressed history
-  means decompressing it (the paper's 2.23× is for its GPU kernels), unverified here (no GPU)."""
-RUNS = [("dense", kv) for kv in KV] + [("sparsegpt 50%", "none"), ("sparsegpt 50%", "K/V 70%")]
+RUNS = RESULTS / "kv_runs.jsonl"
+CURVES = RESULTS / "kv_curves.jsonl"
+PRUNED = ROOT / "llm_weights" / "bench_kv_sparsegpt50"
+WEIGHTS = ("dense", "sparsegpt50")
+TARGETS = (0.7, 0.8, 0.5)
+SIDES = ("kv", "k", "v")
+CRITERIA = ("per_token", "per_channel")
+ALLOCATIONS = ("uniform", "layer", "head")
+TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande")
+EVAL = dict(dataset="wiki-offline", seqlen=2048, windows=16, dtype="float32")
+WINDOW, ZS_LIMIT, ZS_BATCH = 32, 500, 16
 
 
-def main() -> None:
-    from mosaic.pipeline import Options, run
+# --- the cells -----------------------------------------------------------------------------------------
 
-    m = machine()
-    rows = []
-    for weights, kv in RUNS:
-        r = run(Options(**WEIGHTS[weights], **KV[kv], **EVAL))
-        row = {"weights": weights, "kv": kv, "ppl": r["perplexity"]["wiki-offline"]["ppl"]}
-        if "kv_cache" in r:
-            row.update(achieved=r["kv_cache"]["achieved"], bytes=r["kv_cache"]["bytes"])
-        rows.append(row)
-        print(row, flush=True)
-    report(m, rows)
+def cells() -> list[str]:
+    """Every cell, the most important first: dense weights, per_token, K and V at 0.7, 0.8, 0.5; then K only,
+    V only; then per_channel; then the same on SparseGPT 50% weights; zero-shot last."""
+    grid = [(w, s, side, c, a) for w in WEIGHTS for c in CRITERIA for side in SIDES for s in TARGETS
+            for a in ALLOCATIONS]
+    ppl = [f"{w}:{s}:{side}:{c}:{a}" for w, s, side, c, a in grid]
+    baselines = [f"{w}:none" for w in WEIGHTS]
+    zero_shot = ["zs:dense:none"] + [f"zs:dense:0.7:{a}" for a in ALLOCATIONS]
+    return [baselines[0], *ppl[:3], baselines[1], *ppl[3:], *zero_shot]
 
 
-def recount(rows: list[dict]) -> None:
-    """Recompute the byte columns with the current ``kv_bytes`` (no perplexity is re-measured)."""
-    from mosaic.load import load_model
-    from mosaic.pipeline import Options, kv_report, kv_spec
+def parse(cell: str) -> dict:
+    parts = cell.split(":")
+    zs = parts[0] == "zs"
+    if zs:
+        parts = parts[1:]
+    if parts[0] not in WEIGHTS or cell not in cells():
+        raise SystemExit(f"unknown cell {cell!r}; see --list")
+    if parts[1] == "none":
+        return {"zs": zs, "weights": parts[0], "target": 0.0, "side": "none", "criterion": "per_token",
+                "allocation": "uniform"}
+    side, criterion, allocation = (parts[2], parts[3], parts[4]) if not zs else ("kv", "per_token", parts[2])
+    return {"zs": zs, "weights": parts[0], "target": float(parts[1]), "side": side, "criterion": criterion,
+            "allocation": allocation}
 
-    config = load_model("smollm2-135m").model.config
-    for row in rows:
-        if row["kv"] != "none":
-            row["bytes"] = kv_report(config, kv_spec(Options(**KV[row["kv"]]), True))["bytes"]
+
+def rows() -> dict[str, dict]:
+    if not RUNS.exists():
+        return {}
+    return {r["cell"]: r for r in map(json.loads, RUNS.read_text().splitlines())}
 
 
-def report(m: dict, rows: list[dict]) -> None:
-    base = {w: next(r["ppl"] for r in rows if r["weights"] == w and r["kv"] == "none") for w in WEIGHTS}
-    lines = ["# KV-cache sparsity (Mustafar): SmolLM2-135M", "", f"Machine: {machine_line(m)}.", "",
-             "Settings: perplexity on the first 8 windows × 2048 tokens of the held-out wiki-offline split, bf16 "
-             "forwards, through the teacher-forced Mustafar attention (each query sees the 32 most recent tokens "
-             "dense and every older key and value pruned, as decoding with `MustafarCache` would); per-token "
-             "magnitude criterion. SparseGPT: 32 × 512 calibration tokens (seed 0), sequential statistics. Within "
-             "a weight setting only the KV sparsity differs. Bytes: a 2048-token cache in fp16 (the paper's "
-             "dtype), all 30 layers, batch 1; K's compressed size depends on the data (tile occupancy), so it is a "
-             "lowest–highest range. Produced by `python benchmark/bench_kv.py`.", "",
-             "| weights | KV sparsity | pruned per K / V vector | ppl | vs no KV sparsity | KV cache (MiB) dense → "
-             "compressed | share of dense |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "bytes" in r:
-            b = r["bytes"]
-            size = f"{b['dense'] / 2**20:.1f} → {b['compressed'][0] / 2**20:.1f}–{b['compressed'][1] / 2**20:.1f}"
-            share = f"{b['ratio'][0]:.0%}–{b['ratio'][1]:.0%}"
-            pruned = f"{r['achieved']['k']:.1%} / {r['achieved']['v']:.1%}"
+# --- the work ------------------------------------------------------------------------------------------
+
+_LOADED: dict = {}
+
+
+def load(weights: str):
+    """(model, tokenizer) in fp32 on CPU; SparseGPT 50% is pruned once, then read from its checkpoint."""
+    if weights not in _LOADED:
+        from mosaic.load import load_model
+
+        if weights == "sparsegpt50" and not (PRUNED / "config.json").exists():
+            from mosaic.pipeline import Options, run
+
+            run(Options(prune_method="sparsegpt", sparsity_ratio=0.5, nsamples=32, seqlen=512, seed=0,
+                        eval_datasets="none", save_model=str(PRUNED), overwrite=True))
+        loaded = load_model("smollm2-135m" if weights == "dense" else str(PRUNED), dtype="float32",
+                            device="cpu")
+        _LOADED[weights] = (loaded.model, loaded.tokenizer)
+    return _LOADED[weights]
+
+
+def curves(weights: str, criterion: str):
+    """Head sensitivity curves of ``weights`` under ``criterion``, measured once and kept in
+    kv_curves.jsonl."""
+    from mosaic.data import calibration_windows
+    from mosaic.kv import KVSparsity
+    from mosaic.kv import allocate as kvalloc
+
+    kept = {(r["weights"], r["criterion"]): r["curves"]
+            for r in map(json.loads, CURVES.read_text().splitlines())} if CURVES.exists() else {}
+    if (weights, criterion) not in kept:
+        model, tokenizer = load(weights)
+        windows = calibration_windows(tokenizer, "wiki-offline", kvalloc.WINDOWS, kvalloc.SEQLEN, seed=0)
+        spec = KVSparsity(0.0, 0.0, window=WINDOW, k_method=criterion, v_method=criterion)
+        measured = kvalloc.sensitivity(model, windows, spec, "head")
+        with CURVES.open("a") as f:
+            f.write(json.dumps({"weights": weights, "criterion": criterion, "cpu": machine()["cpu"],
+                                "curves": measured.to_json()}) + "\n")
+        kept[weights, criterion] = measured.to_json()
+    return kvalloc.Curves(**kept[weights, criterion])
+
+
+def spec_for(c: dict):
+    """The cell's KV sparsity: uniform, or solved from the curves; None without KV sparsity."""
+    from mosaic.kv import KVSparsity
+    from mosaic.kv import allocate as kvalloc
+
+    if c["side"] == "none":
+        return None, None
+    k = c["target"] if c["side"] in ("kv", "k") else 0.0
+    v = c["target"] if c["side"] in ("kv", "v") else 0.0
+    spec = KVSparsity(k, v, window=WINDOW, k_method=c["criterion"], v_method=c["criterion"])
+    if c["allocation"] == "uniform":
+        return spec, None
+    found = curves(c["weights"], c["criterion"])
+    return kvalloc.solve(found if c["allocation"] == "head" else found.by_layer(), spec), found
+
+
+def run_cell(cell: str) -> dict:
+    from contextlib import nullcontext
+
+    from mosaic.adapter import adapter_for
+    from mosaic.data import eval_tokens
+    from mosaic.eval import zeroshot as zs
+    from mosaic.eval.perplexity import perplexity
+    from mosaic.kv import KVMeter, mustafar_attention, report
+    from mosaic.kv import allocate as kvalloc
+
+    c = parse(cell)
+    model, tokenizer = load(c["weights"])
+    spec, found = spec_for(c)
+    meter = KVMeter()
+    scope = mustafar_attention(model, spec, observe=meter) if spec else nullcontext()
+    row = {"cell": cell, **c, "cpu": machine()["cpu"], "eval_dtype": EVAL["dtype"], "window": WINDOW}
+    start = time.perf_counter()
+    with scope:
+        if c["zs"]:
+            row["zero_shot"] = zs.evaluate(model, tokenizer, list(TASKS), limit=ZS_LIMIT, batch_size=ZS_BATCH,
+                                           offline=True, data_dir=zs.default_data_dir("llm_weights"))
         else:
-            size, share, pruned = "—", "100%", "—"
-        lines.append(f"| {r['weights']} | {r['kv']} | {pruned} | {r['ppl']:.2f} | "
-                     f"{r['ppl'] / base[r['weights']] - 1:+.1%} | {size} | {share} |")
-    lines += ["", NOTES]
-    write("kv", "\n".join(lines) + "\n", {"machine": m, "rows": rows})
+            ids = eval_tokens(tokenizer, EVAL["dataset"])
+            row["perplexity"] = perplexity(model, adapter_for(model), ids, EVAL["seqlen"], EVAL["windows"])
+    row["eval_s"] = round(time.perf_counter() - start, 1)
+    if spec:
+        row["kv_cache"] = report(model, spec, meter if not c["zs"] else None)
+    if found:
+        row["sensitivity_s"] = round(found.seconds, 1)
+        row["describe"] = kvalloc.describe(spec, found.kv_heads)
+    return row
+
+
+def sweep(only: list[str] | None) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for cell in only or cells():
+        if cell in rows():
+            print(f"{cell}: done before, skipped", flush=True)
+            continue
+        row = run_cell(cell)
+        with RUNS.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k not in ("kv_cache", "zero_shot")}), flush=True)
+
+
+# --- the report ----------------------------------------------------------------------------------------
+
+def _ppl(r: dict | None) -> float | None:
+    return r["perplexity"]["ppl"] if r and "perplexity" in r else None
+
+
+def _cell(r: dict | None, base: float | None) -> str:
+    p = _ppl(r)
+    if p is None:
+        return "—"
+    return f"{p:.2f} ({p / base - 1:+.1%})" if base else f"{p:.2f}"
+
+
+def _bytes(r: dict | None) -> str:
+    m = (r or {}).get("kv_cache", {}).get("measured")
+    return f"{m['per_token']['compressed']:.0f} B ({m['ratio']:.1%})" if m else "—"
+
+
+def _achieved(r: dict | None) -> str:
+    a = (r or {}).get("kv_cache", {}).get("achieved")
+    return f"{a['k']:.4f} / {a['v']:.4f}" if a else "—"
+
+
+def ppl_table(by: dict, weights: str) -> list[str]:
+    base = _ppl(by.get(f"{weights}:none"))
+    lines = [f"### {'dense weights' if weights == 'dense' else 'SparseGPT 50% weights'}"
+             + (f" (no KV sparsity: ppl {base:.2f})" if base else ""), "",
+             "| KV | pruned | criterion | uniform | layer | head | excess removed: layer / head | "
+             "achieved K / V (head) | bytes per token: uniform / head (of dense) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in sorted(TARGETS):
+        for side in SIDES:
+            for criterion in CRITERIA:
+                got = {a: by.get(f"{weights}:{s}:{side}:{criterion}:{a}") for a in ALLOCATIONS}
+                if not any(got.values()):
+                    continue
+                u = _ppl(got["uniform"])
+                removed = [f"{(u - _ppl(got[a])) / (u - base):.0%}"
+                           if base and u and _ppl(got[a]) and u > 1.005 * base
+                           else "—" for a in ("layer", "head")]  # only where uniform costs more than 0.5%
+                lines.append(f"| {s} | {dict(kv='K and V', k='K only', v='V only')[side]} | {criterion} | "
+                             + " | ".join(_cell(got[a], base) for a in ALLOCATIONS)
+                             + f" | {' / '.join(removed)} | {_achieved(got['head'])} | "
+                             f"{_bytes(got['uniform'])} / {_bytes(got['head'])} |")
+    return lines
+
+
+def zs_table(by: dict) -> list[str]:
+    lines = ["| dense weights, KV | " + " | ".join(TASKS) + " | mean |", "|---" * (len(TASKS) + 2) + "|"]
+    for cell, name in (("zs:dense:none", "none"), *((f"zs:dense:0.7:{a}", f"0.7 {a}") for a in ALLOCATIONS)):
+        r = by.get(cell)
+        if r:
+            tasks = r["zero_shot"]["tasks"]
+            lines.append(f"| {name} | " + " | ".join(f"{tasks[t]['acc']:.3f}" for t in TASKS)
+                         + f" | {r['zero_shot']['mean_acc']:.3f} |")
+    return lines
+
+
+def targets(by: dict) -> list[str]:
+    """The issue's targets, each met or missed from the rows present."""
+    def p(cell):
+        return _ppl(by.get(cell))
+
+    out, base = [], p("dense:none")
+    u70, u80 = p("dense:0.7:kv:per_token:uniform"), p("dense:0.8:kv:per_token:uniform")
+    best = {s: min([x for x in (p(f"dense:{s}:kv:per_token:layer"), p(f"dense:{s}:kv:per_token:head")) if x],
+                   default=None) for s in (0.7, 0.8)}
+    if base and best[0.7]:
+        out.append(f"- allocated 70% within +3.5% of the dense cache: {best[0.7] / base - 1:+.1%} "
+                   f"({'met' if best[0.7] / base - 1 <= 0.035 else 'missed'}; uniform {u70 / base - 1:+.1%})"
+                   if u70 else f"- allocated 70%: {best[0.7] / base - 1:+.1%}")
+    if base and best[0.8] and u70:
+        out.append(f"- allocated 80% at most uniform 70%'s excess: {best[0.8] / base - 1:+.1%} "
+                   f"vs {u70 / base - 1:+.1%} ({'met' if best[0.8] <= u70 else 'missed'})")
+    if base and u80:
+        out.append(f"- uniform 80% for reference: {u80 / base - 1:+.1%}")
+    worse = [f"{w} {s} {side} {a}" for w in WEIGHTS for s in TARGETS for side in SIDES for a in ALLOCATIONS
+             if (pt := p(f"{w}:{s}:{side}:per_token:{a}"))
+             and (pc := p(f"{w}:{s}:{side}:per_channel:{a}")) and pc < pt]
+    out.append("- per_token better than per_channel everywhere measured" if not worse
+               else f"- per_channel beats per_token at: {', '.join(worse)}")
+    r70 = (by.get("dense:0.7:kv:per_token:head") or {}).get("kv_cache", {}).get("measured")
+    if r70:
+        out.append(f"- compressed KV bytes at 70% (head allocation, measured): {r70['ratio']:.1%} of dense "
+                   f"({'met' if r70['ratio'] <= 0.48 else 'missed'}: ≤ 48%)")
+    times = [r["sensitivity_s"] for r in by.values() if "sensitivity_s" in r]
+    if times:
+        out.append(f"- sensitivity pass: {min(times):.0f}–{max(times):.0f} s "
+                   f"({'met' if max(times) <= 120 else 'missed'}: ≤ 2 min)")
+    return out
+
+
+def report(m: dict) -> None:
+    by = rows()
+    lines = ["# KV-cache sparsity (Mustafar): SmolLM2-135M, uniform vs allocated", "",
+             f"Machine (this report): {machine_line(m)}.", "", __doc__.split("\n\n")[2].replace("\n", " "),
+             "Produced by `python benchmark/bench_kv.py`.", "",
+             "Each perplexity cell: ppl (vs no KV sparsity). *Excess removed*: the share of uniform's "
+             "perplexity excess over the dense cache that the allocation removes. *Achieved*: the share of "
+             "zeros among the pruned keys' / values' entries in the evaluated caches. *Bytes per token*: "
+             "the evaluated caches (2048 tokens, the last 32 dense) in the bitmap format, fp16, over their "
+             "tokens, with the share of the dense cache.", ""]
+    for weights in WEIGHTS:
+        lines += ppl_table(by, weights) + [""]
+    if any(c.startswith("zs:") for c in by):
+        lines += [f"### Zero-shot accuracy (limit {ZS_LIMIT} per task)", ""] + zs_table(by) + [""]
+    lines += ["### Targets", ""] + targets(by) + [""]
+    learned = [(c, by[c]["describe"])
+               for c in (f"dense:0.7:kv:per_token:{a}" for a in ("layer", "head")) if c in by]
+    for cell, text in learned:
+        lines += [f"What `{cell}` learned:", ""] + [f"    {t}" for t in text] + [""]
+    missing = [c for c in cells() if c not in by]
+    if missing:
+        lines += [f"**Not measured yet** ({len(missing)} cells): {', '.join(missing)}.", ""]
+    write("kv", "\n".join(lines), {"machine": m, "eval": EVAL, "rows": list(by.values())})
 
 
 if __name__ == "__main__":
-    if "--recount" in sys.argv:  # rebuild the table from kv.json after a fix to the byte formula
-        import json
-
-        data = json.loads((RESULTS / "kv.json").read_text())
-        recount(data["rows"])
-        report(data["machine"], data["rows"])
+    if "--list" in sys.argv:
+        print("\n".join(cells()))
+    elif "--report" in sys.argv:
+        report(machine())
     else:
-        main()
+        only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")), None)
+        chosen = only.split(",") if only else None
+        for cell in chosen or []:
+            parse(cell)
+        sweep(chosen)
+        report(machine())

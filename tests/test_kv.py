@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -118,7 +120,8 @@ def test_nbytes_equals_the_formula_on_a_hand_computed_case():
     # K: 3 tokens × 64 channels -> 64 tiles per stream holding 3 entries each (19 nonzero channels per token)
     ck = compress(x, "k")
     tile_nnz = (x != 0).squeeze(0).transpose(1, 2).sum(-1)  # [heads, channels]
-    assert nbytes(ck) == stream_nbytes(tile_nnz, 2) == 2 * (64 * 12 + 8) + 2 * int(((tile_nnz + 7) // 8 * 8).sum())
+    assert nbytes(ck) == stream_nbytes(tile_nnz, 2) == (2 * (64 * 12 + 8)
+                                                        + 2 * int(((tile_nnz + 7) // 8 * 8).sum()))
 
 
 def test_kv_bytes_brackets_real_pruned_caches_and_is_exact_for_values():
@@ -133,6 +136,32 @@ def test_kv_bytes_brackets_real_pruned_caches_and_is_exact_for_values():
     assert report.dense == 2 * 100 * 2 * 3 * 64 * 4 and report.window == 2 * 4 * 2 * 3 * 64 * 4
 
 
+def test_kv_bytes_of_an_allocated_map_sum_its_layers_and_heads():
+    config = SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, head_dim=64)
+    one = SimpleNamespace(num_hidden_layers=1, num_key_value_heads=1, head_dim=64)
+    spec = KVSparsity(0.5, 0.5, window=4, k_layers=((0.5, 0.75), 0.25), v_layers=(0.5, (0.875, 0.0)))
+    got = kv_bytes(config, 100, spec)
+    parts = [kv_bytes(one, 100, KVSparsity(k, v, window=4))
+             for k, v in ((0.5, 0.5), (0.75, 0.5), (0.25, 0.875), (0.25, 0.0))]
+    assert got.keys == tuple(map(sum, zip(*(p.keys for p in parts))))
+    assert got.values == tuple(map(sum, zip(*(p.values for p in parts))))
+    assert (got.dense, got.window) == (sum(p.dense for p in parts), sum(p.window for p in parts))
+    # layer 1 kept one KV head
+    composite = kv_bytes(config, 100, KVSparsity(0.5, 0.5, window=4), kv_heads=[2, 1])
+    assert composite.dense == 3 * parts[0].dense
+
+
+def test_per_head_sparsities_prune_each_head_with_its_own_count():
+    x = torch.randn(2, 3, 10, 64)
+    y = KVSparsity(0.5, 0.5, k_layers=((0.25, 0.5, 0.875),)).keys(x, 0)
+    assert (y == 0).sum(-1)[:, :, 0].tolist() == [[16, 32, 56]] * 2
+    assert torch.equal(y[:, 1:2], per_token(x[:, 1:2], 0.5))
+    with pytest.raises(ValueError, match="layers"):
+        KVSparsity(0.5, 0.5, k_layers=(0.5,)).keys(x)  # a map needs the layer
+    with pytest.raises(ValueError, match="3 KV heads"):
+        KVSparsity(0.5, 0.5, k_layers=((0.5, 0.5),)).keys(x, 0)
+
+
 # ---------------------------------------------------------------- the cache
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
@@ -142,8 +171,9 @@ def test_generation_at_sparsity_zero_is_bit_identical_to_dynamic_cache(family, l
     runs = []
     for cache in (DynamicCache(config=model.config),
                   MustafarCache(model.config, KVSparsity(0, 0, window=4), chunk=chunk)):
-        runs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
-                                   past_key_values=cache, output_logits=True, return_dict_in_generate=True))
+        runs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
+                                   do_sample=False, past_key_values=cache, output_logits=True,
+                                   return_dict_in_generate=True))
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     assert all(torch.equal(a, b) for a, b in zip(runs[0].logits, runs[1].logits))
 
@@ -223,11 +253,18 @@ def test_teacher_forced_at_sparsity_zero_is_bit_identical_to_eager(family):
     assert model.config._attn_implementation == "eager"  # switched back
 
 
+ALLOCATED = KVSparsity(0.5, 0.5, window=8, k_layers=((0.25, 0.875), 0.5), v_layers=(0.75, (0.0, 0.625)))
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("spec", [KVSparsity(0.7, 0.7, window=8),
                                   KVSparsity(0.7, 0.7, window=8, reference=True),
-                                  KVSparsity(0.5, 0.7, window=8, v_method="per_channel", group=4)],
-                         ids=["per_token", "reference", "per_channel_v"])
+                                  KVSparsity(0.5, 0.7, window=8, v_method="per_channel", group=4),
+                                  ALLOCATED,
+                                  KVSparsity(0.5, 0.5, window=8, v_method="per_channel", group=4,
+                                             k_layers=(0.75, (0.5, 0.125)), v_layers=((0.25, 0.75), 0.5))],
+                         ids=["per_token", "reference", "per_channel_v", "allocated",
+                              "allocated_per_channel_v"])
 def test_teacher_forced_logits_equal_step_by_step_decoding(family, spec):
     model, ids = tiny_model(family), prompt(length=48)
     prefill = 12  # longer than the window: the prefilled tokens past the window are pruned on the first step
@@ -255,6 +292,45 @@ def test_teacher_forced_default_scores_every_token_as_decoded_one_by_one():
     model, ids, spec = tiny_model("llama"), prompt(length=30), KVSparsity(0.7, 0.7, window=8)
     decoded, _ = decode_step_by_step(model, ids, prefill=1, spec=spec)
     assert torch.allclose(teacher_forced(model, ids, spec), decoded, rtol=0, atol=2e-5)
+
+
+def run_calls(model, ids: torch.Tensor, calls, cache: Cache, spec: KVSparsity | None = None,
+              prompt_len: int = 0) -> torch.Tensor:
+    """Logits of ``ids`` fed to ``cache`` in the slices ``calls``, inside the Mustafar attention if
+    ``spec``."""
+    scope = mustafar_attention(model, spec, prompt_len) if spec is not None else nullcontext()
+    with torch.no_grad(), scope:
+        return torch.cat([model(ids[:, a:b], past_key_values=cache, use_cache=True).logits
+                          for a, b in calls], dim=1)
+
+
+# a prompt, chunks, tokens
+CALLS = ((0, 20), (20, 27), (27, 28), (28, 40), *((t, t + 1) for t in range(40, 48)))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_pruned_prefill_gives_the_teacher_forced_logits_however_the_calls_split(family):
+    model, ids = tiny_model(family), prompt(length=48)
+    spec = KVSparsity(0.7, 0.5, window=8, prefill="pruned")
+    cached = run_calls(model, ids, CALLS, MustafarCache(model.config, spec), spec)
+    forced = teacher_forced(model, ids, spec, prompt_len=20)  # the prompt's queries see pruned keys too
+    assert torch.allclose(cached, forced, rtol=0, atol=2e-5)
+    assert torch.equal(forced, teacher_forced(model, ids, replace(spec, prefill="dense")))  # = prompt_len 0
+    with pytest.raises(RuntimeError, match="mustafar_attention"), torch.no_grad():
+        model(ids[:, :4], past_key_values=MustafarCache(model.config, spec), use_cache=True)
+
+
+def test_dense_prefill_cache_alone_leaves_a_later_chunk_less_pruned_and_the_attention_makes_it_exact():
+    """Pins the cache's behaviour alone: one pruning per call, so a multi-token call after the prompt (chunked
+    prefill, drafted tokens) attends to more dense tokens than one-by-one decoding would."""
+    model, ids, spec = tiny_model("llama"), prompt(length=48), KVSparsity(0.7, 0.7, window=8)
+    forced = teacher_forced(model, ids, spec, prompt_len=20)
+    under = run_calls(model, ids, CALLS, MustafarCache(model.config, spec), spec, prompt_len=20)
+    assert torch.allclose(under, forced, rtol=0, atol=2e-5)
+    alone = run_calls(model, ids, CALLS, MustafarCache(model.config, spec))
+    assert torch.allclose(alone[:, :21], forced[:, :21], rtol=0, atol=2e-5)  # the prompt and the first query
+    # queries 21..26 saw keys 12.. still dense
+    assert (alone[:, 21:27] - forced[:, 21:27]).abs().amax() > 1e-3
 
 
 def test_model_loaded_with_the_implementation_name_needs_the_context_manager():
@@ -314,7 +390,8 @@ def decode_both(model, ids: torch.Tensor, prefill: int, spec: KVSparsity, **opti
 def long_reference():
     """Prefill 20 + decode 300 on a tiny llama (batch 2: 4 streams per layer) with the zero-filled cache."""
     model, ids = tiny_model("llama"), prompt(length=LONG.length, seed=3)
-    logits, cache = decode_step_by_step(model, ids, LONG.prefill, LONG.spec, cache=zero_filled_cache(model, LONG.spec))
+    logits, cache = decode_step_by_step(model, ids, LONG.prefill, LONG.spec,
+                                        cache=zero_filled_cache(model, LONG.spec))
     return SimpleNamespace(model=model, ids=ids, logits=logits, cache=cache)
 
 
@@ -326,7 +403,8 @@ def long_decode(request, long_reference):
 
 
 def _buffers(layer: MustafarLayer) -> list[torch.Tensor]:
-    return [t for s in (layer.k, layer.v) for c in s.chunks for t in (c.bitmaps, c.accum, c.offsets, c.values)] + \
+    return [t for s in (layer.k, layer.v) for c in s.chunks
+            for t in (c.bitmaps, c.accum, c.offsets, c.values)] + \
         [t for s in (layer.k, layer.v) for t in (s.staging, s.window)]
 
 
@@ -349,7 +427,8 @@ def test_long_decode_holds_its_buffers_bytes_and_saves_what_the_format_predicts(
         for kv, states in (("k", layer.keys), ("v", layer.values)):
             for i in range(chunks):
                 nonzero = states[..., i * chunk:(i + 1) * chunk, :] != 0
-                tile_nnz = (nonzero.reshape(4, chunk // 64, 64, HEAD_DIM).sum(2) if kv == "k"  # 64 tokens of a channel
+                tile_nnz = (nonzero.reshape(4, chunk // 64, 64, HEAD_DIM).sum(2)  # 64 tokens of a channel
+                            if kv == "k"
                             else nonzero.reshape(4, chunk, HEAD_DIM).sum(-1))  # one token's 16 channels
                 predicted[kv] += stream_nbytes(tile_nnz.reshape(4, -1), value_bytes)
                 saved[kv] += chunk * token - stream_nbytes(tile_nnz.reshape(4, -1), value_bytes)
@@ -360,7 +439,8 @@ def test_long_decode_holds_its_buffers_bytes_and_saves_what_the_format_predicts(
     assert stats.v_compressed_bytes == 2 * chunks * 4 * (chunk * (8 + 4 + 8 * value_bytes) + 8)
     print(f"\nchunk {chunk}: dense {stats.dense_bytes} B, held {stats.held_bytes} B "
           f"({stats.held_bytes / stats.dense_bytes:.3f}); K chunks {stats.k_compressed_bytes} B, "
-          f"V chunks {stats.v_compressed_bytes} B, staging {stats.staging_bytes} B, window {stats.window_bytes} B")
+          f"V chunks {stats.v_compressed_bytes} B, staging {stats.staging_bytes} B, "
+          f"window {stats.window_bytes} B")
 
 
 def test_a_chunk_completed_by_the_last_step_leaves_no_dense_copy_behind():
@@ -372,7 +452,8 @@ def test_a_chunk_completed_by_the_last_step_leaves_no_dense_copy_behind():
     assert stats.held_bytes == stats.k_compressed_bytes + stats.v_compressed_bytes + stats.window_bytes
 
 
-def test_decoding_over_compressed_chunks_is_bit_identical_to_the_zero_filled_cache(long_decode, long_reference):
+def test_decoding_over_compressed_chunks_is_bit_identical_to_the_zero_filled_cache(
+        long_decode, long_reference):
     assert len(long_decode.cache.layers[0].k.chunks) == LONG_PRUNED // long_decode.chunk > 0
     assert torch.equal(long_decode.logits, long_reference.logits)
     forced = teacher_forced(long_reference.model, long_reference.ids, LONG.spec, prompt_len=LONG.prefill)
@@ -414,8 +495,9 @@ def test_keep_decompressed_gives_the_same_logits_and_counts_its_copy(long_refere
     stats = cache.stats()
     memo = 2 * 2 * (LONG_PRUNED // 64 * 64) * (2 * 2 * HEAD_DIM * 4)  # layers · K, V · chunked tokens · token
     assert stats.decompressed_bytes == memo
+    # nothing saved, as documented
     assert stats.held_bytes == (stats.k_compressed_bytes + stats.v_compressed_bytes + stats.staging_bytes
-                                + stats.window_bytes + memo) > stats.dense_bytes  # nothing saved, as documented
+                                + stats.window_bytes + memo) > stats.dense_bytes
 
 
 def test_beam_search_reorders_compressed_chunks_like_the_zero_filled_cache():
@@ -444,7 +526,8 @@ def test_batch_reorder_select_and_repeat_move_compressed_chunks_with_their_rows(
                    for a, b in zip(layer.dense(), (r.keys, r.values)))
     rows = ids[[1, 1]]
     with torch.no_grad():
-        expected, logits = [[model(rows[:, t:t + 1], past_key_values=c, use_cache=True).logits for t in range(100, 110)]
+        expected, logits = [[model(rows[:, t:t + 1], past_key_values=c, use_cache=True).logits
+                             for t in range(100, 110)]
                             for c in (ref, cache)]
     assert all(torch.equal(a, b) for a, b in zip(logits, expected))
 
@@ -461,7 +544,8 @@ def test_crop_into_a_chunk_keeps_tokens_pruned_and_decoding_matches(keep):
     assert all(torch.equal(a, b) for layer, r in zip(cache.layers, ref.layers)
                for a, b in zip(layer.dense(), (r.keys, r.values)))
     with torch.no_grad():  # decode on from the 50 kept tokens: 189 − 8 = 181 pruned, two chunks again
-        expected, logits = [[model(ids[:, t:t + 1], past_key_values=c, use_cache=True).logits for t in range(50, 190)]
+        expected, logits = [[model(ids[:, t:t + 1], past_key_values=c, use_cache=True).logits
+                             for t in range(50, 190)]
                             for c in (ref, cache)]
     assert all(torch.equal(a, b) for a, b in zip(logits, expected)) and len(cache.layers[0].k.chunks) == 2
 

@@ -46,8 +46,8 @@ def small(model_dir, calib, **kw) -> Options:
 def test_cli_kv_sparsity_on_a_dense_model_reports_the_cache(tiny_dirs, calib_file, tmp_path):
     dense = run(small(tiny_dirs["llama"], calib_file, prune_method="dense"))
     zero = run(small(tiny_dirs["llama"], calib_file, prune_method="dense", kv_sparsity=0.0))
-    assert zero["perplexity"][str(calib_file)]["ppl"] == pytest.approx(dense["perplexity"][str(calib_file)]["ppl"],
-                                                                       rel=1e-5)
+    assert zero["perplexity"][str(calib_file)]["ppl"] == pytest.approx(
+        dense["perplexity"][str(calib_file)]["ppl"], rel=1e-5)
     r = run(small(tiny_dirs["llama"], calib_file, prune_method="dense", k_sparsity=0.75, v_sparsity=0.5,
                   kv_window=16, save=str(tmp_path / "out")))
     kv = r["kv_cache"]
@@ -56,7 +56,8 @@ def test_cli_kv_sparsity_on_a_dense_model_reports_the_cache(tiny_dirs, calib_fil
     lo, hi = kv["bytes"]["compressed"]
     assert kv["bytes"]["window"] < lo <= hi < kv["bytes"]["dense"]
     # a random tiny model gets no worse or better in a known direction, but it must be a different model
-    assert abs(r["perplexity"][str(calib_file)]["ppl"] / dense["perplexity"][str(calib_file)]["ppl"] - 1) > 1e-4
+    assert abs(r["perplexity"][str(calib_file)]["ppl"] / dense["perplexity"][str(calib_file)]["ppl"]
+               - 1) > 1e-4
     assert "kv cache" in (tmp_path / "out" / "summary.txt").read_text()
 
 
@@ -77,7 +78,8 @@ def test_bad_kv_flags_fail_fast_with_one_line(capsys, tmp_path, argv, flag, cont
 
 
 def test_zero_shot_runs_through_the_kv_attention(tiny_dirs, tmp_path):
-    """lm-eval scores through the KV attention (its mask and forward work under HFLM) and the run completes."""
+    """lm-eval scores through the KV attention (its mask and forward work under HFLM) and the run
+    completes."""
     base = dict(model=str(tiny_dirs["llama"]), prune_method="dense", eval_datasets="none",
                 eval_zero_shot="arc_easy", zs_limit=6, zs_batch_size=6, offline=True)
     plain = run(Options(**base))

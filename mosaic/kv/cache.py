@@ -25,6 +25,14 @@ steps the cache holds ``stats().held_bytes``, while during one layer's attention
 exist densely, transiently: the official CUDA kernels decode tiles in registers, plain torch on CPU cannot.
 ``keep_decompressed=True`` keeps the decompressed chunks between steps, extended once per new chunk: faster
 decoding of long contexts, but then nothing is saved, and ``held_bytes`` counts that copy.
+
+Each layer prunes with its own sparsities (``spec.k_at(layer)``: one per layer or per KV head). Alone, the
+cache attends a whole call's new tokens to the same keys: exact when the prompt comes in the first call and
+every later call holds one token (``prefill="dense"``, Mustafar's decoding). A later call with several
+tokens (chunked prefill, drafted tokens) leaves the tokens that leave the window within it dense for that
+call. Run the model inside ``mustafar_attention(model, spec)`` to make every call exact: the attention then
+prunes per query; ``prefill="pruned"`` requires it (and scores the prompt as if decoded one by one, as
+evaluation does).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
+from mosaic.kv.attention import NAME
 from mosaic.kv.format import TILE, Compressed, compress, decompress, nbytes
 from mosaic.kv.prune import KVSparsity
 
@@ -51,7 +60,8 @@ class _Stream:
         self.layout, self.criterion, self.chunk, self.keep = layout, criterion, chunk, keep_decompressed
         self.chunks: list[Compressed] = []
         self.staging = self.window = like[..., :0, :].clone()
-        self.memo: torch.Tensor | None = None  # if kept: the first memo.shape[-2] // chunk chunks, decompressed
+        # if kept: the first memo.shape[-2] // chunk chunks, decompressed
+        self.memo: torch.Tensor | None = None
 
     @property
     def pruned(self) -> int:
@@ -76,7 +86,8 @@ class _Stream:
         self.window = self.window[..., n:, :]  # a view until the next append
         whole = self.staging.shape[-2] // self.chunk * self.chunk
         if whole:
-            self.chunks += [compress(part, self.layout) for part in self.staging[..., :whole, :].split(self.chunk, -2)]
+            self.chunks += [compress(part, self.layout)
+                            for part in self.staging[..., :whole, :].split(self.chunk, -2)]
             self.staging = self.staging[..., whole:, :].clone()  # own its bytes, not the whole old buffer
 
     def append(self, states: torch.Tensor) -> None:
@@ -117,23 +128,28 @@ class _Stream:
 class MustafarLayer(DynamicLayer):
     """One layer's cache; ``k_pruned`` / ``v_pruned`` oldest tokens have been pruned (each exactly once).
 
-    ``keys`` / ``values`` stay None: the tokens live in ``k`` / ``v`` (``_Stream``), ``dense()`` rebuilds them.
+    ``keys`` / ``values`` stay None: the tokens live in ``k`` / ``v`` (``_Stream``), ``dense()`` rebuilds
+    them.
     """
 
     is_croppable = False  # a crop cannot un-prune what the cropped steps pruned, so it is no exact rollback
 
-    def __init__(self, spec: KVSparsity, chunk: int = CHUNK, keep_decompressed: bool = False):
+    def __init__(self, spec: KVSparsity, chunk: int = CHUNK, keep_decompressed: bool = False,
+                 layer: int | None = None):
         super().__init__()
         if chunk < TILE or chunk % TILE:
-            raise ValueError(f"chunk must be a positive multiple of {TILE} tokens (whole K tiles), got {chunk}")
-        self.spec, self.chunk, self.keep_decompressed = spec, chunk, keep_decompressed
+            raise ValueError(f"chunk must be a positive multiple of {TILE} tokens (whole K tiles), "
+                             f"got {chunk}")
+        self.spec, self.chunk, self.keep_decompressed, self.layer = spec, chunk, keep_decompressed, layer
         self.k: _Stream | None = None
         self.v: _Stream | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.k = _Stream(key_states, "k", self.spec.keys, self.chunk, self.keep_decompressed)
-        self.v = _Stream(value_states, "v", self.spec.values, self.chunk, self.keep_decompressed)
+        self.k = _Stream(key_states, "k", lambda x: self.spec.keys(x, self.layer), self.chunk,
+                         self.keep_decompressed)
+        self.v = _Stream(value_states, "v", lambda x: self.spec.values(x, self.layer), self.chunk,
+                         self.keep_decompressed)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -218,17 +234,28 @@ class MustafarCache(Cache):
     """``model.generate(..., past_key_values=MustafarCache(model.config, KVSparsity(0.7, 0.7)))``.
 
     ``chunk``: pruned tokens per compressed chunk (a multiple of 64); ``keep_decompressed``: trade the memory
-    saving for speed, see the module docstring."""
+    saving for speed, see the module docstring. ``config`` must be the model's own (``model.config``): with
+    ``spec.prefill == "pruned"`` the cache checks there that the model runs the Mustafar attention."""
 
-    def __init__(self, config, spec: KVSparsity | None = None, chunk: int = CHUNK, keep_decompressed: bool = False):
+    def __init__(self, config, spec: KVSparsity | None = None, chunk: int = CHUNK,
+                 keep_decompressed: bool = False):
         spec = spec or KVSparsity()
         config = config.get_text_config(decoder=True)
         layer_types, _ = get_layer_types_and_kwargs(config)
         if set(layer_types) - {"full_attention"}:
-            raise ValueError(f"MustafarCache supports full-attention layers only, got {sorted(set(layer_types))}")
-        self.spec = spec
-        super().__init__(layers=[MustafarLayer(spec, chunk, keep_decompressed)
-                                 for _ in range(config.num_hidden_layers)])
+            raise ValueError("MustafarCache supports full-attention layers only, "
+                             f"got {sorted(set(layer_types))}")
+        spec.check_layers(config.num_hidden_layers)
+        self.spec, self.text_config = spec, config
+        super().__init__(layers=[MustafarLayer(spec, chunk, keep_decompressed, layer=i)
+                                 for i in range(config.num_hidden_layers)])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.spec.prefill == "pruned" and getattr(self.text_config, "_attn_implementation", None) != NAME:
+            raise RuntimeError("prefill='pruned' prunes within a call, which only the Mustafar attention "
+                               "can: run the model inside mosaic.kv.mustafar_attention(model, spec)")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def stats(self) -> KVCacheStats:
         layers = [layer for layer in self.layers if layer.get_seq_length()]
@@ -248,6 +275,7 @@ class MustafarCache(Cache):
             k_sparsity=sparsity(ks), v_sparsity=sparsity(vs),
             dense_bytes=sum(s.length * s.token_bytes for s in both),
             held_bytes=k_bytes + v_bytes + staging + window + memo,
-            k_compressed_bytes=k_bytes, v_compressed_bytes=v_bytes, staging_bytes=staging, window_bytes=window,
-            decompressed_bytes=memo, k_compressed_tokens=sum(len(s.chunks) * s.chunk for s in ks),
+            k_compressed_bytes=k_bytes, v_compressed_bytes=v_bytes, staging_bytes=staging,
+            window_bytes=window, decompressed_bytes=memo,
+            k_compressed_tokens=sum(len(s.chunks) * s.chunk for s in ks),
             v_compressed_tokens=sum(len(s.chunks) * s.chunk for s in vs))

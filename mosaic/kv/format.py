@@ -13,12 +13,14 @@ So a stream of n tiles costs 8n + 4(n+1) + 4 + value_bytes·Σ 8⌈nnz/8⌉ byte
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from mosaic.kv.prune import KVSparsity, prune_count
+from mosaic.kv.prune import KVSparsity, heads_of, prune_count
 
 TILE = 64
 ALIGN = 8
@@ -100,6 +102,17 @@ def stream_nbytes(tile_nnz: torch.Tensor, value_bytes: int) -> int:
     return streams * (8 * tiles + 4 * (tiles + 1) + 4) + value_bytes * padded
 
 
+def tile_nnz(dense: torch.Tensor, layout: str) -> torch.Tensor:
+    """Nonzeros of every tile [streams, tiles] of a [batch, kv_heads, tokens, head_dim] tensor, as
+    ``compress`` cuts it: ``stream_nbytes(tile_nnz(x, layout), value_bytes) == nbytes(compress(x, layout))``
+    without building the values."""
+    rows = _rows(dense, layout)
+    streams, n_rows, width = rows.shape
+    per_row = _tiles_per_row(width)
+    tiles = F.pad(rows != 0, (0, per_row * TILE - width)).reshape(streams, n_rows * per_row, TILE)
+    return tiles.sum(-1)
+
+
 def _padded_range(nnz: int, capacities: list[int]) -> tuple[int, int]:
     """Lowest and highest Σ 8⌈n_t/8⌉ over tiles of these capacities holding ``nnz`` nonzeros in all
     (exact for a single tile)."""
@@ -142,24 +155,41 @@ class KVBytes:
         return (self.window + self.keys[0] + self.values[0], self.window + self.keys[1] + self.values[1])
 
 
-def kv_bytes(config, context: int, spec: KVSparsity, value_bytes: int = 2, batch: int = 1) -> KVBytes:
+def layer_heads(config, kv_heads: Sequence[int] | None = None) -> list[int]:
+    """KV heads of every decoder layer: given, a composite checkpoint's per-layer widths, or the config's."""
+    if kv_heads is not None:
+        return list(kv_heads)
+    per_layer = getattr(config, "layer_num_key_value_heads", None)
+    return list(per_layer) if per_layer else [config.num_key_value_heads] * config.num_hidden_layers
+
+
+def kv_bytes(config, context: int, spec: KVSparsity, value_bytes: int = 2, batch: int = 1,
+             kv_heads: Sequence[int] | None = None) -> KVBytes:
     """Bytes of a Mustafar cache holding ``context`` tokens between decode steps (the last ``window`` dense,
-    as the official code keeps them), for a HF decoder config, vs the same cache dense."""
-    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    as the official code keeps them), for a HF decoder config, vs the same cache dense. ``kv_heads``: the KV
+    heads of each layer (default: ``layer_heads(config)``); each layer's (head's) own sparsity counts."""
+    heads = layer_heads(config, kv_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    streams = layers * kv_heads * batch
+    streams = sum(heads) * batch
     token_bytes = streams * head_dim * value_bytes  # one token's K (or V) over all streams
     k_tokens = spec.keys_pruned_before(context)
     v_tokens = spec.values_pruned_before(context)
 
-    def effective(s: float) -> float:  # the official code keeps the k-th smallest, k = max(1, ⌊s·d⌋): k − 1 pruned
+    # the official code keeps the k-th smallest, k = max(1, ⌊s·d⌋): k − 1 pruned
+    def effective(s: float) -> float:
         return (max(1, int(s * head_dim)) - 1) / head_dim if spec.reference and s > 0 else s
+
+    def history(tokens: int, at, method: str, layout: str) -> tuple[int, int]:
+        by_sparsity = Counter(s for i, h in enumerate(heads)
+                              for s in heads_of(at(i if spec.allocated else None), h))
+        parts = [_history_bytes(tokens, head_dim, effective(s), method, spec.group, layout, n * batch,
+                                value_bytes)
+                 for s, n in sorted(by_sparsity.items())]
+        return sum(lo for lo, _ in parts), sum(hi for _, hi in parts)
 
     return KVBytes(
         dense=2 * context * token_bytes,
         window=(2 * context - k_tokens - v_tokens) * token_bytes,
-        keys=_history_bytes(k_tokens, head_dim, effective(spec.k_sparsity), spec.k_method, spec.group, "k", streams,
-                            value_bytes),
-        values=_history_bytes(v_tokens, head_dim, effective(spec.v_sparsity), spec.v_method, spec.group, "v",
-                              streams, value_bytes),
+        keys=history(k_tokens, spec.k_at, spec.k_method, "k"),
+        values=history(v_tokens, spec.v_at, spec.v_method, "v"),
     )
