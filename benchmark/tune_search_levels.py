@@ -22,16 +22,10 @@ from common import RESULTS  # noqa: E402
 
 from mosaic import refine  # noqa: E402
 from mosaic import search as S  # noqa: E402
-from mosaic.pipeline import (  # noqa: E402
-    Options,
-    Timer,
-    calibration,
-    kernel_options,
-    load,
-    profile_step,
-    prune_as_planned,
-    validate,
-)
+from mosaic.options import Options, kernel_options, validate  # noqa: E402
+from mosaic.pipeline import calibration, load, profile_step, prune_job  # noqa: E402
+from mosaic.report import Timer  # noqa: E402
+from mosaic.source import prune_in_memory  # noqa: E402
 
 VARIANTS = {"pm0.2": (-0.2, 0.2), "lo0.3": (-0.3, 0.2), "hi0.25": (-0.2, 0.25), "pm0.3": (-0.3, 0.25),
             "all": (-0.35, 0.25)}  # pm0.2 is the shipped LEVELS
@@ -44,9 +38,10 @@ def main(target: float, names: list[str]) -> None:
     setup = load(opts, plan, timer)
     calib = calibration(setup, plan, opts, timer)
     profile = profile_step(setup, calib, plan, timer)
-    model, adapter, kernel, options = setup.model, setup.adapter, plan.kernel, kernel_options(opts, plan.kernel)
+    model, adapter, kernel = setup.model, setup.adapter, plan.kernel
+    options = kernel_options(opts, plan.kernel)
     levels = sorted({round(min(max(target + d / 100, 0.0), 0.95), 4) for d in range(-35, 26, 5)})
-    stats = S.dense_hessians(model, adapter, calib.activations(setup))
+    stats = S.dense_hessians(model, adapter, setup.inputs(calib))
     grads = S.fisher(model, adapter, calib.windows[:opts.search_windows], 2, opts.seed)
     rows = S.curves(model, adapter, kernel, stats, grads, levels, options)
     held = refine.fitness(model, adapter, calib.held_out, 2)
@@ -55,9 +50,10 @@ def main(target: float, names: list[str]) -> None:
         lo, hi = VARIANTS[name]
         keep = [k for k, s in enumerate(levels) if target + lo - 1e-9 <= s <= target + hi + 1e-9]
         sub = [{p: [row[p][k] for k in keep] for p in row} for row in rows]
-        sparsity = S.solve(sub, [levels[k] for k in keep], profile.params, target)
+        sparsity = S.water_fill(sub, [levels[k] for k in keep], profile.params, target)
         shipped = copy.deepcopy(model)
-        prune_as_planned(shipped, setup, calib, sparsity, [plan.nm] * setup.n_layers, profile, plan, opts)
+        prune_in_memory(shipped, setup.adapter,
+                        prune_job(setup, calib, sparsity, [plan.nm] * setup.n_layers, profile, plan, opts))
         at_bounds = sum(s in (levels[keep[0]], levels[keep[-1]]) for row in sparsity for s in row.values())
         out = {"target": target, "variant": name, "levels": [levels[k] for k in keep], "at_bounds": at_bounds,
                "kl_held_surrogate": held.reset(S.stitched(model, adapter, kernel, stats, sparsity, options)),

@@ -124,7 +124,8 @@ class Adapter:
         if not any(hooks):
             return x
         if any(h != hooks[0] for h in hooks[1:]):
-            raise NotImplementedError(f"projections {group} read one input but carry different forward pre-hooks")
+            raise NotImplementedError(f"projections {group} read one input but carry different forward "
+                                      "pre-hooks")
         for hook in hooks[0]:
             out = hook(modules[0], (x,))
             if out is not None:

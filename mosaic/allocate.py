@@ -107,7 +107,8 @@ def owl(layer_ratios: list[float], params: list[dict[str, int]], target: float, 
     return _unflatten(flat, len(layer_ratios))
 
 
-def mosaic(ratios: list[dict[str, float]], params: list[dict[str, int]], target: float, lam: float) -> SparsityMap:
+def mosaic(ratios: list[dict[str, float]], params: list[dict[str, int]], target: float,
+           lam: float) -> SparsityMap:
     curves = {p: minmax([row[p] for row in ratios]) for p in PROJECTIONS}
     if all(c is None for c in curves.values()):
         log.warning("Mosaic: all projection outlier ratios are equal; falling back to uniform sparsity")
@@ -118,7 +119,8 @@ def mosaic(ratios: list[dict[str, float]], params: list[dict[str, int]], target:
     return _unflatten(solve_offset(base, _flatten(params), target, lo, hi), len(ratios))
 
 
-def mosaic_ref(ratios: list[dict[str, float]], layer_ratios: list[float], target: float, lam: float) -> SparsityMap:
+def mosaic_ref(ratios: list[dict[str, float]], layer_ratios: list[float], target: float,
+               lam: float) -> SparsityMap:
     c_layer = minmax(layer_ratios)
     if c_layer is None:
         log.warning("mosaic_ref: all layer outlier ratios are equal; falling back to uniform sparsity")
@@ -141,14 +143,19 @@ def owl_nm(layer_ratios: list[float], n: int, m: int, lam: float) -> NMPlan:
         return [(n, m)] * len(layer_ratios)
     c = [lam * r for r in norm]
     mean_c = sum(c) / len(c)
-    return [(min(max(n - round(ci - mean_c), 0), m), m) for ci in c]
+    plan = [(min(max(n - round(ci - mean_c), 0), m), m) for ci in c]
+    if len(set(plan)) == 1:
+        log.warning("wanda_owl_structure: every layer got %d:%d (λ=%g is too small to move N by one); "
+                    "raise --Lamda (the OWL reference uses 2)", *plan[0], lam)
+    return plan
 
 
 def allocate(name: str, profile, n_layers: int, target: float, lam: float) -> SparsityMap:
     if name == "uniform":
         return uniform_map(n_layers, target)
     if target > MAX_SPARSITY:
-        raise OptionError("sparsity_ratio", f"{target} is above {MAX_SPARSITY}, the most any projection may get")
+        raise OptionError("sparsity_ratio",
+                          f"{target} is above {MAX_SPARSITY}, the most any projection may get")
     if name == "owl":
         return owl(profile.layer_ratios, profile.params, target, lam)
     if name == "mosaic":
@@ -199,7 +206,8 @@ def read_file(path: str | os.PathLike) -> AllocationFile:
     sparsity: SparsityMap = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or set(row) != set(PROJECTIONS):
-            raise OptionError(option, f"{path}: layer {i} must list exactly the projections {', '.join(PROJECTIONS)}")
+            raise OptionError(option, f"{path}: layer {i} must list exactly the projections "
+                              f"{', '.join(PROJECTIONS)}")
         for p, s in row.items():
             if isinstance(s, bool) or not isinstance(s, int | float) or not 0 <= s < 1:
                 raise OptionError(option, f"{path}: layer {i} {p} sparsity {s!r} is not in [0, 1)")
@@ -208,24 +216,27 @@ def read_file(path: str | os.PathLike) -> AllocationFile:
     plan = None
     if nm is not None and any(x for x in nm):
         if not isinstance(nm, list) or len(nm) != len(rows):
-            raise OptionError(option, f"{path}: 'nm' must list one [N, M] (or null) per layer, like 'sparsity'")
+            raise OptionError(option,
+                              f"{path}: 'nm' must list one [N, M] (or null) per layer, like 'sparsity'")
         plan = []
         for i, x in enumerate(nm):
-            ok = (isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+            ok = (isinstance(x, list) and len(x) == 2
+                  and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
                   and 0 <= x[0] < x[1])
             if not ok:
                 raise OptionError(option, f"{path}: layer {i} 'nm' entry {x!r} is not [N, M] with 0 <= N < M")
             plan.append(tuple(x))
         if len({m for _, m in plan}) != 1:
-            raise OptionError(option, f"{path}: 'nm' mixes group sizes M {sorted({m for _, m in plan})}; use one M")
+            raise OptionError(option,
+                              f"{path}: 'nm' mixes group sizes M {sorted({m for _, m in plan})}; use one M")
     meta = {k: v for k, v in doc.items() if k not in ("sparsity", "nm", "projections")}
     return AllocationFile(sparsity, plan, meta)
 
 
 def check_layers(f: AllocationFile, path: str, n_layers: int) -> None:
     if len(f.sparsity) != n_layers:
-        raise OptionError("allocation_file", f"{path} has {len(f.sparsity)} layers of sparsity; this model has "
-                          f"{n_layers}")
+        raise OptionError("allocation_file", f"{path} has {len(f.sparsity)} layers of sparsity; this model "
+                          f"has {n_layers}")
 
 
 def check_file(f: AllocationFile, path: str, n_layers: int | None, target: float, nm: tuple[int, int] | None,
@@ -237,14 +248,18 @@ def check_file(f: AllocationFile, path: str, n_layers: int | None, target: float
         check_layers(f, path, n_layers)
     declared = f.meta.get("target")
     if isinstance(declared, int | float) and abs(declared - target) > 1e-9:
-        raise OptionError(option, f"{path} was made for a target sparsity of {declared:g}, but --sparsity_ratio is "
-                          f"{target:g}; pass --sparsity_ratio {declared:g} or another file")
+        raise OptionError(option, f"{path} was made for a target sparsity of {declared:g}, but "
+                          f"--sparsity_ratio is {target:g}; pass --sparsity_ratio {declared:g} or another "
+                          "file")
     declared_r = f.meta.get("structured_ratio", 0.0) or 0.0
     if isinstance(declared_r, int | float) and abs(declared_r - structured_ratio) > 1e-9:
-        raise OptionError(option, f"{path} was made with --structured_ratio {declared_r:g}, not {structured_ratio:g}")
-    if f.nm is None and nm is not None and any(abs(v - nm[0] / nm[1]) > 1e-9 for row in f.sparsity for v in row.values()):
-        raise OptionError(option, f"{path} holds per-projection sparsities, but --sparsity_type {nm[0]}:{nm[1]} "
-                          "prunes one pattern everywhere; use --sparsity_type unstructured or another file")
+        raise OptionError(option, f"{path} was made with --structured_ratio {declared_r:g}, not "
+                          f"{structured_ratio:g}")
+    if (f.nm is None and nm is not None
+            and any(abs(v - nm[0] / nm[1]) > 1e-9 for row in f.sparsity for v in row.values())):
+        raise OptionError(option, f"{path} holds per-projection sparsities, but --sparsity_type "
+                          f"{nm[0]}:{nm[1]} prunes one pattern everywhere; use --sparsity_type unstructured "
+                          "or another file")
     if f.nm is not None:
         if nm is None:
             raise OptionError(option, f"{path} prescribes N:M patterns per layer; pass --sparsity_type "
@@ -252,3 +267,17 @@ def check_file(f: AllocationFile, path: str, n_layers: int | None, target: float
         if f.nm[0][1] != nm[1]:
             raise OptionError(option, f"{path} uses groups of M={f.nm[0][1]}, but --sparsity_type is "
                               f"{nm[0]}:{nm[1]}")
+
+
+@dataclass
+class Allocation:
+    """What every projection gets: the unstructured map, the N:M plan, and (composite) the structure."""
+
+    sparsity: SparsityMap | None
+    nm: NMPlan
+    source: str | None  # the rule, or file:PATH; None when nothing is pruned
+    target: float  # what the map's parameter-weighted mean should be
+    params: list[dict[str, int]] | None  # the weights the map is weighted by (the kept ones, for composite)
+    structure: list | None = None
+    composite: dict | None = None
+    search: dict | None = None  # the search's candidates and their KL (allocation search)

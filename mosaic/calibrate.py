@@ -6,8 +6,8 @@
 2. ``run_layers`` walks the layers. Only the current layer needs to be on the compute device; a
    model kept on CPU is brought over one layer at a time (its calibration activations stay in pinned host
    memory: each batch's layer output goes back as soon as it is finished), and with accelerate's
-   ``device_map`` each layer runs where it lives. For each layer it collects the input statistics of each projection
-   group (q/k/v, o, gate/up, down) and hands them to a callback, in one of three modes:
+   ``device_map`` each layer runs where it lives. For each layer it collects the input statistics of each
+   projection group (q/k/v, o, gate/up, down) and hands them to a callback, in one of three modes:
 
    sequential  Each group's statistics come after earlier groups of the same layer were pruned
                ("true sequential"). Done in ONE forward per layer by pausing the layer's forward at
@@ -129,8 +129,8 @@ def on_device(layer: nn.Module, compute: torch.device) -> Iterator[torch.device]
     param = next(layer.parameters())
     hooked = _accelerate_device(layer)
     if param.device.type == "meta":
-        raise NotImplementedError("layers offloaded by accelerate (weights on the meta device) cannot be pruned "
-                                  "in place; stream the checkpoint instead (--offload disk)")
+        raise NotImplementedError("layers offloaded by accelerate (weights on the meta device) cannot be "
+                                  "pruned in place; stream the checkpoint instead (--offload disk)")
     home = param.device
     target = compute if home.type == "cpu" and compute.type != "cpu" and hooked is None else home
     if target != home:
@@ -142,7 +142,8 @@ def on_device(layer: nn.Module, compute: torch.device) -> Iterator[torch.device]
             layer.to(home)
 
 
-def layer_kwargs(acts: Activations, index: int, batch: torch.Tensor, device: torch.device, cache: dict) -> dict:
+def layer_kwargs(acts: Activations, index: int, batch: torch.Tensor, device: torch.device,
+                 cache: dict) -> dict:
     """Layer ``index``'s kwargs for a batch like ``batch``, on ``device`` and in the batch's dtype."""
     key = (batch.shape[0], index, device, batch.dtype)
     if key not in cache:
@@ -203,8 +204,8 @@ def run_layers(
         recovery.dense = list(acts.hidden)
     for index in tqdm(range(start, len(layers)), desc=desc, unit="layer", leave=False):
         with scope(index) if scope is not None else nullcontext():
-            _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, calib_dtype, cache, one_batch,
-                       recovery)
+            _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, calib_dtype, cache,
+                       one_batch, recovery)
         cache = {k: v for k, v in cache.items() if k[1] != index}  # this layer's kwargs are done
 
 
@@ -225,7 +226,8 @@ def _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, c
         if host:  # pinned: fast host <-> device copies, and the non-blocking upload below is safe
             acts.hidden = [h if h.is_pinned() else h.pin_memory() for h in acts.hidden]
         pruned_inputs, master_kwargs = None, None
-        if recovery is not None:  # the dense layer's outputs, before the kernel changes it (in the weights' dtype)
+        # the dense layer's outputs, before the kernel changes it (in the weights' dtype)
+        if recovery is not None:
             pruned_inputs, dtype = list(acts.hidden), next(layer.parameters()).dtype
             master_kwargs = [layer_kwargs(acts, index, torch.empty(h.shape[0], 0, dtype=dtype), device, cache)
                              for h in acts.hidden]
@@ -241,7 +243,7 @@ def _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, c
             inputs = [h.to(device, non_blocking=host) for h in acts.hidden]
             outputs = _dense_stages(adapter, work, index, inputs, kwargs, on_work_group, hessian)
             if mode == "reference" and not last:
-                outputs = [_tensor(work(h, **kw)) for h, kw in zip(inputs, kwargs)]
+                outputs = [hidden_of(work(h, **kw)) for h, kw in zip(inputs, kwargs)]
         del work
         if recovery is not None:
             outputs = recovery.tune(index, layer, pruned_inputs, master_kwargs, device, outputs, last)
@@ -315,7 +317,7 @@ def _dense_stages(adapter, layer, index, inputs, kwargs, on_group, hessian) -> l
     return outputs
 
 
-def _tensor(out) -> torch.Tensor:
+def hidden_of(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -335,10 +337,41 @@ def check_staged_forward(adapter: Adapter, layer: nn.Module, hidden: torch.Tenso
     for _ in GROUPS:
         next(run)
     staged = _finish(run)
-    plain = _tensor(layer(hidden, **kwargs))
+    plain = hidden_of(layer(hidden, **kwargs))
     err = (staged.float() - plain.float()).abs().max().item()
     scale = plain.float().abs().max().item() + 1e-6
     if err > atol * max(1.0, scale):
         raise RuntimeError(f"the staged layer forward differs from the model's own forward by {err:.3g}; "
                            "this architecture is not a standard LLaMA block: use --no_true_sequential")
     return err
+
+
+def check_staged(model: nn.Module, adapter: Adapter, acts: Activations, compute: torch.device,
+                 calib_dtype: torch.dtype) -> None:
+    """Guard the one-pass engine: the staged forward must reproduce layer 0's own forward."""
+    layer = adapter.layers(model)[0]
+    with on_device(layer, compute) as device:
+        work = working_copy(layer, calib_dtype)
+        h = acts.hidden[0].to(device, calib_dtype)
+        tol = 1e-4 if h.dtype == torch.float32 else 2e-2
+        check_staged_forward(adapter, work, h, layer_kwargs(acts, 0, h, device, {}), atol=tol)
+
+
+@dataclass
+class Calibration:
+    """A run's calibration windows: for statistics, and those drawn after them for other uses."""
+
+    windows: torch.Tensor  # [nsamples, seqlen] token ids
+    batch_size: int
+    # allocation search: the windows drawn after these (not in statistics)
+    held_out: torch.Tensor | None = None
+    validation: torch.Tensor | None = None  # ... and after those, to judge the refined map on unseen tokens
+    distill: torch.Tensor | None = None  # distillation: training windows, none of them in the statistics
+    distill_held_out: torch.Tensor | None = None  # ... and the ones that choose the state to keep
+
+    def activations(self, model: nn.Module, adapter: Adapter, held: Callable) -> Activations:
+        """Fresh layer-0 inputs (each pass over the layers consumes its own); ``held("embed")`` holds the
+        embedding while they are computed."""
+        with held("embed"):
+            return capture(model, adapter, self.windows, self.batch_size)
+

@@ -9,11 +9,13 @@ import sys
 from mosaic.console import quiet_libraries
 from mosaic.errors import EvaluationError, OptionError
 
-EPILOG = """examples:
-  python main.py --prune_method wanda --sparsity_ratio 0.5 --nsamples 32 --seqlen 512 --eval_windows 16 --save runs/wanda50
-  python main.py --model_name_or_path decapoda-research/llama-7b-hf --model decapoda-research/llama-7b-hf \\
-      --Lamda 0.08 --Hyper_m 5 --prune_method sparsegpt_mosaic --sparsity_ratio 0.7 --sparsity_type unstructured --save save_test/
-"""
+EPILOG = ("examples:\n"
+          "  python main.py --prune_method wanda --sparsity_ratio 0.5 --nsamples 32 --seqlen 512"
+          " --eval_windows 16 --save runs/wanda50\n"
+          "  python main.py --model_name_or_path decapoda-research/llama-7b-hf"
+          " --model decapoda-research/llama-7b-hf \\\n"
+          "      --Lamda 0.08 --Hyper_m 5 --prune_method sparsegpt_mosaic --sparsity_ratio 0.7"
+          " --sparsity_type unstructured --save save_test/\n")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,87 +28,124 @@ def _int_or_none(text: str):
 
 
 def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
-    from mosaic.pipeline import Options
-    from mosaic.prune import METHODS
+    from mosaic.options import Options
 
     d = Options()
-    p = _Parser(prog=prog, description="Prune a LLaMA-family model (Wanda, SparseGPT, OWL, Mosaic) and measure it.",
+    p = _Parser(prog=prog,
+                description="Prune a LLaMA-family model (Wanda, SparseGPT, OWL, Mosaic) and measure it.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_flags(p, d)
+    _pruning_flags(p, d)
+    _calibration_flags(p, d)
+    _recovery_flags(p, d)
+    _evaluation_flags(p, d)
+    _kv_cache_flags(p, d)
+    _output_flags(p, d)
+    return p
+
+
+def _model_flags(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "--model_name_or_path", dest="model", default=d.model,
-                   help="hub id, local HF directory, .gguf file, or the alias smollm2-135m (default; offline)")
+                   help="hub id, local HF directory, .gguf file, or the alias smollm2-135m "
+                        "(default; offline)")
     g.add_argument("--cache_dir", default=d.cache_dir, help="where hub downloads and converted GGUFs go")
-    g.add_argument("--dtype", default=d.dtype, help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    g.add_argument("--dtype", default=d.dtype,
+                   help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--device_map", default=None,
-                   help="accelerate device map for models larger than one device: auto, or a JSON object of module -> "
-                        "device; layers run where they live; a map that offloads layers to cpu/disk streams the "
-                        "checkpoint instead (as --offload disk)")
+                   help="accelerate device map for models larger than one device: auto, or a JSON object "
+                        "of module -> device; layers run where they live; a map that offloads layers to "
+                        "cpu/disk streams the checkpoint instead (as --offload disk)")
     g.add_argument("--offline", action="store_true", help="never contact the Hugging Face hub")
     g.add_argument("--offload", default=d.offload, choices=("auto", "none", "disk"),
-                   help="disk: stream one decoder layer at a time from the safetensors shards to the --save_model "
-                        "shards (models larger than memory); auto (default): disk when the weights exceed "
-                        "--max_memory; none: always in memory")
+                   help="disk: stream one decoder layer at a time from the safetensors shards to the "
+                        "--save_model shards (models larger than memory); auto (default): disk when the "
+                        "weights exceed --max_memory; none: always in memory")
     g.add_argument("--max_memory", default=None,
-                   help="host memory budget for --offload auto, e.g. 64GB (default: 80%% of what is available)")
+                   help="host memory budget for --offload auto, e.g. 64GB "
+                        "(default: 80%% of what is available)")
     g.add_argument("--resume", action="store_true",
                    help="streaming: continue a killed run with the same options from its last finished layer")
 
+
+def _pruning_flags(p: argparse.ArgumentParser, d) -> None:
+    from mosaic.prune import METHODS
+
     g = p.add_argument_group("pruning")
     g.add_argument("--prune_method", default=d.prune_method, help=f"one of: {', '.join(METHODS)}")
-    g.add_argument("--sparsity_ratio", type=float, default=d.sparsity_ratio, help="fraction of weights to prune, in [0, 1)")
+    g.add_argument("--sparsity_ratio", type=float, default=d.sparsity_ratio,
+                   help="fraction of weights to prune, in [0, 1)")
     g.add_argument("--sparsity_type", default=d.sparsity_type,
-                   help="unstructured; N:M (N of every M pruned: 2:4, 4:8); or composite (whole heads and MLP "
-                        "channels removed physically, --structured_ratio of the weights, the rest unstructured)")
+                   help="unstructured; N:M (N of every M pruned: 2:4, 4:8); or composite (whole heads and "
+                        "MLP channels removed physically, --structured_ratio of the weights, the rest "
+                        "unstructured)")
     g.add_argument("--structured_ratio", type=float, default=d.structured_ratio,
-                   help="composite: share of decoder projection weights removed as whole heads/channels (≤ S)")
-    g.add_argument("--round_to", type=int, default=d.round_to, help="composite: kept MLP widths are multiples of this")
+                   help="composite: share of decoder projection weights removed as whole heads/channels "
+                        "(≤ S)")
+    g.add_argument("--round_to", type=int, default=d.round_to,
+                   help="composite: kept MLP widths are multiples of this")
     g.add_argument("--uniform_widths", action="store_true",
-                   help="composite: the same widths in every layer, so the checkpoint is a plain family config")
+                   help="composite: the same widths in every layer, so the checkpoint is a plain family "
+                        "config")
     g.add_argument("--allocation", default=None,
                    help="uniform, owl, mosaic, mosaic_ref or search (default: implied by the method name)")
     g.add_argument("--allocation_file", default=None,
-                   help="JSON sparsity map: written after profiling; if it exists, applied instead of profiling")
+                   help="JSON sparsity map: written after profiling; if it exists, applied instead of "
+                        "profiling")
     g.add_argument("--search_windows", type=int, default=d.search_windows,
-                   help="allocation search: windows for the Fisher, and as many held-out ones that score allocations (8)")
+                   help="allocation search: windows for the Fisher, and as many held-out ones that score "
+                        "allocations (8)")
     g.add_argument("--search_budget", type=int, default=d.search_budget,
-                   help="allocation search: generations of evolutionary refinement by true KL, ~25 s each for "
-                        f"SmolLM2 on 2 CPU cores ({d.search_budget}; 0: the curve solve only)")
+                   help="allocation search: generations of evolutionary refinement by true KL, ~25 s each "
+                        f"for SmolLM2 on 2 CPU cores ({d.search_budget}; 0: the curve solve only)")
     g.add_argument("--Hyper_m", type=float, default=None,
-                   help="outlier threshold M: scores above M × mean (5; 6 for wanda_owl_structure, as OWL's N:M)")
+                   help="outlier threshold M: scores above M × mean (5; 6 for wanda_owl_structure, as "
+                        "OWL's N:M)")
     g.add_argument("--Lamda", type=float, default=None,
                    help="allocation half-range λ (0.08; 2 for wanda_owl_structure, as OWL's N:M)")
     g.add_argument("--blocksize", type=int, default=d.blocksize, help="SparseGPT column block")
     g.add_argument("--percdamp", type=float, default=d.percdamp,
                    help="SparseGPT and ALPS damping, fraction of mean diag(H)")
     g.add_argument("--alps_rho0", type=float, default=d.alps_rho0, help="ALPS: initial ADMM penalty ρ (0.1)")
-    g.add_argument("--alps_max_iter", type=int, default=d.alps_max_iter, help="ALPS: ADMM iteration cap (300)")
+    g.add_argument("--alps_max_iter", type=int, default=d.alps_max_iter,
+                   help="ALPS: ADMM iteration cap (300)")
     g.add_argument("--alps_cg_iters", type=int, default=d.alps_cg_iters,
                    help="ALPS: conjugate-gradient iterations on the final support (10)")
 
+
+def _calibration_flags(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("calibration")
-    g.add_argument("--calib_dataset", default=d.calib_dataset, help="wiki-offline, c4, wikitext2, or a .txt/.jsonl path")
-    g.add_argument("--calib_stats", default=d.calib_stats, help="statistics every method prunes from: sequential (default, as the reference pruning pass: "
-                        "each layer sees the outputs of the already-pruned layers before it) or dense (the dense "
-                        "model's activations, as the allocation's profiling pass; Wanda then needs no second pass)")
+    g.add_argument("--calib_dataset", default=d.calib_dataset,
+                   help="wiki-offline, c4, wikitext2, or a .txt/.jsonl path")
+    g.add_argument("--calib_stats", default=d.calib_stats,
+                   help="statistics every method prunes from: sequential (default, as the reference pruning "
+                        "pass: each layer sees the outputs of the already-pruned layers before it) or dense "
+                        "(the dense model's activations, as the allocation's profiling pass; Wanda then "
+                        "needs no second pass)")
     g.add_argument("--nsamples", type=int, default=d.nsamples, help="calibration windows")
-    g.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per calibration window (capped at the context)")
+    g.add_argument("--seqlen", type=int, default=d.seqlen,
+                   help="tokens per calibration window (capped at the context)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--calib_batch_size", type=int, default=d.calib_batch_size, help="windows per forward")
     g.add_argument("--calib_dtype", default=d.calib_dtype,
-                   help="precision of calibration forwards: auto (bf16 for fp32 models on CPUs with native bf16), "
-                        "float32, bfloat16, float16; weights and statistics stay fp32")
-    g.add_argument("--true_sequential", dest="true_sequential", action="store_true", default=d.true_sequential,
+                   help="precision of calibration forwards: auto (bf16 for fp32 models on CPUs with native "
+                        "bf16), float32, bfloat16, float16; weights and statistics stay fp32")
+    g.add_argument("--true_sequential", dest="true_sequential", action="store_true",
+                   default=d.true_sequential,
                    help="statistics of each projection group after pruning the earlier groups of the layer "
                         "(q,k,v → o → gate,up → down), in one forward per layer; --no_true_sequential: "
                         "the reference code's two-pass loop")
-    g.add_argument("--no_true_sequential", "--no-true_sequential", dest="true_sequential", action="store_false",
+    g.add_argument("--no_true_sequential", "--no-true_sequential", dest="true_sequential",
+                   action="store_false",
                    help="the reference code's two-pass loop")
 
+
+def _recovery_flags(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("recovery (mask kept: zeros stay zeros)")
     g.add_argument("--reconstruct", default=d.reconstruct, choices=("none", "layer", "sublayer"),
-                   help="after each layer is pruned, tune its kept weights so that its output matches the dense "
-                        "layer's: the whole layer at once, or attention and MLP separately (none)")
+                   help="after each layer is pruned, tune its kept weights so that its output matches the "
+                        "dense layer's: the whole layer at once, or attention and MLP separately (none)")
     g.add_argument("--reconstruct_steps", type=int, default=d.reconstruct_steps,
                    help=f"Adam steps per layer (or per half, sublayer) ({d.reconstruct_steps})")
     g.add_argument("--reconstruct_lr", type=float, default=d.reconstruct_lr,
@@ -115,48 +154,69 @@ def build_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                    help=f"calibration windows per reconstruction step ({d.reconstruct_batch})")
     g.add_argument("--distill_steps", type=int, default=d.distill_steps,
                    help="end-to-end distillation steps from the dense model after pruning (0: none)")
-    g.add_argument("--distill_lr", type=float, default=d.distill_lr, help=f"AdamW peak learning rate ({d.distill_lr:g})")
+    g.add_argument("--distill_lr", type=float, default=d.distill_lr,
+                   help=f"AdamW peak learning rate ({d.distill_lr:g})")
     g.add_argument("--distill_batch", type=int, default=d.distill_batch,
                    help=f"windows per distillation step, accumulated one at a time ({d.distill_batch})")
     g.add_argument("--distill_windows", type=int, default=d.distill_windows,
-                   help=f"calibration windows to distil on, none used for statistics; 1/8 as many more are held "
-                        f"out to keep the best state ({d.distill_windows})")
+                   help=f"calibration windows to distil on, none used for statistics; 1/8 as many more are "
+                        f"held out to keep the best state ({d.distill_windows})")
 
+
+def _evaluation_flags(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_datasets", default=d.eval_datasets,
-                   help="comma list: wiki-offline, wikitext2, ptb (test), ptb-val, c4, or files; none to skip")
-    g.add_argument("--eval_windows", type=_int_or_none, default=None, help="at most this many windows (default all)")
+                   help="comma list: wiki-offline, wikitext2, ptb (test), ptb-val, c4, or files; none to "
+                        "skip")
+    g.add_argument("--eval_windows", type=_int_or_none, default=None,
+                   help="at most this many windows (default all)")
     g.add_argument("--eval_seqlen", type=int, default=d.eval_seqlen, help="tokens per perplexity window")
     g.add_argument("--eval_batch_size", type=int, default=d.eval_batch_size)
     g.add_argument("--eval_dtype", default=d.eval_dtype,
-                   help="dtype of the evaluation forwards: model (default) or float32/bfloat16/float16 (a per-layer copy)")
+                   help="dtype of the evaluation forwards: model (default) or float32/bfloat16/float16 "
+                        "(a per-layer copy)")
 
     g.add_argument("--eval_zero_shot", nargs="?", const="all", default=None, metavar="TASKS",
-                   help="lm-eval zero-shot accuracy: a comma list, or all (default when the flag is bare) = boolq, "
-                        "rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa; piqa also offline")
+                   help="lm-eval zero-shot accuracy: a comma list, or all (default when the flag is bare) = "
+                        "boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa; piqa also "
+                        "offline")
     g.add_argument("--zs_limit", type=_int_or_none, default=None, help="at most N items per zero-shot task")
-    g.add_argument("--zs_batch_size", type=int, default=d.zs_batch_size, help="lm-eval batch size (set on HFLM)")
+    g.add_argument("--zs_batch_size", type=int, default=d.zs_batch_size,
+                   help="lm-eval batch size (set on HFLM)")
 
+
+def _kv_cache_flags(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("KV-cache sparsity (Mustafar), applied to --eval_datasets and --eval_zero_shot")
     g.add_argument("--kv_sparsity", type=float, default=None,
-                   help="prune this fraction of every key and value vector once its token leaves the dense window")
+                   help="prune this fraction of every key and value vector once its token leaves the dense "
+                        "window")
     g.add_argument("--k_sparsity", type=float, default=None, help="keys only (overrides --kv_sparsity for K)")
-    g.add_argument("--v_sparsity", type=float, default=None, help="values only (overrides --kv_sparsity for V)")
+    g.add_argument("--v_sparsity", type=float, default=None,
+                   help="values only (overrides --kv_sparsity for V)")
     g.add_argument("--kv_window", type=int, default=d.kv_window, help="most recent tokens kept dense (32)")
     g.add_argument("--kv_method", default=d.kv_method,
                    help="per_token (magnitude within each head vector, default) or per_channel")
     g.add_argument("--kv_reference", action="store_true",
                    help="per_token as the official code counts it (prunes one entry fewer at most ratios)")
+    g.add_argument("--kv_allocation", default=d.kv_allocation,
+                   help="uniform (default: every vector alike), layer (one K and one V sparsity per "
+                        "layer) or head (per KV head), chosen from a sensitivity measured on calibration "
+                        "text so that the overall K and V sparsity equal the targets")
+    g.add_argument("--kv_allocation_file", default=None,
+                   help="JSON map of per-layer (per-head) K/V sparsities: written after the sensitivity; "
+                        "if it exists, applied instead of measuring")
 
+
+def _output_flags(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--save", default=None, help="directory for results.json, summary.txt and plots")
     g.add_argument("--save_model", default=None, help="directory for the pruned checkpoint (safetensors)")
-    g.add_argument("--overwrite", action="store_true", help="replace existing --save / --save_model directories")
-    return p
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace existing --save / --save_model directories")
 
 
 def parse_options(argv: list[str] | None = None, prog: str = "main.py"):
-    from mosaic.pipeline import Options
+    from mosaic.options import Options
 
     args = build_parser(prog).parse_args(argv)
     opts = Options(**vars(args))
@@ -213,5 +273,5 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 def out_of_memory(err: BaseException) -> str:
     """One line for running out of (device or host) memory, naming the knobs that lower the need."""
     where = "the device" if type(err).__name__ == "OutOfMemoryError" else "host memory"
-    return (f"out of memory on {where}; lower --calib_batch_size or --nsamples, or stream the model one layer "
-            "at a time with --offload disk (see --max_memory)")
+    return (f"out of memory on {where}; lower --calib_batch_size or --nsamples, or stream the model one "
+            "layer at a time with --offload disk (see --max_memory)")

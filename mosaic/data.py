@@ -64,8 +64,10 @@ def _hub(name: str, split: str, option: str) -> Text:
 
     try:
         if name == "wikitext2":
-            ds = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
-            return Text(name, list(ds["text"]), joiner=" " if split == "calib" else "\n\n")  # as the reference
+            ds = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1",
+                              split="train" if split == "calib" else "test")
+            # as the reference
+            return Text(name, list(ds["text"]), joiner=" " if split == "calib" else "\n\n")
         if name == "c4":
             if split == "calib":
                 files = {"train": "en/c4-train.00000-of-01024.json.gz"}
@@ -80,7 +82,8 @@ def _hub(name: str, split: str, option: str) -> Text:
         return Text(name, list(ds["sentence"]), joiner=" " if ptb_split == "test" else "\n\n")
     except Exception as e:  # network, auth, format: all end the same way for the user
         raise OptionError(
-            option, f"cannot load '{name}' from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            option, f"cannot load '{name}' from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
             "use wiki-offline or a local .txt/.jsonl file when offline"
         ) from e
 
@@ -99,7 +102,8 @@ def _local(path: Path, option: str) -> Text:
             return Text(str(path), [raw])
         texts = [r if isinstance(r, str) else r["text"] for r in rows]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise OptionError(option, f"{path}: expected one JSON object with a 'text' field per line ({e})") from e
+        raise OptionError(option,
+                          f"{path}: expected one JSON object with a 'text' field per line ({e})") from e
     return Text(str(path), texts)
 
 
@@ -115,7 +119,8 @@ def load_text(name: str, split: str) -> Text:
         if path.is_dir():
             raise OptionError(option, f"{path} is a directory; give a .txt or .jsonl file")
         return _local(path, option)
-    raise OptionError(option, f"unknown dataset '{name}'; use one of {', '.join(KNOWN)} or a path to a .txt/.jsonl file")
+    raise OptionError(option, f"unknown dataset '{name}'; use one of {', '.join(KNOWN)} or a path to a "
+                      ".txt/.jsonl file")
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -141,16 +146,18 @@ def calibration_windows(tokenizer, name: str, nsamples: int, seqlen: int, seed: 
         return _document_windows(tokenizer, source, nsamples, held_out, seqlen, rng, option)
     ids = tokenize(tokenizer, source.joiner.join(source.texts))
     if ids.numel() <= seqlen:
-        raise OptionError(option, f"'{name}' has {ids.numel()} tokens; one window of --seqlen {seqlen} needs more "
-                         "(give more text or a smaller --seqlen)")
+        raise OptionError(option, f"'{name}' has {ids.numel()} tokens; one window of --seqlen {seqlen} needs "
+                          "more (give more text or a smaller --seqlen)")
     starts = window_starts(ids.numel(), nsamples, held_out, seqlen, rng)
     if starts is None:
-        raise OptionError(option, f"'{name}' is too short for {held_out} windows of {seqlen} tokens that overlap "
-                          "neither the statistics windows nor each other; give more text, or fewer or shorter windows")
+        raise OptionError(option, f"'{name}' is too short for {held_out} windows of {seqlen} tokens that "
+                          "overlap neither the statistics windows nor each other; give more text, or fewer "
+                          "or shorter windows")
     return torch.stack([ids[s:s + seqlen] for s in starts])
 
 
-def window_starts(tokens: int, nsamples: int, held_out: int, seqlen: int, rng: random.Random) -> list[int] | None:
+def window_starts(tokens: int, nsamples: int, held_out: int, seqlen: int,
+                  rng: random.Random) -> list[int] | None:
     """Start offsets: ``nsamples`` as the reference code draws them, then ``held_out`` whose ``seqlen`` tokens
     overlap no earlier window (None when rejection sampling cannot find room)."""
     last = tokens - seqlen - 1
@@ -181,7 +188,8 @@ def _document_windows(tokenizer, source: Text, nsamples: int, held_out: int, seq
             if ids.numel() > seqlen:
                 break
         else:
-            raise OptionError(option, f"could not find documents longer than --seqlen {seqlen} in '{source.name}'")
+            raise OptionError(option, f"could not find documents longer than --seqlen {seqlen} in "
+                              f"'{source.name}'")
         used.add(doc)
         start = rng.randint(0, ids.numel() - seqlen - 1)
         windows.append(ids[start:start + seqlen])
@@ -192,3 +200,16 @@ def eval_tokens(tokenizer, name: str) -> torch.Tensor:
     """The whole evaluation text of ``name`` as one 1-D tensor of token ids."""
     source = load_text(name, "eval")
     return tokenize(tokenizer, source.joiner.join(source.texts))
+
+
+def eval_texts(tokenizer, names: list[str], seqlen: int) -> dict[str, torch.Tensor]:
+    """Each evaluation text's token stream, refusing one shorter than a single window."""
+    texts = {}
+    for name in names:
+        ids = eval_tokens(tokenizer, name)
+        if ids.numel() < seqlen:
+            raise OptionError("eval_datasets", f"'{name}' has {ids.numel()} tokens, fewer than one window of "
+                              f"--eval_seqlen {seqlen}")
+        texts[name] = ids
+    return texts
+

@@ -1,4 +1,5 @@
-"""Errors that library code raises; only ``cli.py`` turns them into flags, one-line messages and exit codes."""
+"""Errors that library code raises; only ``cli.py`` turns them into flags, one-line messages and exit
+codes."""
 
 
 class OptionError(ValueError):
@@ -16,5 +17,6 @@ class EvaluationError(RuntimeError):
     were written to ``saved``; ``cause`` is what stopped it."""
 
     def __init__(self, status: str, saved: list[str], cause: BaseException):
-        super().__init__(f"evaluation {status} ({type(cause).__name__}: {cause}); saved: {', '.join(saved) or 'nothing'}")
+        super().__init__(f"evaluation {status} ({type(cause).__name__}: {cause}); "
+                         f"saved: {', '.join(saved) or 'nothing'}")
         self.status, self.saved, self.cause = status, saved, cause

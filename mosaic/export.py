@@ -29,7 +29,8 @@ def check_writable(path: str | os.PathLike | None, option: str, overwrite: bool)
         return
     p = Path(path)
     if p.exists() and not overwrite:
-        raise OptionError(option, f"{p} already exists; pass --overwrite to replace it or choose another directory")
+        raise OptionError(option, f"{p} already exists; pass --overwrite to replace it or choose another "
+                          "directory")
     if p.exists() and not p.is_dir():
         raise OptionError(option, f"{p} exists and is not a directory")
     parent = p.absolute().parent
@@ -40,10 +41,12 @@ def check_writable(path: str | os.PathLike | None, option: str, overwrite: bool)
     try:
         os.rmdir(tempfile.mkdtemp(prefix=f".{p.name}.probe-", dir=parent))
     except OSError as e:
-        raise OptionError(option, f"cannot write in {parent} ({e.strerror or e}); choose a writable directory") from e
+        raise OptionError(option, f"cannot write in {parent} ({e.strerror or e}); choose a writable "
+                          "directory") from e
 
 
-_PENDING: dict[Path, list[Callable[[], None]]] = {}  # open atomic_dir temporaries -> their after_commit actions
+# open atomic_dir temporaries -> their after_commit actions
+_PENDING: dict[Path, list[Callable[[], None]]] = {}
 
 
 @contextmanager
@@ -58,7 +61,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         yield tmp
         if final.exists():
             if not overwrite:
-                raise OptionError("overwrite", f"{final} appeared while this run was writing; nothing replaced")
+                raise OptionError("overwrite",
+                                  f"{final} appeared while this run was writing; nothing replaced")
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
@@ -163,3 +167,32 @@ def save_checkpoint(model: nn.Module, tokenizer, directory: Path, manifest: dict
         shutil.copy(MODELING_FILE, directory / MODELING_FILE.name)
     write_json(directory / "mosaic.json", manifest)
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+def _inside(inner: str, outer: str) -> Path | None:
+    try:
+        return Path(inner).resolve().relative_to(Path(outer).resolve())
+    except ValueError:
+        return None
+
+
+def write_outputs(save, save_model, overwrite, write_results, write_model) -> None:
+    """--save and --save_model, each atomic; one nested inside the other is written in one go."""
+    if save and save_model and (rel := _inside(save_model, save)) is not None:
+        with atomic_dir(save, overwrite) as tmp:
+            (tmp / rel).mkdir(parents=True, exist_ok=True)
+            write_model(tmp / rel)
+            write_results(tmp)
+        return
+    if save and save_model and (rel := _inside(save, save_model)) is not None:
+        with atomic_dir(save_model, overwrite) as tmp:
+            write_model(tmp)
+            (tmp / rel).mkdir(parents=True, exist_ok=True)
+            write_results(tmp / rel)
+        return
+    if save_model:
+        with atomic_dir(save_model, overwrite) as tmp:
+            write_model(tmp)
+    if save:
+        with atomic_dir(save, overwrite) as tmp:
+            write_results(tmp)

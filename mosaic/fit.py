@@ -31,6 +31,7 @@ outputs and paused intermediate count, whatever ``nsamples``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -49,10 +50,12 @@ class Workload:
     kernel: str | None = None  # kernel name (magnitude, wanda, sparsegpt, alps); None: nothing pruned
     stats: str = "none"  # what the kernel reads: none | norms | hessian
     mode: str | None = "sequential"  # engine mode; dense and reference hold all groups' statistics at once
-    reconstruct: str | None = None  # recovery granularity (layer | sublayer): a second, dense activation stream
+    # recovery granularity (layer | sublayer): a second, dense activation stream
+    reconstruct: str | None = None
     reconstruct_batch: int = 8  # windows per reconstruction step
     search_windows: int = 0  # allocation search: held-out windows scored by true KL; 0: no search
-    search_validation: bool = False  # ... and as many validation windows (the search refines: --search_budget > 0)
+    # ... and as many validation windows (the search refines: --search_budget > 0)
+    search_validation: bool = False
 
 
 def _widest(config, per_layer: str, name: str) -> int:
@@ -69,7 +72,8 @@ def groups(config) -> list[tuple[int, int]]:
     return [((heads + 2 * kv) * head_dim, h), (h, heads * head_dim), (2 * inter, h), (h, inter)]
 
 
-def device_need(config, weights: int, work: Workload, dtype: torch.dtype, one_batch: bool = False) -> dict[str, int]:
+def device_need(config, weights: int, work: Workload, dtype: torch.dtype,
+                one_batch: bool = False) -> dict[str, int]:
     """Bytes the compute device holds at the peak of a layer's turn (with the allocation search, of the
     search's final pruning pass), by part, for a model whose parameters take ``weights`` bytes in ``dtype``
     (one layer's bytes with ``one_batch``: the search then runs on the host, where the model is)."""
@@ -163,3 +167,17 @@ def reconstruct_need(config, work: Workload, seqlen: int, tokens: int, calib: to
 def describe(need: dict[str, int]) -> str:
     parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in need.items() if v)
     return f"{sum(need.values()) / 2**30:.2f} GiB ({parts})"
+
+
+HEADROOM = 0.8  # share of the available host memory the default budget allows
+
+
+def available_memory() -> int:
+    """Host memory this run may use by default: what is available now, with headroom."""
+    try:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    except ImportError:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(HEADROOM * free)

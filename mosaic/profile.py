@@ -67,7 +67,8 @@ def profile_model(model: nn.Module, adapter: Adapter, acts: Activations, hyper_m
     ratios: list = [None] * n_layers
     layer_ratios: list = [None] * n_layers
     stats: list[dict] = [{} for _ in range(n_layers)]
-    params = [{p: adapter.projection(layer, p).weight.numel() for p in PROJECTIONS} for layer in adapter.layers(model)]
+    params = [{p: adapter.projection(layer, p).weight.numel() for p in PROJECTIONS}
+              for layer in adapter.layers(model)]
 
     def on_group(index: int, layer: nn.Module, group: tuple[str, ...], group_stats: InputStats) -> None:
         stats[index][group] = group_stats

@@ -28,7 +28,9 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from mosaic import fit
 from mosaic.adapter import ATTENTION, MLP, PROJECTIONS, Adapter
+from mosaic.errors import OptionError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,8 @@ def _windows(batches: list[torch.Tensor]) -> list[tuple[int, int]]:
 
 
 def _gather(batches: list[torch.Tensor], index: list[tuple[int, int]], pick: torch.Tensor, device, dtype):
-    return torch.cat([batches[index[k][0]][index[k][1]:index[k][1] + 1] for k in pick.tolist()]).to(device, dtype)
+    return torch.cat([batches[index[k][0]][index[k][1]:index[k][1] + 1]
+                      for k in pick.tolist()]).to(device, dtype)
 
 
 def _tune(adapter: Adapter, layer: nn.Module, names: tuple[str, ...], forward, inputs: list[torch.Tensor],
@@ -132,7 +135,7 @@ class Reconstruction:
 
     adapter: Adapter
     spec: ReconstructSpec
-    layers: list[dict] = field(default_factory=list)  # per layer: error before/after, kept, seconds
+    layers: list[dict] = field(default_factory=list)  # per layer: error before/after, tuned, seconds
     dense: list[torch.Tensor] | None = None
     _targets: dict = field(default_factory=dict)
 
@@ -164,34 +167,37 @@ class Reconstruction:
         total = spec.steps * (2 if spec.granularity == "sublayer" else 1)
         with tqdm(total=total, desc=f"reconstruct layer {index}", leave=False, disable=total == 0) as bar:
             if spec.steps and spec.granularity == "layer":
-                _tune(a, layer, PROJECTIONS, lambda x, kw: a.mlp_block(layer, a.attention_block(layer, x, kw)),
+                _tune(a, layer, PROJECTIONS,
+                      lambda x, kw: a.mlp_block(layer, a.attention_block(layer, x, kw)),
                       inputs, outs, kwargs, spec, generator, bar)
             elif spec.steps:
                 _tune(a, layer, ATTENTION, lambda x, kw: a.attention_block(layer, x, kw), inputs,
                       self._targets["mid"], kwargs, spec, generator, bar)
                 mids = self._forward(layer, inputs, kwargs, device, attention_only=True)
-                _tune(a, layer, MLP, lambda x, kw: a.mlp_block(layer, x), mids, outs, kwargs, spec, generator, bar)
+                _tune(a, layer, MLP, lambda x, kw: a.mlp_block(layer, x), mids, outs, kwargs, spec, generator,
+                      bar)
                 del mids
         tuned = self._forward(layer, inputs, kwargs, device) if spec.steps else None
         after = relative_error(tuned, outs) if spec.steps else before
-        kept = after < before
-        if spec.steps and not kept:  # never worse than the kernel left it
+        improved = after < before
+        if spec.steps and not improved:  # never worse than the kernel left it
             with torch.no_grad():
                 for p, w in before_weights.items():
                     a.projection(layer, p).weight.copy_(w)
             after = before
-        self.layers.append({"layer": index, "error_before": before, "error_after": after, "tuned": kept,
+        self.layers.append({"layer": index, "error_before": before, "error_after": after, "tuned": improved,
                             "seconds": round(time.perf_counter() - start, 3)})
         self.dense = outs if not last else None
         self._targets = {}
-        return tuned if kept and not last else outputs
+        return tuned if improved and not last else outputs
 
     @torch.no_grad()
     def _forward(self, layer, inputs, kwargs, device, attention_only: bool = False) -> list[torch.Tensor]:
         a = self.adapter
         dtype = next(layer.parameters()).dtype
         out = []
-        for h, kw in zip(inputs, kwargs):  # each batch's result back where its input lives (the host, for a GPU)
+        # each batch's result back where its input lives (the host, for a GPU)
+        for h, kw in zip(inputs, kwargs):
             y = a.attention_block(layer, h.to(device, dtype), kw)
             out.append((y if attention_only else a.mlp_block(layer, y)).to(h.device, h.dtype))
         return out
@@ -261,13 +267,14 @@ def held_out_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, d
     for start in range(0, windows.shape[0], micro_batch):
         ids = windows[start:start + micro_batch].to(device)
         with _autocast(device):
-            kl = _kl(student(input_ids=ids, use_cache=False).logits, teacher(input_ids=ids, use_cache=False).logits)
+            kl = _kl(student(input_ids=ids, use_cache=False).logits,
+                     teacher(input_ids=ids, use_cache=False).logits)
         total += float(kl) * ids.shape[0]
     return total / windows.shape[0]
 
 
-def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: torch.Tensor, held_out: torch.Tensor,
-            spec: DistillSpec) -> dict:
+def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: torch.Tensor,
+            held_out: torch.Tensor, spec: DistillSpec) -> dict:
     """End-to-end distillation of ``student`` (in place, mask frozen) from ``teacher`` on ``train`` windows;
     the state with the lowest KL on ``held_out`` windows is kept. Returns the curve and the time."""
     start = time.perf_counter()
@@ -291,7 +298,8 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
     best_state, best_step = [p.detach().to("cpu", copy=True) for p in params], 0
     micro = max(1, min(spec.micro_batch, spec.batch))
     try:
-        student.train()  # activation checkpointing is active in training mode only; these models have no dropout
+        # activation checkpointing is active in training mode only; these models have no dropout
+        student.train()
         bar = tqdm(range(spec.steps), desc="distill", leave=False)
         for step in bar:
             pick = torch.randperm(train.shape[0], generator=generator)[:spec.batch]
@@ -302,7 +310,8 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
                 with torch.no_grad(), _autocast(device):
                     t_logits = teacher(input_ids=ids, use_cache=False).logits
                 with torch.enable_grad(), _autocast(device):
-                    loss = _kl(student(input_ids=ids, use_cache=False).logits, t_logits) * ids.shape[0] / pick.numel()
+                    loss = (_kl(student(input_ids=ids, use_cache=False).logits, t_logits) * ids.shape[0]
+                            / pick.numel())
                     loss.backward()
                 total += loss.item()
                 del t_logits
@@ -357,3 +366,19 @@ def distill_need(model: nn.Module, seqlen: int, micro_batch: int = 1) -> int:
     logits = micro_batch * seqlen * config.vocab_size * 4 * 5
     checkpoints = micro_batch * seqlen * config.hidden_size * 4 * (config.num_hidden_layers + 8)
     return weights + adapter_params * 4 * 4 + logits + checkpoints
+
+
+def check_distill_fits(model: nn.Module, seqlen: int) -> None:
+    """Teacher and student together, the optimizer's state and one micro-batch's logits must fit where the
+    model lives; refuse in one line before any work otherwise."""
+    device = next(model.parameters()).device
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    context = int(getattr(model.config, "max_position_embeddings", seqlen) or seqlen)
+    need = distill_need(model, min(seqlen, context))
+    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else fit.available_memory()
+    if need > have:
+        raise OptionError("distill_steps", f"distillation needs about {need / 2**30:.1f} GiB beside what is "
+                          f"loaded (a dense teacher of {weights / 2**30:.1f} GiB, the optimizer's state and "
+                          f"one window's logits) and {have / 2**30:.1f} GiB is free on {device}; use "
+                          "--reconstruct alone, or a smaller --seqlen")
+

@@ -30,9 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mosaic.adapter import GROUPS, PROJECTIONS, Adapter
-from mosaic.calibrate import _tensor, capture
+from mosaic.calibrate import capture, hidden_of
+from mosaic.prune import SparsityMap
 
-SparsityMap = list[dict[str, float]]
 GROUP_OF = {p: g for g in GROUPS for p in g}
 
 
@@ -55,7 +55,7 @@ class Fitness:
         for b in range(batches or len(self.reference)):
             h = self.inputs[start][b]
             for i in range(start, len(layers)):
-                h = _tensor(layers[i](h, **self.kwargs[b][i]))
+                h = hidden_of(layers[i](h, **self.kwargs[b][i]))
                 if keep:
                     kept[i - start].append(h)
             reference = self.reference[b]
@@ -81,7 +81,7 @@ def fitness(dense: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_siz
     kwargs = [acts.layer_kwargs[h.shape[0]] for h in acts.hidden]
     inputs = [acts.hidden]
     for i, layer in enumerate(adapter.layers(dense)):
-        inputs.append([_tensor(layer(h, **kw[i])) for h, kw in zip(inputs[-1], kwargs)])
+        inputs.append([hidden_of(layer(h, **kw[i])) for h, kw in zip(inputs[-1], kwargs)])
     reference = [Reference.of(_logits(dense, adapter, h)) for h in inputs[-1]]
     return Fitness(dense, adapter, kwargs, inputs, reference)
 
@@ -152,7 +152,8 @@ def mutate(parent: SparsityMap, params: list[dict[str, int]], gen: torch.Generat
 def evolve(dense: nn.Module, scorer: Fitness, kernel, stats, start: SparsityMap, start_fitness: float,
            params: list[dict[str, int]], generations: int, *, seed: int, options: dict, offspring: int = 8,
            step: float = 0.05) -> Evolution:
-    """Refine ``start`` (which ``scorer.model`` is pruned to, scoring ``start_fitness``) for ``generations``."""
+    """Refine ``start`` (which ``scorer.model`` is pruned to, scoring ``start_fitness``) for
+    ``generations``."""
     from mosaic.prune import prune_group
 
     adapter, model = scorer.adapter, scorer.model
@@ -175,7 +176,8 @@ def evolve(dense: nn.Module, scorer: Fitness, kernel, stats, start: SparsityMap,
         before = snapshot(changed)
         for i, group in sorted(changed):
             for p in group:
-                adapter.projection(layers[i], p).weight.data.copy_(adapter.projection(dense_layers[i], p).weight.data)
+                adapter.projection(layers[i], p).weight.data.copy_(
+                    adapter.projection(dense_layers[i], p).weight.data)
             prune_group(adapter, layers[i], group, stats[i][group], kernel, sparsity[i], None, options)
         return before
 

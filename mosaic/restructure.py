@@ -21,11 +21,13 @@ moves their contribution onto the kept columns. Finally ``apply`` slices the wei
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mosaic import allocate as alloc
 from mosaic.adapter import ATTENTION, MLP, PROJECTIONS, Adapter
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,12 @@ def kept_params(g: Geometry, plan: LayerPlan) -> dict[str, int]:
             "gate": c * g.hidden, "up": c * g.hidden, "down": g.hidden * c}
 
 
+def kept_projection_params(adapter: Adapter, model: nn.Module,
+                           plans: list[LayerPlan]) -> list[dict[str, int]]:
+    """Weights per (layer, projection) that ``plans`` keep: what a composite run's map is weighted by."""
+    return [kept_params(geometry(adapter, layer), plan) for layer, plan in zip(adapter.layers(model), plans)]
+
+
 def full_plan(g: Geometry) -> LayerPlan:
     return LayerPlan(list(range(g.heads)), list(range(g.kv_heads)), list(range(g.intermediate)))
 
@@ -103,7 +111,8 @@ def attention_options(g: Geometry, uniform: bool = False) -> list[tuple[int, int
 def choose_heads(g: Geometry, energy: torch.Tensor, groups: int, r: int) -> tuple[list[int], list[int]]:
     """Keep the r best query heads of each group, and the ``groups`` groups whose kept heads score best."""
     q = g.per_group
-    best_in_group = [sorted(range(k * q, (k + 1) * q), key=lambda h: -float(energy[h]))[:r] for k in range(g.kv_heads)]
+    best_in_group = [sorted(range(k * q, (k + 1) * q), key=lambda h: -float(energy[h]))[:r]
+                     for k in range(g.kv_heads)]
     group_score = [sum(float(energy[h]) for h in best) for best in best_in_group]
     kept_groups = sorted(sorted(range(g.kv_heads), key=lambda k: -group_score[k])[:groups])
     heads = sorted(h for k in kept_groups for h in best_in_group[k])
@@ -149,9 +158,11 @@ def plan_structure(adapter: Adapter, layers: list[nn.Module], scores: list[dict]
     return plans
 
 
-def budgets_from_allocation(sparsity: list[dict[str, float]], params: list[dict[str, int]]) -> list[tuple[float, float]]:
+def budgets_from_allocation(sparsity: list[dict[str, float]],
+                            params: list[dict[str, int]]) -> list[tuple[float, float]]:
     """Params to remove per layer in attention and in the MLP, from an allocation at ratio R."""
-    return [(sum(s[p] * n[p] for p in ATTENTION), sum(s[p] * n[p] for p in MLP)) for s, n in zip(sparsity, params)]
+    return [(sum(s[p] * n[p] for p in ATTENTION), sum(s[p] * n[p] for p in MLP))
+            for s, n in zip(sparsity, params)]
 
 
 # --- what the pruning pass needs -------------------------------------------------------------------------
@@ -160,7 +171,8 @@ def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
     return torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long)
 
 
-def selection(plan: LayerPlan, head_dim: int, group: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+def selection(plan: LayerPlan, head_dim: int,
+              group: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """For one projection group: the rows each projection keeps, and the input columns removed (forced)."""
     if group == ("q", "k", "v"):
         return {"q": head_rows(plan.heads, head_dim), "k": head_rows(plan.kv_heads, head_dim),
@@ -175,7 +187,8 @@ def selection(plan: LayerPlan, head_dim: int, group: tuple[str, ...]) -> tuple[d
 
 # --- surgery ---------------------------------------------------------------------------------------------
 
-def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None,
+            cols: torch.Tensor | None = None) -> nn.Linear:
     w = linear.weight.data
     if rows is not None:
         w = w[rows.to(w.device)]
@@ -220,7 +233,8 @@ def restructured_config(model: nn.Module, plans: list[LayerPlan]):
         "layer_num_key_value_heads": [len(p.kv_heads) for p in plans],
         "layer_intermediate_size": [len(p.channels) for p in plans],
     }
-    base = {k: v for k, v in config.to_dict().items() if k not in widths and k not in ("auto_map", "model_type")}
+    base = {k: v for k, v in config.to_dict().items()
+            if k not in widths and k not in ("auto_map", "model_type")}
     base["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     uniform = all(len(set(v)) == 1 for v in widths.values())
     heads, kv, inter = (widths[k][0] for k in widths)
@@ -258,3 +272,33 @@ def summary(plans: list[LayerPlan], before: list[dict[str, int]], geos: list[Geo
     return {"params_before": total_before, "params_kept": total_kept,
             "structured_ratio": 1 - total_kept / total_before,
             "layers": [p.to_json() for p in plans]}
+
+
+def plan_composite(adapter: Adapter, model: nn.Module, profile, rule: str, lamda: float,
+                   structured_ratio: float, sparsity_ratio: float, *, round_to: int, uniform_widths: bool,
+                   held=None) -> tuple[list, dict]:
+    """Choose the heads and channels to remove (about ``structured_ratio`` of the projection weights,
+    spread over the layers by the allocation ``rule``), and the unstructured sparsity the kept weights
+    need so that both together make ``sparsity_ratio`` of the original weights. ``held(i)``: a scope
+    holding layer ``i``."""
+    layers = list(adapter.layers(model))
+    n_layers = len(layers)
+    if rule in ("uniform", "owl_nm") or structured_ratio == 0:  # N:M plans spread structure uniformly
+        budget_map = alloc.uniform_map(n_layers, structured_ratio)
+    else:
+        budget_map = alloc.allocate(rule, profile, n_layers, structured_ratio, lamda)
+    scores = []
+    for i, layer in enumerate(layers):
+        with held(i) if held else nullcontext():
+            scores.append(unit_scores(adapter, layer, profile.norms(i, ("o",)), profile.norms(i, ("down",))))
+    structure = plan_structure(adapter, layers, scores, budgets_from_allocation(budget_map, profile.params),
+                               round_to=round_to, uniform_widths=uniform_widths)
+    report = summary(structure, profile.params, [geometry(adapter, layer) for layer in layers])
+    total, kept = report["params_before"], report["params_kept"]
+    report["unstructured_target"] = max(0.0, (sparsity_ratio * total - (total - kept)) / kept)
+    report["requested_structured_ratio"] = structured_ratio
+    if report["structured_ratio"] > sparsity_ratio + 1e-9:
+        log.warning("structured removal %.4f exceeds --sparsity_ratio %.4f after rounding widths to "
+                    "multiples of %d", report["structured_ratio"], sparsity_ratio, round_to)
+    return structure, report
+

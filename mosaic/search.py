@@ -17,16 +17,15 @@
 6. Refine (``generations`` > 0): the best of the three is pruned as the run will prune it (sequential
    statistics by default), keeping the statistics each group saw, and that model is refined by an
    evolutionary level-switch search scored by the true KL on the held-out windows (mosaic/refine.py): a
-   changed group is re-pruned with those kept statistics. (A first version refined the dense-statistics
-   surrogate instead: it lowered the surrogate's KL while the model as shipped got worse.) The refined map
+   changed group is re-pruned with those kept statistics. The refined map
    fits the held-out windows and its start's statistics, so it is then pruned as planned and must beat its
    start on validation windows drawn after the held-out ones; the better wins. The search never returns
    something worse than where it started.
 
 "Exact target" means exact in the map. What a kernel prunes is round(n_j·s_j) weights of each projection,
 so the model loses Σ_j round(n_j·s_j) weights: within half a weight per projection of S·N (at most P/2 for
-P projections; for SmolLM2, 105 weights in 106 M), not necessarily round(S·N). The same holds for every map, the
-uniform one included, and for the refinement's switches (5% of the smaller projection is rarely a whole
+P projections; for SmolLM2, 105 weights in 106 M), not necessarily round(S·N). The same holds for every map,
+the uniform one included, and for the refinement's switches (5% of the smaller projection is rarely a whole
 number of weights). The achieved count is reported (``sparsity.zeros`` in results.json).
 
 The search runs where the model is (all of it must be in memory) and is reproducible with the seed on
@@ -47,11 +46,11 @@ from tqdm.auto import tqdm
 from mosaic import refine
 from mosaic.adapter import GROUPS, PROJECTIONS, Adapter
 from mosaic.calibrate import Activations, run_layers
+from mosaic.prune import SparsityMap
 from mosaic.stats import InputStats
 
 log = logging.getLogger(__name__)
 
-SparsityMap = list[dict[str, float]]
 LEVELS = (-0.2, -0.15, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.2)  # around the target
 
 
@@ -59,14 +58,15 @@ LEVELS = (-0.2, -0.15, -0.1, -0.05, 0.0, 0.05, 0.1, 0.15, 0.2)  # around the tar
 class SearchResult:
     sparsity: SparsityMap
     chosen: str  # which candidate won: search (the curve solve), seed, uniform or evolved
-    fitness: dict[str, float]  # per candidate, KL(dense ‖ pruned from the dense statistics) per token, held out
+    # per candidate, KL(dense ‖ pruned from the dense statistics) per token, held out
+    fitness: dict[str, float]
     levels: list[float]
     tokens: int
     evolution: dict | None = None
 
     def to_json(self) -> dict:
-        return {"chosen": self.chosen, "fitness_kl": self.fitness, "levels": self.levels, "tokens": self.tokens,
-                "evolution": self.evolution}
+        return {"chosen": self.chosen, "fitness_kl": self.fitness, "levels": self.levels,
+                "tokens": self.tokens, "evolution": self.evolution}
 
 
 def dense_hessians(model: nn.Module, adapter: Adapter, acts: Activations, compute=None,
@@ -91,7 +91,7 @@ def fisher(model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size
     gen = torch.Generator().manual_seed(seed)
     hooks, tokens = [], 0
 
-    def keep_grad(i, p):
+    def save_grad(i, p):
         def hook(_module, _args, output):
             def on_grad(g):
                 sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
@@ -101,7 +101,7 @@ def fisher(model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size
 
     for i, layer in enumerate(layers):
         for p in PROJECTIONS:
-            hooks.append(adapter.projection(layer, p).register_forward_hook(keep_grad(i, p)))
+            hooks.append(adapter.projection(layer, p).register_forward_hook(save_grad(i, p)))
     embed = model.get_input_embeddings()
     hooks.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
     requires = [q.requires_grad for q in model.parameters()]
@@ -148,7 +148,7 @@ def curves(model: nn.Module, adapter: Adapter, kernel, stats, grads, levels: lis
     return out
 
 
-def solve(curve_rows: list[dict[str, list[float]]], levels: list[float], params: list[dict[str, int]],
+def water_fill(curve_rows: list[dict[str, list[float]]], levels: list[float], params: list[dict[str, int]],
           target: float) -> SparsityMap:
     """Minimise Σ_j e_j(s_j) with Σ_j n_j s_j = target · Σ_j n_j: every matrix starts at its lowest level,
     then the cheapest hull segments (KL per pruned weight) are taken in order, the last one in part."""
@@ -173,7 +173,8 @@ def solve(curve_rows: list[dict[str, list[float]]], levels: list[float], params:
     for i, p, s in start:
         sparsity[i][p] = s
     total = sum(params[i][p] for i in range(len(params)) for p in PROJECTIONS)
-    remaining = target * total - sum(params[i][p] * sparsity[i][p] for i in range(len(params)) for p in PROJECTIONS)
+    remaining = target * total - sum(params[i][p] * sparsity[i][p]
+                                     for i in range(len(params)) for p in PROJECTIONS)
     for _slope, i, p, lo, hi, n in sorted(segments, key=lambda s: s[0]):  # convex: each matrix's in order
         if remaining <= 1e-12 * total:
             break
@@ -185,7 +186,8 @@ def solve(curve_rows: list[dict[str, list[float]]], levels: list[float], params:
     return sparsity
 
 
-def stitched(model: nn.Module, adapter: Adapter, kernel, stats, sparsity: SparsityMap, options: dict) -> nn.Module:
+def stitched(model: nn.Module, adapter: Adapter, kernel, stats, sparsity: SparsityMap,
+             options: dict) -> nn.Module:
     """A copy of the model with every projection pruned from the dense statistics (no sequential pass)."""
     from mosaic.prune import prune_from_stats
 
@@ -205,7 +207,7 @@ def search(model: nn.Module, adapter: Adapter, kernel, stats: list[dict[tuple[st
     """The allocation minimising the predicted KL, guarded by the true KL of uniform and the seed map, then
     refined for ``generations`` by the true KL on ``held_out``. The Fisher comes from ``fisher_windows``
     (statistics windows), the true KL from ``held_out`` only, so nothing is scored on the tokens it was fitted
-    to. With ``final(map, keep_stats) -> model`` (the run's own pruning) and ``validation``, the refinement
+    to. With ``final(map, seen_stats) -> model`` (the run's own pruning) and ``validation``, the refinement
     starts from the model as shipped and re-prunes with the statistics it kept; the refined map must then
     beat its start as shipped on ``validation`` (windows neither step has seen). Without them it refines the
     dense-statistics surrogate and the held-out KL decides. ``stats``: every group's dense statistics with
@@ -215,7 +217,7 @@ def search(model: nn.Module, adapter: Adapter, kernel, stats: list[dict[tuple[st
     grads = fisher(model, adapter, fisher_windows, batch_size, seed)
     levels = levels_around(target)
     curve_rows = curves(model, adapter, kernel, stats, grads, levels, options)
-    candidates = {"search": solve(curve_rows, levels, params, target),
+    candidates = {"search": water_fill(curve_rows, levels, params, target),
                   "uniform": uniform_map(len(params), target)}
     if seed_map is not None:
         candidates["seed"] = seed_map
@@ -235,9 +237,10 @@ def search(model: nn.Module, adapter: Adapter, kernel, stats: list[dict[tuple[st
         start = best[0]
         shipped = final is not None and validation is not None
         if shipped:  # refine the model the run ships: the start pruned as planned, with the statistics it saw
-            kept = [dict(row) for row in stats]  # (kernels without statistics keep none: the dense ones stand in)
+            # (kernels without statistics record none: the dense ones stand in)
+            seen = [dict(row) for row in stats]
             del best
-            stats, start_kl = kept, scorer.reset(final(candidates[start], kept))
+            stats, start_kl = seen, scorer.reset(final(candidates[start], seen))
             check = refine.fitness(model, adapter, validation, 1)
             judged = {start: check.reset(scorer.model)}
         else:

@@ -14,7 +14,8 @@ import torch
 class InputStats:
     def __init__(self, dim: int, device: torch.device, hessian: bool):
         self.tokens = 0
-        self.sq = torch.zeros(dim, dtype=torch.float32, device=device)  # always: norms alike with or without H
+        # always: norms alike with or without H
+        self.sq = torch.zeros(dim, dtype=torch.float32, device=device)
         self.xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if hessian else None
         # what kernels derive from these statistics (SparseGPT's factor of H⁻¹, ALPS's eigendecomposition of
         # the normalised H), kept so that pruning the same group again (the search tries many sparsities)

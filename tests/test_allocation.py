@@ -87,7 +87,8 @@ def test_degenerate_profiles_fall_back_to_uniform(caplog):
 
 
 def test_owl_structure_picks_n_per_layer_as_the_reference():
-    # c = minmax(LOD)·λ = [0, .8, .4, 2] (λ=2), minus its mean .8 -> [-.8, 0, -.4, 1.2] -> round -> [-1, 0, 0, 1]
+    # c = minmax(LOD)·λ = [0, .8, .4, 2] (λ=2), minus its mean .8 -> [-.8, 0, -.4, 1.2] -> round
+    # -> [-1, 0, 0, 1]
     assert A.owl_nm(LAYER, 5, 8, 2.0) == [(6, 8), (5, 8), (5, 8), (4, 8)]
 
 
@@ -142,7 +143,8 @@ def test_allocation_file_nm_must_match_the_sparsity_type(tmp_path):
 def test_layer_profile_counts_scores_above_m_times_mean():
     norms = {p: torch.ones(4) for p in PROJECTIONS}
     weights = {p: torch.ones(2, 4) for p in PROJECTIONS}
-    weights["q"] = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 30.0]])  # mean 4.625: one score > 3×mean
+    # mean 4.625: one score > 3×mean
+    weights["q"] = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 30.0]])
     ratios, layer = layer_profile(weights, norms, 3.0)
     assert ratios["q"] == pytest.approx(100 / 8)
     assert ratios["k"] == 0.0

@@ -63,7 +63,8 @@ def old_guarded_alps(W: torch.Tensor, stats, sparsity: float, cg_iters: int) -> 
     B, _ = alps.admm(alps.eigen(H), target, B0, keep, W.numel() - pruned, 0.1, 300)
     B, _ = alps.conjugate_gradient(H, target, B, keep(B), cg_iters)
     start_over, _ = alps.conjugate_gradient(H, target, B0, keep(B0), cg_iters)
-    return (start_over if alps.fit(H, B, target) > alps.fit(H, start_over, target) else B) / scale
+    return (start_over if alps.reduced_objective(H, B, target) > alps.reduced_objective(H, start_over, target)
+            else B) / scale
 
 
 def test_when_admm_keeps_the_initial_support_the_guard_skips_its_cg_and_the_result_is_unchanged():
@@ -94,7 +95,8 @@ def test_the_guard_leaves_b_alone_when_the_supports_agree_and_takes_the_better_f
     target = B0 @ H
     segments = [(0, 16, target_count(B0.numel(), 0.5))]
     start = alps.projector(segments, None)(B0)
-    poor = B0 * start * 0.5  # the initial support, badly fitted: a refit would beat it, but nothing is compared
+    # the initial support, badly fitted: a refit would beat it, but nothing is compared
+    poor = B0 * start * 0.5
     B = poor.clone()
     assert alps.guard(H, target, B, B0, start, start, segments, 10) == [] and torch.equal(B, poor)
     other = start.roll(1, dims=1)  # another support with the same budget, as badly fitted

@@ -24,7 +24,8 @@ def expect_usage_error(capsys, argv: list[str], flag: str, *, contains: str = ""
 
 def small_run(model_dir: Path, calib: Path, out: Path, *extra: str) -> list[str]:
     return ["--model", str(model_dir), "--nsamples", "4", "--seqlen", "32", "--calib_dataset", str(calib),
-            "--eval_datasets", str(calib), "--eval_seqlen", "64", "--eval_windows", "2", "--save", str(out), *extra]
+            "--eval_datasets", str(calib), "--eval_seqlen", "64", "--eval_windows", "2", "--save", str(out),
+            *extra]
 
 
 def nothing_written(parent: Path, name: str = "out") -> bool:
@@ -38,7 +39,8 @@ def nothing_written(parent: Path, name: str = "out") -> bool:
     (["--sparsity_type", "2:4", "--sparsity_ratio", "0.6"], "--sparsity_type", "--sparsity_ratio 0.5"),
     (["--sparsity_type", "blocky"], "--sparsity_type", "N:M"),
     (["--sparsity_type", "4:2"], "--sparsity_type", "0 < N < M"),
-    (["--prune_method", "sparsegpt_mosaic", "--sparsity_type", "2:4"], "--sparsity_type", "wanda_owl_structure"),
+    (["--prune_method", "sparsegpt_mosaic", "--sparsity_type", "2:4"], "--sparsity_type",
+     "wanda_owl_structure"),
     (["--prune_method", "wanda_owl_structure", "--sparsity_type", "unstructured"], "--sparsity_type", "N:M"),
     (["--nsamples", "0"], "--nsamples", "> 0"),
     (["--seqlen", "-5"], "--seqlen", "> 0"),
@@ -50,9 +52,11 @@ def nothing_written(parent: Path, name: str = "out") -> bool:
     (["--model", "./no/such/model"], "--model", "does not exist"),
     (["--model", "/tmp/definitely-missing.gguf"], "--model", "does not exist"),
     (["--structured_ratio", "0.2"], "--structured_ratio", "--sparsity_type composite"),
-    (["--prune_method", "wanda", "--sparsity_type", "composite", "--sparsity_ratio", "0.3", "--structured_ratio", "0.5"],
+    (["--prune_method", "wanda", "--sparsity_type", "composite", "--sparsity_ratio", "0.3",
+      "--structured_ratio", "0.5"],
      "--structured_ratio", "[0, --sparsity_ratio 0.3]"),
-    (["--prune_method", "magnitude", "--sparsity_type", "composite"], "--sparsity_type", "Wanda, SparseGPT or ALPS"),
+    (["--prune_method", "magnitude", "--sparsity_type", "composite"], "--sparsity_type",
+     "Wanda, SparseGPT or ALPS"),
     (["--uniform_widths"], "--uniform_widths", "composite"),
     (["--eval_dtype", "int4"], "--eval_dtype", "bfloat16"),
     (["--eval_zero_shot", "boolq,nope", "--offline"], "--eval_zero_shot", "offline tasks are"),
@@ -66,9 +70,10 @@ def test_bad_flags_fail_fast_with_one_line(capsys, tmp_path, argv, flag, contain
 def test_unsupported_architecture(capsys, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    expect_usage_error(capsys, ["--model", str(tmp_path / "gpt2"), "--save", str(tmp_path / "out")], "--model",
-                       contains="not supported")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(
+        tmp_path / "gpt2")
+    expect_usage_error(capsys, ["--model", str(tmp_path / "gpt2"), "--save", str(tmp_path / "out")],
+                       "--model", contains="not supported")
     assert nothing_written(tmp_path)
 
 
@@ -78,7 +83,8 @@ def test_existing_output_needs_overwrite(capsys, tmp_path, tiny_dirs, calib_file
     expect_usage_error(capsys, small_run(tiny_dirs["llama"], calib_file, tmp_path / "out"), "--save",
                        contains="--overwrite")
     assert (tmp_path / "out" / "results.json").read_text() == "{}"  # untouched
-    expect_usage_error(capsys, ["--save_model", str(tmp_path / "out")], "--save_model", contains="--overwrite")
+    expect_usage_error(capsys, ["--save_model", str(tmp_path / "out")], "--save_model",
+                       contains="--overwrite")
 
 
 def test_unreadable_and_too_short_calibration_data(capsys, tmp_path, tiny_dirs, calib_file):
@@ -103,7 +109,8 @@ def test_unreadable_and_too_short_calibration_data(capsys, tmp_path, tiny_dirs, 
 def test_a_run_failing_after_pruning_leaves_no_output(capsys, tmp_path, tiny_dirs, calib_file):
     short = tmp_path / "short.txt"
     short.write_text("A few words only. " * 3)
-    argv = small_run(tiny_dirs["llama"], calib_file, tmp_path / "out", "--save_model", str(tmp_path / "model"))
+    argv = small_run(tiny_dirs["llama"], calib_file, tmp_path / "out", "--save_model",
+                     str(tmp_path / "model"))
     argv[argv.index("--eval_datasets") + 1] = str(short)
     expect_usage_error(capsys, argv, "--eval_datasets", contains="fewer than one window")
     assert nothing_written(tmp_path) and nothing_written(tmp_path, "model")
@@ -121,7 +128,8 @@ def test_allocation_file_for_another_model_is_rejected(capsys, tmp_path, tiny_di
     expect_usage_error(capsys, small_run(tiny_dirs["llama"], calib_file, tmp_path / "out", "--prune_method",
                                          "wanda", "--sparsity_ratio", "0.5", "--allocation_file", str(bad)),
                        "--allocation_file", contains="--sparsity_ratio 0.6")
-    bad.write_text(json.dumps({"target": 0.5, "sparsity": [row] * 2, "nm": [[3, 4], [1, 4]]}))  # N:M per layer
+    # N:M per layer
+    bad.write_text(json.dumps({"target": 0.5, "sparsity": [row] * 2, "nm": [[3, 4], [1, 4]]}))
     expect_usage_error(capsys, small_run(tiny_dirs["llama"], calib_file, tmp_path / "out", "--prune_method",
                                          "wanda", "--sparsity_ratio", "0.5", "--allocation_file", str(bad)),
                        "--allocation_file", contains="--sparsity_type N:4")

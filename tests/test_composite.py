@@ -85,7 +85,8 @@ def test_removing_a_whole_gqa_group_slices_k_and_v_consistently(family):
     g = geometry(adapter, layer)
     full = LayerPlan(list(range(4)), [0, 1], list(range(g.intermediate)))
     restructure(model, adapter, [full, LayerPlan([2, 3], [1], list(range(g.intermediate)))])
-    assert adapter.projection(layer, "k").out_features == d and adapter.projection(layer, "v").out_features == d
+    assert (adapter.projection(layer, "k").out_features == d
+            and adapter.projection(layer, "v").out_features == d)
     assert adapter.attention(layer).num_key_value_groups == 2
     rows = {"q": slice(2 * d, 4 * d), "k": slice(d, 2 * d), "v": slice(d, 2 * d)}
     for p, (w, b) in before.items():
@@ -113,7 +114,8 @@ def test_plan_prefers_low_energy_units_and_hits_the_budget():
     acts = capture(model, adapter, ids(8, 32), 4)
     prof = profile_model(model, adapter, acts, 5.0)
     layers = list(adapter.layers(model))
-    scores = [unit_scores(adapter, layer, prof.norms(i, ("o",)), prof.norms(i, ("down",))) for i, layer in enumerate(layers)]
+    scores = [unit_scores(adapter, layer, prof.norms(i, ("o",)), prof.norms(i, ("down",)))
+              for i, layer in enumerate(layers)]
     full = sum(prof.params[0].values())
     budgets = [(0.3 * full * 0.25, 0.3 * full * 0.75)] * 4
     plans = plan_structure(adapter, layers, scores, budgets, round_to=8)
@@ -122,7 +124,8 @@ def test_plan_prefers_low_energy_units_and_hits_the_budget():
     for s, p in zip(scores, plans):
         assert len(p.channels) % 8 == 0
         dropped = [c for c in range(128) if c not in p.channels]
-        assert max(float(s["channels"][c]) for c in dropped) <= min(float(s["channels"][c]) for c in p.channels)
+        assert (max(float(s["channels"][c]) for c in dropped)
+                <= min(float(s["channels"][c]) for c in p.channels))
     uniform = plan_structure(adapter, layers, scores, budgets, round_to=8, uniform_widths=True)
     assert len({(len(p.heads), len(p.kv_heads), len(p.channels)) for p in uniform}) == 1
 
@@ -141,7 +144,8 @@ def test_composite_checkpoint_reloads_in_a_fresh_process_with_identical_logits(t
     model = tiny_model(family)
     adapter = adapter_for(model)
     g = geometry(adapter, adapter.layers(model)[0])
-    plans = [LayerPlan([0, 2], [0, 1], list(range(0, 128, 2))), LayerPlan([0, 1, 2, 3], [0, 1], list(range(64, 128)))]
+    plans = [LayerPlan([0, 2], [0, 1], list(range(0, 128, 2))),
+             LayerPlan([0, 1, 2, 3], [0, 1], list(range(64, 128)))]
     restructure(model, adapter, plans)
     assert model.config.model_type == f"mosaic_{family}"
     x = ids()
@@ -183,9 +187,11 @@ def test_a_config_that_does_not_match_the_weights_is_a_clear_error(tmp_path, tok
 def test_uniform_widths_give_a_plain_family_checkpoint(tmp_path, tokenizer):
     model = tiny_model("llama")
     adapter = adapter_for(model)
-    restructure(model, adapter, [LayerPlan([0, 2], [0, 1], list(range(64))), LayerPlan([1, 3], [0, 1], list(range(8, 72)))])
+    restructure(model, adapter, [LayerPlan([0, 2], [0, 1], list(range(64))),
+                                 LayerPlan([1, 3], [0, 1], list(range(8, 72)))])
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.model_type == "llama"
-    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.intermediate_size) == (2, 2, 64)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads,
+            model.config.intermediate_size) == (2, 2, 64)
     with atomic_dir(tmp_path / "ckpt") as d:
         save_checkpoint(model, tokenizer, d, {})
     assert not (tmp_path / "ckpt" / "modeling_mosaic.py").exists()

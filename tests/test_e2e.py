@@ -49,7 +49,8 @@ def test_wanda_prunes_smollm2_and_the_checkpoint_is_what_was_evaluated(tmp_path,
 
 def test_sparsegpt_mosaic_hits_the_target_and_reports_the_allocation(tmp_path, dense_ppl):
     out = tmp_path / "run"
-    proc = run_cli("--prune_method", "sparsegpt_mosaic", "--sparsity_ratio", "0.6", *SMALL, "--save", str(out))
+    proc = run_cli("--prune_method", "sparsegpt_mosaic", "--sparsity_ratio", "0.6", *SMALL, "--save",
+                   str(out))
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())
     rows = r["sparsity"]["per_projection"]
@@ -66,8 +67,8 @@ def test_sparsegpt_mosaic_hits_the_target_and_reports_the_allocation(tmp_path, d
 
 def test_zero_shot_on_smollm2(tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("--prune_method", "dense", "--eval_datasets", "none", "--eval_zero_shot", "arc_easy,rte,hellaswag",
-                   "--zs_limit", "8", "--zs_batch_size", "8", "--save", str(out))
+    proc = run_cli("--prune_method", "dense", "--eval_datasets", "none", "--eval_zero_shot",
+                   "arc_easy,rte,hellaswag", "--zs_limit", "8", "--zs_batch_size", "8", "--save", str(out))
     assert proc.returncode == 0, proc.stderr
     z = json.loads((out / "results.json").read_text())["zero_shot"]
     assert set(z["tasks"]) == {"arc_easy", "rte", "hellaswag"} and z["limit"] == 8

@@ -28,8 +28,8 @@ with torch.no_grad():
 
 def logits_in_fresh_process(directory: Path, ids: torch.Tensor, tmp: Path) -> torch.Tensor:
     torch.save(ids, tmp / "ids.pt")
-    subprocess.run([sys.executable, "-c", RELOAD, str(directory), str(tmp / "ids.pt"), str(tmp / "logits.pt")],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-c", RELOAD, str(directory), str(tmp / "ids.pt"),
+                    str(tmp / "logits.pt")], check=True, capture_output=True, timeout=300)
     return torch.load(tmp / "logits.pt")
 
 
@@ -52,8 +52,8 @@ def test_pruned_checkpoint_reloads_with_identical_logits(tmp_path, tokenizer, fa
 
 def test_cli_run_writes_results_and_a_reloadable_model(tmp_path, tiny_dirs, calib_file):
     out, ckpt = tmp_path / "run", tmp_path / "run" / "model"
-    proc = run_cli("--model", str(tiny_dirs["mistral"]), "--prune_method", "wanda", "--sparsity_ratio", "0.45",
-                   "--nsamples", "8", "--seqlen", "64", "--calib_dataset", str(calib_file),
+    proc = run_cli("--model", str(tiny_dirs["mistral"]), "--prune_method", "wanda", "--sparsity_ratio",
+                   "0.45", "--nsamples", "8", "--seqlen", "64", "--calib_dataset", str(calib_file),
                    "--eval_datasets", str(calib_file), "--eval_seqlen", "128", "--eval_windows", "3",
                    "--save", str(out), "--save_model", str(ckpt))
     assert proc.returncode == 0, proc.stderr
@@ -69,7 +69,8 @@ def test_cli_run_writes_results_and_a_reloadable_model(tmp_path, tiny_dirs, cali
     assert results["checkpoint"]["safetensors_bytes"] > 0
     assert (out / "summary.txt").read_text().startswith("Mosaic")
     manifest = json.loads((ckpt / "mosaic.json").read_text())
-    assert manifest["method"] == "wanda" and manifest["sparsity"]["achieved"] == results["sparsity"]["achieved"]
+    assert (manifest["method"] == "wanda"
+            and manifest["sparsity"]["achieved"] == results["sparsity"]["achieved"])
     # the checkpoint holds exactly the achieved zeros
     from transformers import AutoModelForCausalLM
 

@@ -1,7 +1,7 @@
 """The fit check: whether the whole model goes to the compute device counts the calibration working set
 (layer inputs/outputs, every batch's paused MLP intermediate, Hessians, the kernel's matrices) and the
-allocation search's scorers with the weights; the host decision (--offload auto) counts the same; hand-computed
-numbers for the tiny config, and place() on CPU leaves the model alone."""
+allocation search's scorers with the weights; the host decision (--offload auto) counts the same;
+hand-computed numbers for the tiny config, and place() on CPU leaves the model alone."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def test_activations_by_hand():
     n = need(kernel="wanda", stats="norms")
     tokens, batch = 8 * 48, 3 * 48
     assert n == {"weights": WEIGHTS, "layer_io": 2 * tokens * 64 * 4, "paused": tokens * 128 * 4,
-                 "batch_temp": 3 * batch * 128 * 4, "layer_copy": 0, "hessian": 0, "kernel": 0, "reconstruct": 0,
-                 "search_reference": 0, "search_inputs": 0, "search_copies": 0, "search_hessians": 0}
+                 "batch_temp": 3 * batch * 128 * 4, "layer_copy": 0, "hessian": 0, "kernel": 0,
+                 "reconstruct": 0, "search_reference": 0, "search_inputs": 0, "search_copies": 0,
+                 "search_hessians": 0}
     assert n["layer_io"] == 196608 and n["paused"] == 196608 and n["batch_temp"] == 221184
 
 
@@ -39,35 +40,43 @@ def test_reconstruction_counts_the_dense_stream_and_one_steps_autograd_by_hand()
     layer = 128 * 64 + 64 * 64 + 256 * 64 + 64 * 128
     autograd = step * (12 * 64 + 4 * 128) * 4
     layer_wise = need(reconstruct="layer", reconstruct_batch=4)["reconstruct"]
-    assert layer_wise == 3 * tokens * 64 * 4 + autograd + 3 * layer * 4  # dense inputs, targets, pruned inputs
-    assert need(reconstruct="sublayer", reconstruct_batch=4)["reconstruct"] == layer_wise + tokens * 64 * 4  # + mids
+    # dense inputs, targets, pruned inputs
+    assert layer_wise == 3 * tokens * 64 * 4 + autograd + 3 * layer * 4
+    # + mids
+    assert need(reconstruct="sublayer", reconstruct_batch=4)["reconstruct"] == layer_wise + tokens * 64 * 4
 
 
 def test_the_search_counts_its_reference_distributions_inputs_copies_and_hessians_by_hand():
-    """refine.Fitness holds p [tokens, vocab] fp32 per scored window (held out, and validation when it refines),
-    each layer's inputs (on the held-out windows also a candidate's), two pruned copies and the dense Hessians."""
+    """refine.Fitness holds p [tokens, vocab] fp32 per scored window (held out, and validation when it
+    refines), each layer's inputs (on the held-out windows also a candidate's), two pruned copies and the
+    dense Hessians."""
     refining = need(kernel="sparsegpt", stats="hessian", search_windows=4, search_validation=True)
     scored, layer_inputs = 4 + 4, 3 * 48 * 64 * 4  # held out + validation; 2 layers + the final hidden
     assert refining["search_reference"] == scored * 48 * 512 * 4 == 786432
     assert refining["search_inputs"] == (scored + 4) * layer_inputs
     assert refining["search_copies"] == 2 * WEIGHTS
     assert refining["search_hessians"] == 2 * (3 * 64 * 64 + 128 * 128) * 4  # every layer's four groups
-    curve_only = need(kernel="sparsegpt", stats="hessian", search_windows=4)  # --search_budget 0: no validation
-    assert curve_only["search_reference"] == 4 * 48 * 512 * 4 and curve_only["search_inputs"] == 8 * layer_inputs
+    # --search_budget 0: no validation
+    curve_only = need(kernel="sparsegpt", stats="hessian", search_windows=4)
+    assert (curve_only["search_reference"] == 4 * 48 * 512 * 4
+            and curve_only["search_inputs"] == 8 * layer_inputs)
     plain = need(kernel="sparsegpt", stats="hessian")  # the calibration pass's parts do not change
     assert all(refining[k] == v for k, v in plain.items() if not k.startswith("search"))
-    one = device_need(tiny_config("llama"), WEIGHTS, Workload(nsamples=8, seqlen=48, batch_size=3, search_windows=4),
-                      torch.float32, one_batch=True)  # layers come to the device one at a time: the search stays home
+    # layers come to the device one at a time: the search stays home
+    one = device_need(tiny_config("llama"), WEIGHTS,
+                      Workload(nsamples=8, seqlen=48, batch_size=3, search_windows=4), torch.float32,
+                      one_batch=True)
     assert not any(v for k, v in one.items() if k.startswith("search"))
     config = tiny_config("llama")
     config.vocab_size, config.max_position_embeddings = 128256, 2048
-    big = device_need(config, WEIGHTS, Workload(nsamples=8, seqlen=2048, batch_size=8, search_windows=8), torch.float32)
+    big = device_need(config, WEIGHTS, Workload(nsamples=8, seqlen=2048, batch_size=8, search_windows=8),
+                      torch.float32)
     assert big["search_reference"] == 8 * 2048 * 128256 * 4 and 7.8 < big["search_reference"] / 2**30 < 7.9
 
 
 def test_the_host_decision_counts_the_device_working_set():
-    """On CPU the host is the compute device: --offload auto counts exactly what place() counts; with a GPU the
-    host-side parts (weights, every batch's activations, reconstruction streams, the search)."""
+    """On CPU the host is the compute device: --offload auto counts exactly what place() counts; with a GPU
+    the host-side parts (weights, every batch's activations, reconstruction streams, the search)."""
     config, work = tiny_config("llama"), Workload(nsamples=8, seqlen=48, batch_size=3, kernel="sparsegpt",
                                                   stats="hessian", search_windows=4, search_validation=True)
     full = device_need(config, WEIGHTS, work, torch.float32)
@@ -114,19 +123,21 @@ def test_place_counts_the_working_set(monkeypatch, caplog, free_mib, moved):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert weights < 0.8 * 2 * 2**20
     with caplog.at_level(logging.WARNING, logger="mosaic.load"):
-        place(model, torch.device("cuda"), work=Workload(nsamples=256, seqlen=128, batch_size=8, kernel="alps",
-                                                         stats="hessian"))
+        place(model, torch.device("cuda"),
+              work=Workload(nsamples=256, seqlen=128, batch_size=8, kernel="alps", stats="hessian"))
     assert (calls == [torch.device("cuda")]) == moved
     assert model.compute_device == torch.device("cuda")
-    assert ("layer_io" in caplog.text and "paused" in caplog.text and "one layer at a time" in caplog.text) != moved
+    assert ("layer_io" in caplog.text and "paused" in caplog.text
+            and "one layer at a time" in caplog.text) != moved
 
 
 def test_one_layer_at_a_time_counts_one_batch_whatever_nsamples():
     """Layer by layer from the host, sequential mode keeps one batch on the device (calibrate's one_batch
     path): the activation terms are one batch's, flat in nsamples; dense mode still holds every batch."""
     few, many = (need(nsamples=n, kernel="sparsegpt", stats="hessian") for n in (8, 800))
-    one_few, one_many = (device_need(tiny_config("llama"), WEIGHTS, Workload(nsamples=n, seqlen=48, batch_size=3),
-                                     torch.float32, one_batch=True) for n in (8, 800))
+    one_few, one_many = (device_need(tiny_config("llama"), WEIGHTS,
+                                     Workload(nsamples=n, seqlen=48, batch_size=3), torch.float32,
+                                     one_batch=True) for n in (8, 800))
     assert one_few == one_many
     assert one_few["layer_io"] == 2 * 3 * 48 * 64 * 4 and one_few["paused"] == 3 * 48 * 128 * 4
     assert many["layer_io"] == 100 * few["layer_io"]

@@ -31,8 +31,8 @@ CASES = {
     "sparsegpt": dict(prune_method="sparsegpt"),
     "sparsegpt_mosaic": dict(prune_method="sparsegpt_mosaic", sparsity_ratio=0.6),
     "sparsegpt_2:4": dict(prune_method="sparsegpt", sparsity_type="2:4"),
-    "sparsegpt_composite": dict(prune_method="sparsegpt_mosaic", sparsity_type="composite", sparsity_ratio=0.6,
-                                structured_ratio=0.3),
+    "sparsegpt_composite": dict(prune_method="sparsegpt_mosaic", sparsity_type="composite",
+                                sparsity_ratio=0.6, structured_ratio=0.3),
     "alps": dict(prune_method="alps", sparsity_ratio=0.7, alps_max_iter=12),
     "magnitude_mosaic_streamed": dict(prune_method="magnitude_mosaic", offload="disk"),
     "wanda_streamed": dict(prune_method="wanda", offload="disk"),
@@ -49,7 +49,8 @@ def fingerprint() -> str:
         key, _, value = line.partition(":")
         if key.strip() in ("model name", "flags") and key.strip() not in info:
             info[key.strip()] = value.strip()
-    info.update(torch=torch.__version__, transformers=transformers.__version__, threads=torch.get_num_threads())
+    info.update(torch=torch.__version__, transformers=transformers.__version__,
+                threads=torch.get_num_threads())
     return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
 
 

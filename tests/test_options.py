@@ -12,7 +12,7 @@ from conftest import run_cli
 
 from mosaic.cli import build_parser
 from mosaic.errors import OptionError
-from mosaic.pipeline import Options, kernel_options, validate
+from mosaic.options import Options, kernel_options, validate
 from mosaic.prune import KERNELS
 from mosaic.stats import InputStats
 
@@ -65,6 +65,22 @@ def test_a_kernel_rejects_an_option_it_does_not_take_and_the_run_passes_only_its
     assert kernel_options(opts, KERNELS["sparsegpt"]) == {"blocksize": 64, "percdamp": 0.01}
     assert kernel_options(opts, KERNELS["wanda"]) == {}
     assert kernel_options(opts, KERNELS["alps"])["alps_max_iter"] == 7
+
+
+def test_the_engine_refuses_a_misspelt_kernel_option_before_pruning_any_layer():
+    """Through the Python API too: the registry knows each kernel's options (a typo never reaches layer 0)."""
+    from conftest import tiny_model
+
+    from mosaic.adapter import adapter_for
+    from mosaic.prune import prune_model, uniform_map
+
+    model = tiny_model("llama")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(TypeError, match="sparsegpt takes no option blocksiz"):
+        prune_model(model, adapter_for(model), KERNELS["sparsegpt"], uniform_map(2, 0.5), [None, None], None,
+                    mode="sequential", compute=torch.device("cpu"), calib_dtype=torch.float32,
+                    options={"blocksiz": 64})
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_the_cli_states_the_defaults_the_code_uses():

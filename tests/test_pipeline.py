@@ -39,8 +39,8 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("stats", ["sequential", "dense"])
 @pytest.mark.parametrize("kernel", ["wanda", "sparsegpt", "alps"])
-def test_the_same_map_gives_bit_identical_weights_whichever_method_name_applies_it(tmp_path, tiny_dirs, calib_file,
-                                                                                   kernel, stats):
+def test_the_same_map_gives_bit_identical_weights_whichever_method_name_applies_it(
+        tmp_path, tiny_dirs, calib_file, kernel, stats):
     """{kernel}_mosaic writes its map; {kernel} applying that file must give the very same model, and so
     must {kernel}_mosaic with λ = 0 and plain {kernel} (both uniform). The statistics source follows the
     knob in every case."""
@@ -56,8 +56,8 @@ def test_the_same_map_gives_bit_identical_weights_whichever_method_name_applies_
 
     run(small(model, calib_file, prune_method=kernel, sparsity_ratio=S, calib_stats=stats,
               save_model=str(tmp_path / "uniform")))
-    run(small(model, calib_file, prune_method=f"{kernel}_mosaic", sparsity_ratio=S, calib_stats=stats, Lamda=0.0,
-              save_model=str(tmp_path / "lamda0")))
+    run(small(model, calib_file, prune_method=f"{kernel}_mosaic", sparsity_ratio=S, calib_stats=stats,
+              Lamda=0.0, save_model=str(tmp_path / "lamda0")))
     assert_same_weights(tmp_path / "uniform", tmp_path / "lamda0")
     assert not torch.equal(weights(tmp_path / "uniform")["model.layers.1.mlp.up_proj.weight"],
                            weights(tmp_path / "file")["model.layers.1.mlp.up_proj.weight"])
@@ -71,8 +71,8 @@ def test_the_statistics_source_is_what_prunes_the_weights(tmp_path, tiny_dirs, c
     results = {}
     for stats in ("sequential", "dense"):
         out = tmp_path / stats
-        results[stats] = run(small(model, calib_file, prune_method=kernel, sparsity_ratio=0.5, calib_stats=stats,
-                                   true_sequential=False, save_model=str(out)))
+        results[stats] = run(small(model, calib_file, prune_method=kernel, sparsity_ratio=0.5,
+                                   calib_stats=stats, true_sequential=False, save_model=str(out)))
     assert results["dense"]["settings"]["mode"] == "dense"
     assert results["sequential"]["settings"]["mode"] == "reference"
     seq, dense = weights(tmp_path / "sequential"), weights(tmp_path / "dense")
@@ -82,7 +82,8 @@ def test_the_statistics_source_is_what_prunes_the_weights(tmp_path, tiny_dirs, c
                 assert torch.equal(seq[name], dense[name]), name
             else:
                 assert torch.allclose(seq[name], dense[name], atol=1e-5), name
-    assert not torch.equal(seq["model.layers.1.self_attn.q_proj.weight"], dense["model.layers.1.self_attn.q_proj.weight"])
+    assert not torch.equal(seq["model.layers.1.self_attn.q_proj.weight"],
+                           dense["model.layers.1.self_attn.q_proj.weight"])
 
 
 def test_sparsity_zero_computes_no_statistics(tiny_dirs, calib_file):
@@ -100,7 +101,8 @@ def test_magnitude_reports_no_engine_mode_and_phases_do_not_double_count(tiny_di
     assert r["settings"]["calib_stats"] == "sequential" and r["settings"]["mode"] == "sequential"
 
 
-def test_owl_structure_defaults_do_something_and_a_uniform_plan_warns(tiny_dirs, calib_file, tmp_path, caplog):
+def test_owl_structure_defaults_do_something_and_a_uniform_plan_warns(tiny_dirs, calib_file, tmp_path,
+                                                                       caplog):
     base = dict(prune_method="wanda_owl_structure", sparsity_type="5:8", sparsity_ratio=0.625)
     model = tiny_dirs["llama"]
     r = run(small(model, calib_file, **base, Hyper_m=1.5))  # tiny random models have few outliers
@@ -129,7 +131,8 @@ def test_nan_weights_are_refused_naming_the_tensor(tmp_path, tiny_dirs, calib_fi
     rc = main(["--model", str(tmp_path / "bad"), "--calib_dataset", str(calib_file), "--nsamples", "2",
                "--seqlen", "32", "--eval_datasets", "none", "--save", str(tmp_path / "out")], prog="main.py")
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert rc == 2 and err.startswith("main.py: error: --model: weight model.layers.1.mlp.up_proj.weight holds NaN")
+    assert rc == 2 and err.startswith("main.py: error: --model: weight model.layers.1.mlp.up_proj.weight "
+                                      "holds NaN")
     assert not (tmp_path / "out").exists()
 
 
@@ -148,8 +151,9 @@ def test_unwritable_output_is_refused_before_any_work(capsys, tmp_path):
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
+    # /proc: not even root writes
     for argv, flag in ((["--save", str(blocker / "out")], "--save"),
-                       (["--save_model", "/proc/mosaic-test/model"], "--save_model")):  # /proc: not even root writes
+                       (["--save_model", "/proc/mosaic-test/model"], "--save_model")):
         rc = main(["--prune_method", "dense", *argv], prog="main.py")
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert rc == 2 and err.startswith(f"main.py: error: {flag}: "), err
@@ -179,10 +183,10 @@ def long_text(tmp_path: Path, calib_file: Path) -> Path:
 
 def test_ctrl_c_during_evaluation_keeps_a_loadable_checkpoint(tmp_path, tiny_dirs, calib_file):
     out, ckpt = tmp_path / "run", tmp_path / "model"
-    cmd = [sys.executable, str(ROOT / "main.py"), "--model", str(tiny_dirs["llama"]), "--prune_method", "sparsegpt",
-           "--sparsity_ratio", "0.5", "--nsamples", "4", "--seqlen", "32", "--calib_dataset", str(calib_file),
-           "--eval_datasets", f"{calib_file},{long_text(tmp_path, calib_file)}", "--eval_seqlen", "128",
-           "--save", str(out), "--save_model", str(ckpt)]
+    cmd = [sys.executable, str(ROOT / "main.py"), "--model", str(tiny_dirs["llama"]), "--prune_method",
+           "sparsegpt", "--sparsity_ratio", "0.5", "--nsamples", "4", "--seqlen", "32", "--calib_dataset",
+           str(calib_file), "--eval_datasets", f"{calib_file},{long_text(tmp_path, calib_file)}",
+           "--eval_seqlen", "128", "--save", str(out), "--save_model", str(ckpt)]
     # SIGINT back to default in the child: a test run started in the background (`cmd &`) ignores SIGINT,
     # and an ignored signal is inherited, so Python would never raise KeyboardInterrupt
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
@@ -204,9 +208,11 @@ def test_ctrl_c_during_evaluation_keeps_a_loadable_checkpoint(tmp_path, tiny_dir
     assert r["evaluation"]["status"] == "interrupted"
     assert list(r["perplexity"]) == [str(calib_file)]  # what finished is kept
     assert math.isfinite(r["perplexity"][str(calib_file)]["ppl"])
-    check = ("import sys; from transformers import AutoModelForCausalLM as A; m = A.from_pretrained(sys.argv[1]); "
+    check = ("import sys; from transformers import AutoModelForCausalLM as A; "
+             "m = A.from_pretrained(sys.argv[1]); "
              "w = m.model.layers[0].self_attn.q_proj.weight; print(int((w == 0).sum()), w.numel())")
-    done = subprocess.run([sys.executable, "-c", check, str(ckpt)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", check, str(ckpt)], capture_output=True, text=True,
+                          timeout=300)
     zeros, numel = map(int, done.stdout.split())
     assert zeros == numel // 2
 
@@ -215,10 +221,11 @@ def test_a_failed_evaluation_keeps_the_checkpoint_and_says_so_in_one_line(tmp_pa
     """The zero-shot data cannot be written (under /proc, which not even root may write): the zero-shot part
     fails after perplexity is done."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "main.py"), "--model", str(tiny_dirs["llama"]), "--prune_method", "wanda",
-           "--nsamples", "4", "--seqlen", "32", "--calib_dataset", str(calib_file), "--eval_datasets", str(calib_file),
-           "--eval_seqlen", "64", "--eval_windows", "2", "--eval_zero_shot", "arc_easy", "--zs_limit", "2", "--offline",
-           "--save", str(out), "--save_model", str(out / "model")]
+    cmd = [sys.executable, str(ROOT / "main.py"), "--model", str(tiny_dirs["llama"]), "--prune_method",
+           "wanda", "--nsamples", "4", "--seqlen", "32", "--calib_dataset", str(calib_file),
+           "--eval_datasets", str(calib_file), "--eval_seqlen", "64", "--eval_windows", "2",
+           "--eval_zero_shot", "arc_easy", "--zs_limit", "2", "--offline", "--save", str(out),
+           "--save_model", str(out / "model")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "MOSAIC_ZS_DATA": "/proc/mosaic-test/zs"})
     assert proc.returncode == 1, proc.stderr

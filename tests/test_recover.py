@@ -26,8 +26,8 @@ def windows(n: int = 8, length: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 512, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def pruned(family: str, spec: recover.ReconstructSpec | None, *, kernel: str = "sparsegpt", mode: str = "sequential",
-           nm=None, sparsity: float = 0.6):
+def pruned(family: str, spec: recover.ReconstructSpec | None, *, kernel: str = "sparsegpt",
+           mode: str = "sequential", nm=None, sparsity: float = 0.6):
     model = tiny_model(family, layers=LAYERS)
     adapter = adapter_for(model)
     recovery = recover.Reconstruction(adapter, spec) if spec is not None else None
@@ -61,7 +61,8 @@ def test_reconstruction_lowers_each_layers_error_and_the_models_kl(family, granu
     rows = recovery.layers
     assert [r["layer"] for r in rows] == list(range(LAYERS))
     assert all(r["error_after"] <= r["error_before"] for r in rows)
-    assert sum(r["error_after"] < 0.95 * r["error_before"] for r in rows) >= 2  # a real improvement, not noise
+    # a real improvement, not noise
+    assert sum(r["error_after"] < 0.95 * r["error_before"] for r in rows) >= 2
     dense = tiny_model(family, layers=LAYERS)
     held_out = windows(4, 32, seed=7)  # not the calibration windows
     assert kl_to_dense(tuned, dense, held_out) < kl_to_dense(plain, dense, held_out)
@@ -91,7 +92,8 @@ def nonzero_sets(model) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def checked_tune(monkeypatch):
-    """Wraps the engine's reconstruction step: the nonzeros the kernel left must be exactly those after tuning."""
+    """Wraps the engine's reconstruction step: the nonzeros the kernel left must be exactly those after
+    tuning."""
     calls = []
     original = recover.Reconstruction.tune
 
@@ -114,14 +116,15 @@ def small(model_dir, calib, **kw) -> Options:
 
 @pytest.mark.parametrize("kind", ["unstructured", "2:4", "composite"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_zeros_stay_zeros_through_reconstruction_and_distillation(tmp_path, tiny_dirs, calib_file, checked_tune,
-                                                                   family, kind):
+def test_zeros_stay_zeros_through_reconstruction_and_distillation(tmp_path, tiny_dirs, calib_file,
+                                                                   checked_tune, family, kind):
     kw = dict(prune_method="sparsegpt", sparsity_ratio=0.5, sparsity_type=kind)
     if kind == "composite":
         kw.update(prune_method="sparsegpt_mosaic", structured_ratio=0.25)
     plain = run(small(tiny_dirs[family], calib_file, save_model=str(tmp_path / "plain"), **kw))
-    recovered = run(small(tiny_dirs[family], calib_file, save_model=str(tmp_path / "rec"), reconstruct="sublayer",
-                          reconstruct_steps=4, reconstruct_batch=2, distill_steps=2, distill_windows=4, **kw))
+    recovered = run(small(tiny_dirs[family], calib_file, save_model=str(tmp_path / "rec"),
+                          reconstruct="sublayer", reconstruct_steps=4, reconstruct_batch=2, distill_steps=2,
+                          distill_windows=4, **kw))
     assert len(checked_tune) == 2 and all(checked_tune)  # each layer's nonzeros unchanged by its tuning
     assert recovered["recovery"]["reconstruct"]["tuned_layers"] >= 1
     # the kernel prunes exact counts whatever its inputs, and composite widths are planned before pruning
@@ -158,7 +161,8 @@ def test_distillation_keeps_the_start_when_no_step_helps():
     student, _ = pruned("llama", None, sparsity=0.7)
     teacher = recover.teacher_copy(tiny_model("llama", layers=LAYERS))
     start = copy.deepcopy(student)
-    report = recover.distill(student, teacher, adapter_for(student), windows(8, 32, seed=1), windows(2, 32, seed=2),
+    report = recover.distill(student, teacher, adapter_for(student), windows(8, 32, seed=1),
+                             windows(2, 32, seed=2),
                              recover.DistillSpec(steps=2, lr=50.0, batch=2, eval_every=1))
     assert report["best_step"] == 0
     assert all(torch.equal(p, q) for p, q in zip(start.parameters(), student.parameters()))
@@ -166,8 +170,8 @@ def test_distillation_keeps_the_start_when_no_step_helps():
 
 def test_a_run_records_per_layer_errors_time_and_a_plot(tmp_path, tiny_dirs, calib_file):
     out = tmp_path / "run"
-    r = run(small(tiny_dirs["llama"], calib_file, prune_method="wanda", reconstruct="layer", reconstruct_steps=3,
-                  save=str(out)))
+    r = run(small(tiny_dirs["llama"], calib_file, prune_method="wanda", reconstruct="layer",
+                  reconstruct_steps=3, save=str(out)))
     rec = r["recovery"]["reconstruct"]
     assert len(rec["layers"]) == 2 and rec["seconds"] > 0 and rec["granularity"] == "layer"
     assert {"error_before", "error_after", "tuned"} <= set(rec["layers"][0])
@@ -176,27 +180,31 @@ def test_a_run_records_per_layer_errors_time_and_a_plot(tmp_path, tiny_dirs, cal
     assert json.loads((out / "results.json").read_text())["recovery"]["reconstruct"]["steps"] == 3
 
 
-@pytest.mark.parametrize("kw", [dict(prune_method="magnitude"), dict(prune_method="wanda", calib_stats="dense"),
+@pytest.mark.parametrize("kw", [dict(prune_method="magnitude"),
+                                dict(prune_method="wanda", calib_stats="dense"),
                                 dict(prune_method="wanda", true_sequential=False)],
                          ids=["magnitude", "wanda-dense", "reference"])
-def test_reconstruction_works_with_kernels_that_read_no_engine_statistics(tmp_path, tiny_dirs, calib_file, kw):
+def test_reconstruction_works_with_kernels_that_read_no_engine_statistics(tmp_path, tiny_dirs, calib_file,
+                                                                          kw):
     plain = run(small(tiny_dirs["qwen2"], calib_file, **kw))
     zero = run(small(tiny_dirs["qwen2"], calib_file, reconstruct="layer", reconstruct_steps=0, **kw))
-    tuned = run(small(tiny_dirs["qwen2"], calib_file, reconstruct="layer", reconstruct_steps=8, reconstruct_lr=1e-3,
-                      **kw))
+    tuned = run(small(tiny_dirs["qwen2"], calib_file, reconstruct="layer", reconstruct_steps=8,
+                      reconstruct_lr=1e-3, **kw))
     assert zero["sparsity"] == plain["sparsity"]
     assert tuned["sparsity"]["zeros"] == plain["sparsity"]["zeros"]
-    assert tuned["recovery"]["reconstruct"]["mean_error_after"] < tuned["recovery"]["reconstruct"]["mean_error_before"]
+    assert (tuned["recovery"]["reconstruct"]["mean_error_after"]
+            < tuned["recovery"]["reconstruct"]["mean_error_before"])
 
 
 @pytest.mark.parametrize("field, value", [
-    ("reconstruct", "everything"), ("reconstruct_steps", -1), ("reconstruct_steps", 2.5), ("reconstruct_lr", 0.0),
-    ("reconstruct_lr", -1e-3), ("reconstruct_lr", math.nan), ("reconstruct_batch", 0), ("distill_steps", -3),
-    ("distill_lr", math.inf), ("distill_windows", 1),
+    ("reconstruct", "everything"), ("reconstruct_steps", -1), ("reconstruct_steps", 2.5),
+    ("reconstruct_lr", 0.0), ("reconstruct_lr", -1e-3), ("reconstruct_lr", math.nan),
+    ("reconstruct_batch", 0), ("distill_steps", -3), ("distill_lr", math.inf), ("distill_windows", 1),
 ])
 def test_bad_recovery_knobs_are_refused_before_any_work(tmp_path, tiny_dirs, calib_file, field, value):
     with pytest.raises(OptionError) as err:
-        run(small(tiny_dirs["llama"], calib_file, save=str(tmp_path / "out"), **{"reconstruct": "layer", field: value}))
+        run(small(tiny_dirs["llama"], calib_file, save=str(tmp_path / "out"),
+                  **{"reconstruct": "layer", field: value}))
     assert err.value.option == field
     assert not (tmp_path / "out").exists()
 
@@ -209,19 +217,21 @@ def test_bad_recovery_knobs_are_refused_before_any_work(tmp_path, tiny_dirs, cal
     (["--reconstruct", "layer", "--prune_method", "sparsegpt", "--calib_stats", "dense"], "--reconstruct"),
 ])
 def test_bad_recovery_flags_are_one_line_errors(tmp_path, tiny_dirs, calib_file, args, flag):
-    proc = run_cli("--model", str(tiny_dirs["llama"]), "--calib_dataset", str(calib_file), "--eval_datasets", "none",
-                   "--nsamples", "4", "--seqlen", "32", "--save_model", str(tmp_path / "m"), *args)
+    proc = run_cli("--model", str(tiny_dirs["llama"]), "--calib_dataset", str(calib_file), "--eval_datasets",
+                   "none", "--nsamples", "4", "--seqlen", "32", "--save_model", str(tmp_path / "m"), *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().count("\n") == 0 and flag in proc.stderr
     assert not (tmp_path / "m").exists()
 
 
-def test_distillation_that_cannot_fit_is_refused_before_any_work(tmp_path, tiny_dirs, calib_file, monkeypatch):
-    from mosaic import stream
+def test_distillation_that_cannot_fit_is_refused_before_any_work(tmp_path, tiny_dirs, calib_file,
+                                                                  monkeypatch):
+    from mosaic import fit
 
-    monkeypatch.setattr(stream, "available_memory", lambda: 1000)
+    monkeypatch.setattr(fit, "available_memory", lambda: 1000)
     with pytest.raises(OptionError, match="GiB") as err:
-        run(small(tiny_dirs["llama"], calib_file, distill_steps=3, offload="none", save=str(tmp_path / "out")))
+        run(small(tiny_dirs["llama"], calib_file, distill_steps=3, offload="none",
+                  save=str(tmp_path / "out")))
     assert err.value.option == "distill_steps"
     assert not (tmp_path / "out").exists()
 
@@ -240,7 +250,8 @@ def sharded(tmp_path_factory, tokenizer):
     return save_sharded(tmp_path_factory.mktemp("sharded-recover"), "qwen2", tokenizer)
 
 
-def test_streamed_reconstruction_equals_in_memory_and_a_killed_run_resumes_to_it(tmp_path, sharded, calib_file):
+def test_streamed_reconstruction_equals_in_memory_and_a_killed_run_resumes_to_it(tmp_path, sharded,
+                                                                                  calib_file):
     """The dense stream is saved with the pruned one after every layer: a run killed after layer 1 and
     resumed writes the very checkpoint (and reconstruction record) of an uninterrupted run, which is the
     in-memory run's."""
@@ -252,10 +263,11 @@ def test_streamed_reconstruction_equals_in_memory_and_a_killed_run_resumes_to_it
     assert_same_checkpoint(tmp_path / "memory", tmp_path / "whole")
 
     out = tmp_path / "resumed"
-    killed = killed_after(1, "--model", str(sharded), "--prune_method", "sparsegpt", "--nsamples", "8", "--seqlen", "48",
-                          "--calib_batch_size", "3", "--calib_dataset", str(calib_file), "--eval_datasets", "none",
-                          "--seed", "1", "--offload", "disk", "--reconstruct", "sublayer", "--reconstruct_steps", "3",
-                          "--reconstruct_batch", "2", "--save_model", str(out))
+    killed = killed_after(1, "--model", str(sharded), "--prune_method", "sparsegpt", "--nsamples", "8",
+                          "--seqlen", "48", "--calib_batch_size", "3", "--calib_dataset", str(calib_file),
+                          "--eval_datasets", "none", "--seed", "1", "--offload", "disk", "--reconstruct",
+                          "sublayer", "--reconstruct_steps", "3", "--reconstruct_batch", "2", "--save_model",
+                          str(out))
     assert killed.returncode == -9, killed.stderr[-2000:]
     state = json.loads((tmp_path / ".resumed.partial" / "stream-state" / "progress.json").read_text())
     assert state["next_layer"] == 2 and state["dense_inputs"] == "dense-00002.pt"
@@ -264,6 +276,7 @@ def test_streamed_reconstruction_equals_in_memory_and_a_killed_run_resumes_to_it
     assert_same_checkpoint(tmp_path / "whole", out)
 
     def record(r):
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in r["recovery"]["reconstruct"]["layers"]]
+        return [{k: v for k, v in row.items() if k != "seconds"}
+                for row in r["recovery"]["reconstruct"]["layers"]]
 
     assert record(resumed) == record(whole) == record(memory) and len(record(whole)) == 3

@@ -25,7 +25,8 @@ def sensitive_model():
 
 
 def params_of(model, adapter):
-    return [{p: q.weight.numel() for p, q in adapter.projections(layer).items()} for layer in adapter.layers(model)]
+    return [{p: q.weight.numel() for p, q in adapter.projections(layer).items()}
+            for layer in adapter.layers(model)]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,8 @@ def test_mutations_move_a_fixed_weight_count_so_the_target_stays_exact():
         assert overall(child, params) == pytest.approx(0.7, abs=1e-12)
         assert all(0.0 <= s <= 0.99 for row in child for s in row.values())
         moved = {(i, p) for i, row in enumerate(child) for p in PROJECTIONS if row[p] != parent[i][p]}
-        assert len(moved) <= 4 and {(i, refine.GROUP_OF[p]) for i, p in moved} <= changed  # (a switch may undo one)
+        # (a switch may undo one)
+        assert len(moved) <= 4 and {(i, refine.GROUP_OF[p]) for i, p in moved} <= changed
         parent = child
 
 
@@ -74,7 +76,8 @@ def test_evolution_never_loses_to_its_start_and_is_reproducible(setting):
     for _ in range(2):
         scorer = refine.fitness(model, adapter, held_out, 2)
         start_kl = scorer.reset(stitched(model, adapter, kernel, stats, start, {}))
-        runs.append(refine.evolve(model, scorer, kernel, stats, start, start_kl, params, 12, seed=3, options={}))
+        runs.append(refine.evolve(model, scorer, kernel, stats, start, start_kl, params, 12, seed=3,
+                                  options={}))
         final_model, cache = scorer.model, scorer.inputs
     a, b = runs
     assert a.sparsity == b.sparsity and a.history == b.history  # same seed, same search
@@ -100,8 +103,8 @@ def test_kept_statistics_reproduce_the_sequential_pruning(setting):
     model, adapter, stats, _ = setting
     kernel, sparsity = KERNELS["sparsegpt"], uniform_map(4, 0.6)
     shipped, kept = copy.deepcopy(model), [{} for _ in range(4)]
-    prune_model(shipped, adapter, kernel, sparsity, [None] * 4, capture(model, adapter, token_batch(8, 48, seed=1), 4),
-                mode="sequential", keep_stats=kept)
+    prune_model(shipped, adapter, kernel, sparsity, [None] * 4,
+                capture(model, adapter, token_batch(8, 48, seed=1), 4), mode="sequential", seen_stats=kept)
     again = stitched(model, adapter, kernel, kept, sparsity, {})
     for p, q in zip(shipped.parameters(), again.parameters()):
         assert torch.equal(p, q)
@@ -132,4 +135,5 @@ def test_evolution_near_zero_and_near_the_cap_skips_offspring_without_a_switch(s
     assert all(0.0 <= s <= 0.99 for row in out.sparsity for s in row.values())
     if target < 0.05:
         assert out.accepted == 0 and out.sparsity == start and out.history == [start_kl] * 6
-        assert all(torch.equal(p, q) for p, q in zip(weights, scorer.model.parameters()))  # nothing was touched
+        # nothing was touched
+        assert all(torch.equal(p, q) for p, q in zip(weights, scorer.model.parameters()))

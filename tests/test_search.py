@@ -14,7 +14,7 @@ from test_pipeline import assert_same_weights, small
 from mosaic.adapter import PROJECTIONS
 from mosaic.allocate import overall
 from mosaic.pipeline import run
-from mosaic.search import solve
+from mosaic.search import water_fill
 
 
 def test_solver_takes_the_cheapest_kl_per_weight_first_and_hits_the_budget_exactly():
@@ -23,10 +23,11 @@ def test_solver_takes_the_cheapest_kl_per_weight_first_and_hits_the_budget_exact
     row = {p: [0.0, 1.0, 2.0] for p in PROJECTIONS}  # linear: 1 per 20 weights
     row["down"] = [0.0, 10.0, 20.0]  # ten times as costly per weight
     row["q"] = [0.0, 0.1, 5.0]  # cheap to 0.5, then dear
-    sparsity = solve([row], levels, params, 0.5)
+    sparsity = water_fill([row], levels, params, 0.5)
     assert overall(sparsity, params) == pytest.approx(0.5, abs=1e-12)
     assert sparsity[0]["down"] == pytest.approx(0.3)  # the dearest keeps the most
-    assert sparsity[0]["q"] == pytest.approx(0.5)  # q's second segment costs 0.245/weight: dearer than the rest's 0.05
+    # q's second segment costs 0.245/weight: dearer than the rest's 0.05
+    assert sparsity[0]["q"] == pytest.approx(0.5)
     rest = [sparsity[0][p] for p in ("k", "v", "o", "gate", "up")]
     assert sum(rest) == pytest.approx(0.5 * 7 - 0.3 - 0.5)
     assert all(0.3 <= s <= 0.7 for s in rest)
@@ -37,7 +38,7 @@ def test_solver_uses_the_convex_hull():
     params = [dict.fromkeys(PROJECTIONS, 100)]
     row = {p: [0.0, 1.0, 2.0] for p in PROJECTIONS}
     row["k"] = [0.0, 3.0, 3.2]  # not convex: the hull goes straight from 0.3 to 0.7 at 8 per unit
-    sparsity = solve([row], levels, params, 0.5)
+    sparsity = water_fill([row], levels, params, 0.5)
     assert overall(sparsity, params) == pytest.approx(0.5, abs=1e-12)
     assert sparsity[0]["k"] == pytest.approx(0.3)  # 8 per 0.4 = 0.2 per weight: dearer than the rest's 0.05
 
@@ -58,7 +59,7 @@ def test_solver_hits_the_target_exactly_for_mixed_sizes_and_clipped_levels(targe
                 steps = torch.rand(len(levels), generator=g).sort().values  # convex-ish, random scale
                 row[p] = (steps.cumsum(0) * float(torch.rand(1, generator=g)) * 10).tolist()
             rows.append(row)
-        sparsity = solve(rows, levels, params, target)
+        sparsity = water_fill(rows, levels, params, target)
         assert overall(sparsity, params) == pytest.approx(target, abs=1e-12)
         assert all(levels[0] <= s <= levels[-1] for row in sparsity for s in row.values())
 
@@ -74,9 +75,10 @@ def test_the_exact_target_is_the_maps_and_the_pruned_count_is_within_half_a_weig
     params = [dict(sizes) for _ in range(6)]
     off = 0
     for _ in range(50):
-        rows = [{p: (torch.rand(len(levels), generator=g).sort().values.cumsum(0) * 10).tolist() for p in PROJECTIONS}
+        rows = [{p: (torch.rand(len(levels), generator=g).sort().values.cumsum(0) * 10).tolist()
+                 for p in PROJECTIONS}
                 for _layer in params]
-        sparsity = solve(rows, levels, params, 0.7)
+        sparsity = water_fill(rows, levels, params, 0.7)
         total = sum(n for row in params for n in row.values())
         assert overall(sparsity, params) == pytest.approx(0.7, abs=1e-12)
         pruned = sum(round(s * params[i][p]) for i, row in enumerate(sparsity) for p, s in row.items())
@@ -98,10 +100,12 @@ def sensitive_dir(tmp_path_factory, tokenizer):
     return d
 
 
-def test_search_spares_the_sensitive_projection_and_never_loses_to_its_start(tmp_path, sensitive_dir, calib_file):
+def test_search_spares_the_sensitive_projection_and_never_loses_to_its_start(tmp_path, sensitive_dir,
+                                                                             calib_file):
     mapped = tmp_path / "map.json"
     r = run(small(sensitive_dir, calib_file, prune_method="sparsegpt_search", sparsity_ratio=0.6,
-                  allocation_file=str(mapped), save_model=str(tmp_path / "search"), save=str(tmp_path / "out")))
+                  allocation_file=str(mapped), save_model=str(tmp_path / "search"),
+                  save=str(tmp_path / "out")))
     doc = json.loads(mapped.read_text())
     sparsity = doc["sparsity"]
     assert sparsity[2]["down"] < min(sparsity[1]["down"], sparsity[3]["down"])  # spared among its siblings
@@ -133,8 +137,9 @@ def test_search_spares_the_sensitive_projection_and_never_loses_to_its_start(tmp
 
 def test_the_profiling_pass_gives_the_search_the_same_hessians_and_then_only_norms():
     """The search takes its dense Hessians from the run's profiling pass instead of a pass of its own: the
-    very same numbers; its norms (Wanda's, the outlier ratios') are those of a pass without Hessians, bit for bit,
-    so a map found by the search re-applies to the same model (--allocation_file, --calib_stats dense)."""
+    very same numbers; its norms (Wanda's, the outlier ratios') are those of a pass without Hessians, bit for
+    bit, so a map found by the search re-applies to the same model (--allocation_file, --calib_stats
+    dense)."""
     from test_engine import token_batch
 
     from mosaic.adapter import adapter_for
@@ -179,7 +184,8 @@ def test_held_out_windows_share_no_token_with_the_statistics_windows_or_each_oth
         for j in range(n + k):
             if j != i:
                 assert not ranges[i] & ranges[j], (i, j)
-    assert window_starts(3 * seqlen, 2, 8, seqlen, random.Random(0)) is None  # no room: refused, not overlapped
+    # no room: refused, not overlapped
+    assert window_starts(3 * seqlen, 2, 8, seqlen, random.Random(0)) is None
 
 
 def test_held_out_document_windows_never_reuse_a_document(tokenizer):
@@ -188,7 +194,8 @@ def test_held_out_document_windows_never_reuse_a_document(tokenizer):
     from mosaic.data import Text, _document_windows
 
     letters = "abcdefghijklmnopqrstuvwxyz"
-    docs = [(c * 3 + " ") * 120 for c in letters]  # one letter per document: a window tells which it came from
+    # one letter per document: a window tells which it came from
+    docs = [(c * 3 + " ") * 120 for c in letters]
     windows = _document_windows(tokenizer, Text("docs", docs, documents=True), 12, 10, 32, random.Random(0),
                                 "calib_dataset")
     sources = [set(tokenizer.decode(w)) - {" "} for w in windows]

@@ -31,7 +31,8 @@ def save_sharded(d: Path, family: str, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory, tokenizer) -> Path:
-    """A tiny LLaMA (tied embeddings) in several shards with an index, as save_pretrained writes big models."""
+    """A tiny LLaMA (tied embeddings) in several shards with an index, as save_pretrained writes big
+    models."""
     return save_sharded(tmp_path_factory.mktemp("sharded-llama"), "llama", tokenizer)
 
 
@@ -65,13 +66,15 @@ def options(model: Path, calib: Path, out: Path, **kw) -> Options:
     dict(prune_method="wanda_owl"), dict(prune_method="sparsegpt_mosaic", sparsity_ratio=0.6),
     dict(prune_method="wanda", calib_stats="dense"), dict(prune_method="sparsegpt", calib_stats="dense"),
     dict(prune_method="sparsegpt", sparsity_type="2:4"), dict(prune_method="wanda", true_sequential=False),
-    dict(prune_method="alps_mosaic", sparsity_ratio=0.7, alps_max_iter=12),  # a non-default knob reaches both paths
+    # a non-default knob reaches both paths
+    dict(prune_method="alps_mosaic", sparsity_ratio=0.7, alps_max_iter=12),
 ], ids=lambda kw: "-".join(str(v) for v in kw.values()))
 def test_streamed_checkpoint_is_bit_identical_to_the_in_memory_one(tmp_path, sharded, calib_file, kw):
     memory = run(options(sharded, calib_file, tmp_path / "memory", offload="none", **kw))
     streamed = run(options(sharded, calib_file, tmp_path / "streamed", offload="disk", **kw))
     assert "streaming" not in memory
-    assert streamed["streaming"]["peak_layers_in_memory"] == 1  # the streamed path was taken, one layer at a time
+    # the streamed path was taken, one layer at a time
+    assert streamed["streaming"]["peak_layers_in_memory"] == 1
     out = tmp_path / "streamed"
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert len(shards) == LAYERS + 2 and (out / "model.safetensors.index.json").is_file()
@@ -91,7 +94,8 @@ def test_a_dense_streamed_run_copies_the_model_through(tmp_path, sharded, calib_
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])  # tied head; untied head; q/k/v biases
-def test_the_streamed_checkpoint_loads_and_evaluates_like_the_in_memory_one(tmp_path, tokenizer, calib_file, family):
+def test_the_streamed_checkpoint_loads_and_evaluates_like_the_in_memory_one(tmp_path, tokenizer, calib_file,
+                                                                            family):
     from transformers import AutoModelForCausalLM
 
     sharded = save_sharded(tmp_path / "model", family, tokenizer)
@@ -101,14 +105,15 @@ def test_the_streamed_checkpoint_loads_and_evaluates_like_the_in_memory_one(tmp_
     name = str(calib_file)
     assert streamed["perplexity"][name] == memory["perplexity"][name]
     ids = torch.randint(0, 512, (2, 32))
-    logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d).eval()(ids).logits for d in ("memory", "streamed")]
+    logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d).eval()(ids).logits
+              for d in ("memory", "streamed")]
     assert torch.equal(*logits)
     assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
 # the CLI in a fresh process that SIGKILLs itself once layer argv[1] is saved: a real kill, reached through
@@ -128,8 +133,8 @@ sys.exit(main(sys.argv[2:], prog="main.py"))
 
 
 def killed_after(layer: int, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", KILL_AFTER, str(layer), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run([sys.executable, "-c", KILL_AFTER, str(layer), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def test_a_run_killed_after_a_layer_resumes_to_the_same_checkpoint_bit_for_bit(tmp_path, sharded, calib_file):
@@ -154,16 +159,17 @@ def test_a_run_killed_after_a_layer_resumes_to_the_same_checkpoint_bit_for_bit(t
     assert results["streaming"]["resumed_from_layer"] == 2
     assert not partial.exists()
     assert_same_checkpoint(tmp_path / "whole", out)
-    whole_results = run(options(sharded, calib_file, tmp_path / "memory", prune_method="sparsegpt", offload="none"))
+    whole_results = run(options(sharded, calib_file, tmp_path / "memory", prune_method="sparsegpt",
+                                offload="none"))
     assert results["sparsity"] == whole_results["sparsity"]
     assert results["parameters"] == whole_results["parameters"]
 
 
 def test_resume_refuses_a_partial_run_with_other_settings(tmp_path, sharded, calib_file):
     out = tmp_path / "out"
-    killed = killed_after(0, "--model", str(sharded), "--prune_method", "wanda", "--nsamples", "4", "--seqlen", "32",
-                          "--calib_dataset", str(calib_file), "--eval_datasets", "none", "--offload", "disk",
-                          "--save_model", str(out))
+    killed = killed_after(0, "--model", str(sharded), "--prune_method", "wanda", "--nsamples", "4",
+                          "--seqlen", "32", "--calib_dataset", str(calib_file), "--eval_datasets", "none",
+                          "--offload", "disk", "--save_model", str(out))
     assert killed.returncode == -9
     again = _cli("--model", str(sharded), "--prune_method", "wanda", "--nsamples", "4", "--seqlen", "32",
                  "--calib_dataset", str(calib_file), "--eval_datasets", "none", "--offload", "disk",
@@ -185,7 +191,7 @@ def test_offload_auto_counts_the_whole_working_set(tmp_path, sharded, calib_file
     """SparseGPT on 8 × 48 windows: the weights and every batch's layer inputs and outputs (the old estimate,
     0.77 MB) fit 1 MB; with the paused MLP intermediates, one batch's temporaries, the Hessian and the
     kernel's matrices (fit.device_need, 1.43 MB) they do not, so --offload auto streams."""
-    from mosaic.stream import ShardSource
+    from mosaic.shards import ShardSource
 
     weights = ShardSource(sharded).nbytes(torch.float32)
     layer_io = 2 * 8 * 48 * 64 * 4
@@ -197,18 +203,19 @@ def test_offload_auto_counts_the_whole_working_set(tmp_path, sharded, calib_file
 
 
 def test_the_host_decision_and_the_device_decision_share_one_memory_model(sharded, calib_file):
-    """stream.choose counts (on CPU) exactly what load.place counts: fit.device_need of pipeline.workload."""
+    """stream.choose counts (on CPU) exactly what load.place counts: fit.device_need of options.workload."""
     from transformers import AutoConfig
 
     from mosaic import fit
-    from mosaic.pipeline import validate, workload
+    from mosaic.options import validate, workload
     from mosaic.stream import host_need
 
     for kw in (dict(prune_method="sparsegpt"), dict(prune_method="alps", calib_dtype="bfloat16"),
                dict(prune_method="wanda", reconstruct="sublayer")):
         opts = options(sharded, calib_file, sharded.parent / "unused", **kw)
         plan = validate(opts)
-        expected = fit.device_need(AutoConfig.from_pretrained(sharded), 12345, workload(opts, plan), torch.float32)
+        expected = fit.device_need(AutoConfig.from_pretrained(sharded), 12345, workload(opts, plan),
+                                   torch.float32)
         assert host_need(str(sharded), opts, plan, 12345, torch.float32) == expected
 
 
@@ -246,10 +253,11 @@ def test_loading_a_part_holds_one_copy_of_it(tmp_path, monkeypatch, stored):
     stored in another dtype was read whole and then converted (two copies). Now the finiteness check goes
     slice by slice and the conversion through a bounded buffer, so the live tensors of Streamed.load peak
     at one copy and a slice (counted at every torch op, not RSS). Slices are made small for the tiny model."""
-    from mosaic.stream import ShardSource, Streamed, skeleton
+    from mosaic.shards import ShardSource
+    from mosaic.stream import Streamed, skeleton
 
     monkeypatch.setattr("mosaic.load.FINITE_CHUNK", 1024, raising=False)
-    monkeypatch.setattr("mosaic.stream.READ_CHUNK", 4096, raising=False)
+    monkeypatch.setattr("mosaic.shards.READ_CHUNK", 4096)
     model = tiny_model("llama").to(stored)
     model.save_pretrained(tmp_path)
     streamed = Streamed(skeleton(str(tmp_path), torch.float32), ShardSource(tmp_path), torch.float32)
@@ -281,7 +289,8 @@ def test_what_streaming_cannot_do_is_refused_in_one_line(tmp_path, sharded, cali
 @pytest.mark.parametrize("uniform", [False, True])
 def test_a_streamed_composite_run_writes_the_sliced_widths(tmp_path, sharded, calib_file, uniform):
     kw = dict(prune_method="wanda_owl", sparsity_type="composite", sparsity_ratio=0.5, structured_ratio=0.25,
-              uniform_widths=uniform, round_to=8, eval_datasets=str(calib_file), eval_seqlen=64, eval_windows=2)
+              uniform_widths=uniform, round_to=8, eval_datasets=str(calib_file), eval_seqlen=64,
+              eval_windows=2)
     memory = run(options(sharded, calib_file, tmp_path / "memory", offload="none", **kw))
     streamed = run(options(sharded, calib_file, tmp_path / "streamed", offload="disk", **kw))
     assert streamed["streaming"]["peak_layers_in_memory"] == 1
@@ -310,13 +319,15 @@ def test_running_out_of_device_memory_is_one_line_naming_the_knobs(monkeypatch, 
 
 # accelerate offloads layer 1 to disk (its weights on the meta device); the rest stays in CPU memory
 DISK_MAP = json.dumps({"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                       "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+                       "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                       "lm_head": "cpu"})
 
 
 def test_device_map_that_offloads_streams_bit_identically(tmp_path, sharded, calib_file, caplog):
     memory = run(options(sharded, calib_file, tmp_path / "memory", offload="none", prune_method="sparsegpt"))
     with caplog.at_level("WARNING", logger="mosaic.stream"):
-        routed = run(options(sharded, calib_file, tmp_path / "routed", device_map=DISK_MAP, prune_method="sparsegpt"))
+        routed = run(options(sharded, calib_file, tmp_path / "routed", device_map=DISK_MAP,
+                             prune_method="sparsegpt"))
     assert "offloads model.layers.1 to CPU/disk" in caplog.text and "--offload disk" in caplog.text
     assert routed["streaming"]["peak_layers_in_memory"] == 1
     assert_same_checkpoint(tmp_path / "memory", tmp_path / "routed")
@@ -346,13 +357,15 @@ def test_device_map_refusal_is_one_line_from_the_cli(tmp_path, sharded, calib_fi
                 "--save_model", str(tmp_path / "x"))
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("main.py: error: --device_map: this map offloads model.layers.1") and "--offload disk" in last, last
+    assert (last.startswith("main.py: error: --device_map: this map offloads model.layers.1")
+            and "--offload disk" in last), last
 
 
 def test_offload_auto_counts_the_search_scorers(tmp_path, sharded, calib_file):
     from mosaic.errors import OptionError
-    from mosaic.pipeline import validate, workload
-    from mosaic.stream import ShardSource, host_need
+    from mosaic.options import validate, workload
+    from mosaic.shards import ShardSource
+    from mosaic.stream import host_need
 
     opts = options(sharded, calib_file, tmp_path / "s", prune_method="sparsegpt_search", search_windows=4,
                    search_budget=2)
@@ -364,4 +377,5 @@ def test_offload_auto_counts_the_search_scorers(tmp_path, sharded, calib_file):
     with pytest.raises(OptionError) as refused:
         run(options(sharded, calib_file, tmp_path / "s", prune_method="sparsegpt_search", search_windows=4,
                     search_budget=2, max_memory=str((without + sum(need.values())) // 2)))
-    assert refused.value.option == "allocation" and "search needs the whole model in memory" in refused.value.message
+    assert (refused.value.option == "allocation"
+            and "search needs the whole model in memory" in refused.value.message)

@@ -18,13 +18,13 @@ from conftest import ROOT
 from test_stream import LAYERS, assert_same_checkpoint, options, save_sharded
 
 import mosaic
-import mosaic.pipeline as pipeline
-from mosaic import stream
+import mosaic.report as report
+from mosaic import resume, shards, stream
 from mosaic.cli import main
 from mosaic.errors import OptionError
 from mosaic.pipeline import run
 
-SHARDS = [stream.shard_name(k, LAYERS + 2) for k in range(LAYERS + 2)]
+SHARDS = [shards.shard_name(k, LAYERS + 2) for k in range(LAYERS + 2)]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,8 @@ def interrupt_after(layer: int, opts) -> None:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def copy_of(directory: Path, to: Path) -> Path:
@@ -84,7 +85,7 @@ def test_a_failure_while_finishing_keeps_the_shards_and_resume_finishes_bit_iden
         if where == "tokenizer":
             m.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
         else:
-            m.setattr(pipeline, "write_plots", full_disk)
+            m.setattr(report, "write_plots", full_disk)
         with pytest.raises(OSError, match="No space left"):
             run(options(sharded, calib_file, out, **kw))
     partial = tmp_path / ".out.partial"
@@ -119,20 +120,22 @@ def test_a_truncated_shard_is_refused_in_one_line_before_any_work(tmp_path, shar
     args = ["--model", str(model), "--nsamples", "4", "--seqlen", "32", "--calib_dataset", str(calib_file),
             "--eval_datasets", "none", "--save_model", str(out)]
     # in a fresh process with a time limit: reading this shard used to spin forever
-    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), *args, "--offload", "disk"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), *args, "--offload", "disk"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=180,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert main([*args, "--offload", "auto"]) == 2  # a damaged checkpoint is not loaded in memory instead
     for err in (proc.stderr.strip(), capsys.readouterr().err.strip()):
-        assert err.count("\n") == 0 and "error: --model: " in err and str(shard) in err and "truncated" in err, err
+        assert (err.count("\n") == 0 and "error: --model: " in err and str(shard) in err
+                and "truncated" in err), err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_reading_past_the_end_of_a_shard_raises_instead_of_spinning(tmp_path, sharded):
     model = copy_of(sharded, tmp_path / "model")
-    source = stream.ShardSource(model)  # whole when opened ...
+    source = shards.ShardSource(model)  # whole when opened ...
     file = source.files["model.layers.2.mlp.down_proj.weight"]
-    header, _ = stream._header(file)
+    header, _ = shards._header(file)
     name = max(header, key=lambda n: header[n]["data_offsets"][1])  # the tensor at the end of the file
     truncate(file, by=64)  # ... and cut short afterwards
     got: dict = {}
@@ -164,7 +167,7 @@ def test_other_damaged_shards_are_refused_when_the_source_is_opened(tmp_path, sh
         with open(shard, "ab") as f:
             f.write(b"\0" * 8)
     with pytest.raises(OptionError) as e:
-        stream.ShardSource(model)
+        shards.ShardSource(model)
     assert e.value.option == "model" and str(shard) in e.value.message
 
 
@@ -183,7 +186,7 @@ def test_shards_are_on_disk_before_their_name_is(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", spy_fsync)
     monkeypatch.setattr(os, "replace", spy_replace)
     path = tmp_path / "model-00001-of-00001.safetensors"
-    stream.write_shard(path, {"w": torch.ones(3, 4)})
+    shards.write_shard(path, {"w": torch.ones(3, 4)})
     (_, tmp), (_, src, dst), (_, directory) = events
     assert tmp == src and dst == str(path)  # the data, then the rename ...
     assert directory == str(tmp_path)  # ... then the directory entry
@@ -191,7 +194,8 @@ def test_shards_are_on_disk_before_their_name_is(tmp_path, monkeypatch):
 
 # --- 3. a leftover partial run is neither resumed nor discarded silently ------------------------------
 
-def test_rerunning_without_resume_refuses_to_discard_finished_layers(tmp_path, sharded, calib_file, whole, capsys):
+def test_rerunning_without_resume_refuses_to_discard_finished_layers(tmp_path, sharded, calib_file, whole,
+                                                                     capsys):
     out = tmp_path / "out"
     interrupt_after(1, options(sharded, calib_file, out, prune_method="sparsegpt", offload="disk"))
     partial = tmp_path / ".out.partial"
@@ -203,7 +207,8 @@ def test_rerunning_without_resume_refuses_to_discard_finished_layers(tmp_path, s
             "--seed", "1", "--offload", "disk", "--save_model", str(out)]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--resume" in err and "--overwrite" in err and "2 finished layers" in err, err
+    assert (err.count("\n") == 0 and "--resume" in err and "--overwrite" in err
+            and "2 finished layers" in err), err
     assert snapshot(partial) == before and not out.exists()  # nothing deleted
 
     assert main([*args, "--overwrite"]) == 0  # discards them, on request, and starts over
@@ -217,7 +222,7 @@ def change_weights(model: Path) -> None:
     """Other values in one layer's weight: the shard's size and header stay."""
     name = "model.layers.1.mlp.up_proj.weight"
     shard = model / json.loads((model / "model.safetensors.index.json").read_text())["weight_map"][name]
-    header, base = stream._header(shard)
+    header, base = shards._header(shard)
     start = base + header[name]["data_offsets"][0]
     with open(shard, "r+b") as f:
         f.seek(start)
@@ -254,8 +259,8 @@ def test_the_identity_of_a_large_file_reads_its_ends_and_all_of_a_safetensors_he
     file = tmp_path / "big.safetensors"
     header = b'{"w":{"dtype":"U8","shape":[4000],"data_offsets":[0,4000]}}'
     file.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4000))
-    first = stream.file_identity(file, sample=16)  # the header is longer than the sample: all of it counts
+    first = resume.file_identity(file, sample=16)  # the header is longer than the sample: all of it counts
     with open(file, "r+b") as f:
         f.seek(8 + len(header) - 10)
         f.write(b"[0,4001]}}")
-    assert stream.file_identity(file, sample=16) != first
+    assert resume.file_identity(file, sample=16) != first

@@ -27,7 +27,8 @@ def test_offline_data_has_the_standard_eval_splits(zs_data):
     rows = json.loads((zs_data / zs.MANIFEST).read_text())["rows"]
     # the sizes lm-eval scores on: validation for boolq/rte/hellaswag/winogrande/piqa, test for ARC and OBQA
     assert rows["boolq_validation"] == 3270 and rows["rte_validation"] == 277
-    assert rows["arc_easy_test"] == 2376 and rows["arc_challenge_test"] == 1172 and rows["openbookqa_test"] == 500
+    assert (rows["arc_easy_test"] == 2376 and rows["arc_challenge_test"] == 1172
+            and rows["openbookqa_test"] == 500)
     first = json.loads((zs_data / "arc_easy_test.jsonl").open().readline())
     assert first["answerKey"] in first["choices"]["label"]
 
@@ -68,7 +69,8 @@ def test_main_reports_zero_shot_in_results_and_summary(tmp_path, tiny_dirs, zs_d
     proc = subprocess.run(
         [sys.executable, str(ROOT / "main.py"),
          "--model", str(tiny_dirs["qwen2"]), "--prune_method", "dense", "--eval_datasets", "none",
-         "--eval_zero_shot", "rte,arc_challenge", "--zs_limit", "3", "--zs_batch_size", "3", "--save", str(out)],
+         "--eval_zero_shot", "rte,arc_challenge", "--zs_limit", "3", "--zs_batch_size", "3",
+         "--save", str(out)],
         capture_output=True, text=True, cwd=ROOT, env={**ENV, "MOSAIC_ZS_DATA": str(zs_data)}, timeout=600)
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())["zero_shot"]
@@ -79,7 +81,8 @@ def test_main_reports_zero_shot_in_results_and_summary(tmp_path, tiny_dirs, zs_d
 def test_main_rejects_unknown_zero_shot_task_before_loading(tmp_path):
     proc = run_cli("--eval_zero_shot", "boolq,nope", "--save", str(tmp_path / "out"))
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "--eval_zero_shot" in proc.stderr and "nope" in proc.stderr
+    assert (proc.stderr.strip().count("\n") == 0 and "--eval_zero_shot" in proc.stderr
+            and "nope" in proc.stderr)
     assert not (tmp_path / "out").exists()
 
 
@@ -94,16 +97,18 @@ def test_three_bash_steps_end_to_end(tmp_path, tiny_dirs):
         help_ = bash(script, "--help")
         assert help_.returncode == 0 and "usage:" in help_.stdout
     # each step says which step to run first when its input is missing
-    missing = bash("benchmark/run.sh", "--model", str(tiny_dirs["llama"]), "--out", str(pred), "--data", str(data))
+    missing = bash("benchmark/run.sh", "--model", str(tiny_dirs["llama"]), "--out", str(pred), "--data",
+                   str(data))
     assert missing.returncode == 2 and "scripts/data_generation/run.sh" in missing.stderr
     missing = bash("benchmark/eval.sh", "--out", str(table), str(pred))
     assert missing.returncode == 2 and "benchmark/run.sh" in missing.stderr
 
     assert bash("scripts/data_generation/run.sh", "--out", str(data)).returncode == 0
-    no_ckpt = bash("benchmark/run.sh", "--model", str(tmp_path / "nowhere"), "--out", str(pred), "--data", str(data))
+    no_ckpt = bash("benchmark/run.sh", "--model", str(tmp_path / "nowhere"), "--out", str(pred), "--data",
+                   str(data))
     assert no_ckpt.returncode == 2 and "--save_model" in no_ckpt.stderr
-    step2 = bash("benchmark/run.sh", "--model", str(tiny_dirs["llama"]), "--out", str(pred), "--data", str(data),
-                 "--tasks", "arc_easy,winogrande", "--limit", "5", "--batch_size", "5")
+    step2 = bash("benchmark/run.sh", "--model", str(tiny_dirs["llama"]), "--out", str(pred), "--data",
+                 str(data), "--tasks", "arc_easy,winogrande", "--limit", "5", "--batch_size", "5")
     assert step2.returncode == 0, step2.stderr
     lines = (pred / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 10 and all(len(json.loads(x)["loglikelihoods"]) >= 2 for x in lines)
@@ -122,10 +127,10 @@ def test_three_bash_steps_end_to_end(tmp_path, tiny_dirs):
 def test_lm_eval_cli_evaluates_a_composite_checkpoint(tmp_path, tiny_dirs, calib_file, zs_data):
     """The real lm_eval command line on a checkpoint with per-layer widths (trust_remote_code)."""
     ckpt = tmp_path / "composite"
-    proc = run_cli("--model", str(tiny_dirs["llama"]), "--prune_method", "wanda", "--sparsity_type", "composite",
-                   "--sparsity_ratio", "0.5", "--structured_ratio", "0.3", "--round_to", "1",
-                   "--calib_dataset", str(calib_file), "--nsamples", "4", "--seqlen", "64", "--eval_datasets", "none",
-                   "--save_model", str(ckpt))
+    proc = run_cli("--model", str(tiny_dirs["llama"]), "--prune_method", "wanda", "--sparsity_type",
+                   "composite", "--sparsity_ratio", "0.5", "--structured_ratio", "0.3", "--round_to", "1",
+                   "--calib_dataset", str(calib_file), "--nsamples", "4", "--seqlen", "64", "--eval_datasets",
+                   "none", "--save_model", str(ckpt))
     assert proc.returncode == 0, proc.stderr
     assert "auto_map" in json.loads((ckpt / "config.json").read_text())
     import lm_eval
@@ -134,7 +139,8 @@ def test_lm_eval_cli_evaluates_a_composite_checkpoint(tmp_path, tiny_dirs, calib
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "arc_easy_local.yaml").write_text(
-        f"include: {builtin}\ntask: arc_easy_local\ndataset_path: json\ndataset_name: null\ntraining_split: null\n"
+        f"include: {builtin}\ntask: arc_easy_local\ndataset_path: json\ndataset_name: null\n"
+        "training_split: null\n"
         f"dataset_kwargs:\n  data_files:\n    validation: {zs_data / 'arc_easy_validation.jsonl'}\n"
         f"    test: {zs_data / 'arc_easy_test.jsonl'}\n")
     out = tmp_path / "lm_eval_out"
@@ -150,7 +156,7 @@ def test_lm_eval_cli_evaluates_a_composite_checkpoint(tmp_path, tiny_dirs, calib
 
 def test_online_task_names_are_checked_against_lm_evals_own_list():
     from mosaic.errors import OptionError
-    from mosaic.pipeline import zero_shot_tasks
+    from mosaic.options import zero_shot_tasks
 
     assert zero_shot_tasks("arc_easy,lambada_openai", offline=False) == ["arc_easy", "lambada_openai"]
     with pytest.raises(OptionError, match="lm-eval does not know no_such_task"):

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mosaic.adapter import Adapter
-from mosaic.calibrate import capture, layer_kwargs, on_device, working_copy
+from mosaic.calibrate import capture, hidden_of, layer_kwargs, on_device, working_copy
 
 
 @torch.no_grad()
@@ -56,22 +56,21 @@ def perplexity(
             outputs = []
             for h in acts.hidden:
                 x = h.to(device, dtype or h.dtype)
-                outputs.append(_tensor(work(x, **layer_kwargs(acts, index, x, device, cache))).to(h.device))
+                outputs.append(hidden_of(work(x, **layer_kwargs(acts, index, x, device, cache))).to(h.device))
             acts.hidden = outputs
     losses = []
     with (held("head"), on_device(adapter.final_norm(model), compute) as device,
           on_device(adapter.lm_head(model), compute)):
-        norm, head = working_copy(adapter.final_norm(model), dtype), working_copy(adapter.lm_head(model), dtype)
+        norm, head = (working_copy(adapter.final_norm(model), dtype),
+                      working_copy(adapter.lm_head(model), dtype))
         for h, batch in zip(acts.hidden, windows.split(batch_size)):
             logits = head(norm(h.to(device))).float()
             targets = batch[:, 1:].to(device)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   reduction="none")
             losses.extend(loss.view(batch.shape[0], -1).mean(dim=1).tolist())
     mean_nll = sum(losses) / len(losses)
     return {"ppl": math.exp(mean_nll), "nll": mean_nll, "windows": n, "windows_available": windows_available,
             "seqlen": seqlen, "tokens": n * seqlen,
             "dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", "")}
 
-
-def _tensor(out):
-    return out[0] if isinstance(out, tuple) else out

