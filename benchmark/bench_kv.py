@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, machine_line, write  # noqa: E402
+from common import RESULTS, ROOT, machine, machine_line, notes, write  # noqa: E402
 
 RUNS = RESULTS / "kv_runs.jsonl"
 CURVES = RESULTS / "kv_curves.jsonl"
@@ -263,15 +263,19 @@ def targets(by: dict) -> list[str]:
                    f"vs {u70 / base - 1:+.1%} ({'met' if best[0.8] <= u70 else 'missed'})")
     if base and u80:
         out.append(f"- uniform 80% for reference: {u80 / base - 1:+.1%}")
-    worse = [f"{w} {s} {side} {a}" for w in WEIGHTS for s in TARGETS for side in SIDES for a in ALLOCATIONS
-             if (pt := p(f"{w}:{s}:{side}:per_token:{a}"))
-             and (pc := p(f"{w}:{s}:{side}:per_channel:{a}")) and pc < pt]
-    out.append("- per_token better than per_channel everywhere measured" if not worse
+    pairs = [(f"{w} {s} {side} {a}", pt, pc) for w in WEIGHTS for s in TARGETS for side in SIDES
+             for a in ALLOCATIONS if (pt := p(f"{w}:{s}:{side}:per_token:{a}"))
+             and (pc := p(f"{w}:{s}:{side}:per_channel:{a}"))]
+    worse = [name for name, pt, pc in pairs if pc < pt]
+    out.append("- per_token vs per_channel: not measured (no per_channel cell yet)" if not pairs
+               else "- per_token better than per_channel everywhere measured" if not worse
                else f"- per_channel beats per_token at: {', '.join(worse)}")
-    r70 = (by.get("dense:0.7:kv:per_token:head") or {}).get("kv_cache", {}).get("measured")
-    if r70:
-        out.append(f"- compressed KV bytes at 70% (head allocation, measured): {r70['ratio']:.1%} of dense "
-                   f"({'met' if r70['ratio'] <= 0.48 else 'missed'}: ≤ 48%)")
+    for allocation in ("head", "layer"):
+        r70 = (by.get(f"dense:0.7:kv:per_token:{allocation}") or {}).get("kv_cache", {}).get("measured")
+        if r70:
+            out.append(f"- compressed KV bytes at 70% ({allocation} allocation, measured): "
+                       f"{r70['ratio']:.1%} of dense ({'met' if r70['ratio'] <= 0.48 else 'missed'}: ≤ 48%)")
+            break
     times = [r["sensitivity_s"] for r in by.values() if "sensitivity_s" in r]
     if times:
         out.append(f"- sensitivity pass: {min(times):.0f}–{max(times):.0f} s "
@@ -301,7 +305,8 @@ def report(m: dict) -> None:
     missing = [c for c in cells() if c not in by]
     if missing:
         lines += [f"**Not measured yet** ({len(missing)} cells): {', '.join(missing)}.", ""]
-    write("kv", "\n".join(lines), {"machine": m, "eval": EVAL, "rows": list(by.values())})
+    lines += notes("kv")
+    write("kv", "\n".join(lines) + "\n", {"machine": m, "eval": EVAL, "rows": list(by.values())})
 
 
 if __name__ == "__main__":
