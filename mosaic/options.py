@@ -324,14 +324,19 @@ def check_evaluation(opts: Options) -> tuple[list[str], list[str] | None, bool]:
     return names, tasks, offline
 
 
+def existing_file(text: str | None, option: str) -> Path | None:
+    """A map file to apply: its path if it exists (None: not given, or to be written), never a directory."""
+    if not text:
+        return None
+    path = Path(text)
+    if path.is_dir():
+        raise OptionError(option, f"{text} is a directory; give a .json file path")
+    return path if path.is_file() else None
+
+
 def allocation_file(opts: Options, kernel: Kernel | None, nm) -> alloc.AllocationFile | None:
     """An existing --allocation_file, read and checked against the run (None: the rule allocates)."""
-    if kernel is None or not opts.allocation_file:
-        return None
-    path = Path(opts.allocation_file)
-    if path.is_dir():
-        raise OptionError("allocation_file", f"{opts.allocation_file} is a directory; give a .json file path")
-    if not path.is_file():
+    if kernel is None or existing_file(opts.allocation_file, "allocation_file") is None:
         return None
     file = alloc.read_file(opts.allocation_file)
     alloc.check_file(file, opts.allocation_file, None, opts.sparsity_ratio, nm, opts.structured_ratio)
@@ -504,12 +509,8 @@ def kv_spec(opts: Options, evaluates: bool) -> KVSparsity | None:
 def kv_allocation_file(opts: Options, spec: KVSparsity | None) -> kvalloc.KVAllocationFile | None:
     """An existing --kv_allocation_file, read and checked against the run's K/V targets and criteria (its
     layers and heads are checked once the model is loaded); None: the run measures and solves its own."""
-    if spec is None or not opts.kv_allocation_file:
-        return None
-    path = Path(opts.kv_allocation_file)
-    if path.is_dir():
-        raise OptionError("kv_allocation_file", f"{path} is a directory; give a .json file path")
-    if not path.is_file():
+    path = existing_file(opts.kv_allocation_file, "kv_allocation_file") if spec is not None else None
+    if path is None:
         return None
     file = kvalloc.read_file(path)
     kvalloc.check_file(file, path, spec)
