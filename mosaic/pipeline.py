@@ -265,9 +265,8 @@ def kv_cache_step(setup: Setup, plan: Plan, opts: Options, timer: report.Timer,
     with timer("kv_sensitivity") if measures else nullcontext():
         windows = calibration_windows(setup.loaded.tokenizer, opts.calib_dataset, kvalloc.WINDOWS,
                                       min(kvalloc.SEQLEN, setup.seqlen), opts.seed) if measures else None
-        path = opts.kv_allocation_file
         spec, learned = kvalloc.allocate(setup.model, plan.kv, opts.kv_allocation, windows, plan.kv_file,
-                                         path, path, {"model": opts.model}, seed=opts.seed)
+                                         opts.kv_allocation_file, {"model": opts.model}, seed=opts.seed)
     results["kv_cache"] = {**kv_report(setup.model, spec), **learned}
     return spec, KVMeter()
 

@@ -57,8 +57,8 @@ def prune_in_memory(model: nn.Module, adapter: Adapter, job: PruneJob) -> list[d
     if job.kernel is None:
         return []
     if job.stats is not None and job.seen_stats is not None:
-        for kept, layer_stats in zip(job.seen_stats, job.stats):
-            kept.update(layer_stats)
+        for seen, given in zip(job.seen_stats, job.stats):
+            seen.update(given)
     if job.stats is not None and job.recovery is None:  # the profiling pass's own statistics: no second pass
         return prune_from_stats(model, adapter, job.kernel, job.sparsity, job.nm, job.stats, job.compute,
                                 job.structure)

@@ -398,15 +398,14 @@ def describe(spec: KVSparsity, heads: list[int], shown: int = 3) -> list[str]:
 
 
 def allocate(model: nn.Module, spec: KVSparsity, granularity: str, windows: torch.Tensor | None,
-             file: KVAllocationFile | None = None, path: str | None = None, write_to: str | None = None,
-             meta: dict | None = None, seed: int = 0) -> tuple[KVSparsity, dict]:
+             file: KVAllocationFile | None = None, path: str | None = None, meta: dict | None = None,
+             seed: int = 0) -> tuple[KVSparsity, dict]:
     """``spec`` with its map for ``model``: the ``file``'s (read from ``path``, checked against the model's
     layers and heads), or solved from a sensitivity on ``windows`` of calibration text (``granularity``
-    layer or head; then written to ``write_to`` if given), or uniform. Also what it learned, for the
-    record."""
+    layer or head; then written to ``path`` if given), or uniform. Also what it learned, for the record."""
     heads, dim = kv_heads(model), head_dim(model)
     if file is not None:
-        check_model(file, path, spec, model)
+        check_file(file, path, spec, heads, dim)
         spec, learned = apply(file, spec), {"source": f"file:{path}"}
     elif granularity == "uniform":
         return spec, {}
@@ -415,8 +414,7 @@ def allocate(model: nn.Module, spec: KVSparsity, granularity: str, windows: torc
         spec = solve(curves, spec)
         learned = {"source": granularity, "sensitivity_s": round(curves.seconds, 1),
                    "sensitivity_tokens": curves.tokens}
-        if write_to:
-            write(write_to, spec, heads, dim, {**(meta or {}), "granularity": granularity,
-                                               "curves": curves.to_json()})
+        if path:
+            write(path, spec, heads, dim, {**(meta or {}), "granularity": granularity,
+                                           "curves": curves.to_json()})
     return spec, {**learned, "learned": describe(spec, heads)} if spec.allocated else learned
-
