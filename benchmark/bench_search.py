@@ -43,10 +43,18 @@ from common import (  # noqa: E402
     write,
 )
 
-KERNELS = ("sparsegpt", "wanda")
+KERNELS = ("sparsegpt", "wanda", "alps")
 ALLOCATIONS = ("uniform", "owl", "mosaic", "search")
 BUDGET = 16  # the default --search_budget
 SPARSITIES = (0.7, 0.6, 0.5, 0.8)
+ALPS_CELLS = {("alps", "uniform", 0.7), ("alps", "search", 0.7)}  # alps_search against alps, at 70% only
+
+
+def grid() -> list[tuple[str, str, float]]:
+    """Every (kernel, allocation, S) cell in the order they run: the two kernels at every allocation and
+    sparsity, ALPS only where it answers the one question asked of it (alps_search vs alps at 70%)."""
+    return [(k, a, s) for s in SPARSITIES for k in KERNELS for a in ALLOCATIONS
+            if k != "alps" or (k, a, s) in ALPS_CELLS]
 RUNS = RESULTS / "search_runs.jsonl"
 SHARED = RESULTS / "alps_runs.jsonl"  # the same SparseGPT settings, measured by bench_alps.py
 SETTINGS = dict(nsamples=32, seqlen=512, eval_windows=16, eval_dtype="float32")
@@ -138,15 +146,33 @@ def kl_cells(q: dict | None) -> str:
     return f"{surrogate} | {refined} | {val} | {q['search']['chosen']}"
 
 
+def alps_table(by: dict) -> list[str]:
+    """alps_search against alps (uniform) at 70%: perplexity and where the time goes."""
+    cells = {a: by.get((EVAL, "alps", a, 0.7)) for a in ("uniform", f"search@{BUDGET}")}
+    if not any(cells.values()):
+        return []
+    lines = ["", f"`alps_search` against `alps` at 70% ({EVAL} forwards, the settings above; only the "
+                 "allocation differs):", "",
+             "| method | ppl | vs alps | prune s | search s | whole job s |", "|---|---|---|---|---|---|"]
+    u = cells["uniform"]
+    for name, r in zip(("alps", "alps_search"), cells.values()):
+        if r is None:
+            lines.append(f"| {name} | — | — | — | — | — |")
+            continue
+        mark = " ‡" if "shared_machine" in r else ""
+        gain = f"{r['ppl'] / u['ppl'] - 1:+.1%}" if u and r is not u else "—"
+        lines.append(f"| {name} | {r['ppl']:.2f} | {gain} | {r['prune_s']:.0f}{mark} | "
+                     f"{r['search_s']:.0f}{mark} | {r['wall_s']:.0f}{mark} |")
+    return lines
+
+
 def sweep(only: set | None = None) -> None:
-    for sparsity in SPARSITIES:
-        for kernel in KERNELS:
-            for allocation in ALLOCATIONS:
-                wanted = f"search@{BUDGET}" if allocation == "search" else allocation
-                if only and (kernel, allocation, sparsity) not in only:
-                    continue
-                if (EVAL, kernel, wanted, sparsity) not in rows():  # re-read: a parallel job may add rows
-                    append(RUNS, run_one(kernel, allocation, sparsity))
+    for kernel, allocation, sparsity in grid():
+        wanted = f"search@{BUDGET}" if allocation == "search" else allocation
+        if only and (kernel, allocation, sparsity) not in only:
+            continue
+        if (EVAL, kernel, wanted, sparsity) not in rows():  # re-read: a parallel job may add rows
+            append(RUNS, run_one(kernel, allocation, sparsity))
 
 
 def report(m: dict) -> None:
@@ -173,7 +199,8 @@ def report(m: dict) -> None:
                   "version). *Validation*: windows after the held-out ones, both maps pruned as shipped; the "
                   "lower one is chosen. ‡: the time of a run made while another benchmark job shared the 2 "
                   "cores, not an idle time (perplexity and KL are unaffected)."]
-    missing = [f"{k} {a} {s}" for s in sorted(SPARSITIES) for k in KERNELS for a in ALLOCATIONS
+    lines += alps_table(by)
+    missing = [f"{k} {a} {s}" for k, a, s in sorted(grid(), key=lambda c: c[2])
                if (EVAL, k, f"search@{BUDGET}" if a == "search" else a, s) not in by]
     lines += not_measured(missing, RUNS, f"Not measured (yet) with {EVAL} forwards")
     learned = [r for r in by.values() if "map" in r]
