@@ -157,7 +157,8 @@ def run_cell(cell: str) -> dict:
     spec, found = spec_for(c)
     meter = KVMeter()
     scope = mustafar_attention(model, spec, observe=meter) if spec else nullcontext()
-    row = {"cell": cell, **c, "cpu": machine()["cpu"], "eval_dtype": EVAL["dtype"], "window": WINDOW}
+    row = {"cell": cell, **c, "cpu": machine()["cpu"], "eval_dtype": EVAL["dtype"], "window": WINDOW,
+           "attention": "blocked"}  # rows without it ran the full-product path (same numbers to rounding)
     start = time.perf_counter()
     with scope:
         if c["zs"]:

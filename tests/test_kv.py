@@ -277,6 +277,53 @@ def test_teacher_forced_logits_equal_step_by_step_decoding(family, spec):
     assert (dense[:, prefill + 1:] - decoded[:, prefill + 1:]).abs().amax() > 1e-2  # and pruning matters
 
 
+def additive_mask(batch: int, q_len: int, kv_len: int, padded: int, dtype=torch.float32) -> torch.Tensor:
+    """Eager's causal mask [batch, 1, q_len, kv_len], the first ``padded`` keys of row 1 padding."""
+    positions = torch.arange(kv_len - q_len, kv_len)[:, None]
+    allowed = (torch.arange(kv_len) <= positions).expand(batch, 1, q_len, kv_len).clone()
+    allowed[1:, :, :, :padded] = False
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+@pytest.mark.parametrize("spec", [KVSparsity(0.7, 0.7, window=5), KVSparsity(0.7, 0.0, window=3),
+                                  KVSparsity(0.0, 0.5, window=0),
+                                  KVSparsity(0.5, 0.5, window=4, k_method="per_channel",
+                                             v_method="per_channel", group=4),
+                                  KVSparsity(0.5, 0.5, window=6, k_layers=((0.25, 0.875),), v_layers=(0.75,)),
+                                  KVSparsity(0.5, 0.7, window=4, v_method="per_channel", group=4)],
+                         ids=["kv", "k_only", "v_only", "per_channel", "allocated", "mixed_counts"])
+@pytest.mark.parametrize("q_len,prompt_len,masked", [(45, 0, True), (45, 11, True), (9, 0, True),
+                                                     (1, 0, False)])
+def test_blocked_attention_equals_the_full_products(monkeypatch, spec, q_len, prompt_len, masked):
+    """The fused blocks (7 queries each here, so blocks straddle the window and the prompt) give what the
+    full [queries × keys] products give, with GQA, padding, a prompt, and fewer queries than keys."""
+    from mosaic.kv import attention
+
+    gen = torch.Generator().manual_seed(0)
+    kv_len, groups, scaling = 45, 2, 0.25
+    query = torch.randn(2, 4, q_len, HEAD_DIM, generator=gen)
+    key, value = (torch.randn(2, 2, kv_len, HEAD_DIM, generator=gen) for _ in range(2))
+    mask = additive_mask(2, q_len, kv_len, padded=5) if masked else None
+    expected, _ = attention._corrected(query, key, value, mask, scaling, groups, spec, 0,
+                                       *full_counts(spec, q_len, kv_len, prompt_len))
+    monkeypatch.setattr(attention, "BLOCK", 7)
+    got, _ = attention.attend(query, key, value, mask, scaling, groups, spec, 0, prompt_len)
+    seen = torch.ones(2, q_len, dtype=torch.bool)  # queries that see some key (not padding)
+    if masked:
+        seen = (mask > torch.finfo(mask.dtype).min).any(-1)[:, 0]
+    assert torch.allclose(got[seen], expected[seen], rtol=0, atol=1e-6)
+    plain, _ = attention._eager(query, key, value, mask, scaling, groups)
+    assert (got[seen] - plain[seen]).abs().amax() > 1e-3  # the pruning is really applied
+
+
+def full_counts(spec: KVSparsity, q_len: int, kv_len: int, prompt_len: int):
+    """Per query, how many of the oldest keys (values) it sees pruned; None for a side not pruned."""
+    positions = torch.arange(kv_len - q_len, kv_len)
+    live = positions >= (prompt_len if spec.prefill == "dense" else 0)
+    return (spec.keys_pruned_before(positions) * live if spec.prunes_keys(0) else None,
+            spec.values_pruned_before(positions) * live if spec.prunes_values(0) else None)
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_generate_with_the_cache_matches_teacher_forcing_on_its_output(family):
     model, ids, spec = tiny_model(family), prompt(length=14), KVSparsity(0.7, 0.7, window=8)
