@@ -30,6 +30,12 @@ RUNS = RESULTS / "recover_runs.jsonl"
 SETTINGS = dict(nsamples=32, seqlen=512, eval_windows=16, seed=0)
 SHARED_MACHINE = "--shared-machine" in sys.argv  # other jobs ran on the same cores: times aren't idle figures
 NAME = itemgetter("name")  # a finished job's cell: pruning/recovery
+# rows from before 2026-12-03 record no ISA: they all ran on this AVX2 EPYC; later rows name their CPU
+OLD_CPU = "AMD EPYC (AVX2, no native bf16)"
+
+
+def cpu_of(row: dict) -> str:
+    return row.get("machine", OLD_CPU)
 
 
 def base(method: str, s: float, kind: str = "unstructured", **kw) -> dict:
@@ -37,7 +43,15 @@ def base(method: str, s: float, kind: str = "unstructured", **kw) -> dict:
 
 
 RECON = dict(reconstruct="layer")  # the defaults of --reconstruct_steps/_lr/_batch (layer: the tuning winner)
-DISTILL = dict(distill_steps=100)
+# a CPU-sized budget: 20 AdamW steps of 2 × 512-token windows (default lr), ~10 minutes on 2 cores
+DISTILL = dict(distill_steps=20, distill_batch=2)
+MAPS = RESULTS / "maps"  # the search rows' maps (from search_runs.jsonl), applied as --allocation_file
+
+
+def searched(method: str, s: float) -> dict:
+    """The kernel with the map its search found in ``bench_search.py`` (the search is not run again: for
+    ALPS it takes 1.7 hours here); re-applying a map reproduces the search run's pruning."""
+    return base(method, s, allocation_file=str(MAPS / f"{method}-search-{s}.json"))
 
 # name -> options; "none" / "recon" / "recon+distill" variants of each pruning
 PRUNINGS = {
@@ -50,8 +64,9 @@ PRUNINGS = {
     "alps-uniform-0.5": base("alps", 0.5),
     "sparsegpt-uniform-0.8": base("sparsegpt", 0.8),
     "alps-uniform-0.8": base("alps", 0.8),
-    "alps-search-0.7": base("alps_search", 0.7),
-    "sparsegpt-search-0.7": base("sparsegpt_search", 0.7),
+    "alps-search-0.7": searched("alps", 0.7),
+    "sparsegpt-search-0.7": searched("sparsegpt", 0.7),
+    "sparsegpt-search-0.5": searched("sparsegpt", 0.5),
 }
 VARIANTS = {"none": {}, "recon": RECON, "recon+distill": {**RECON, **DISTILL}}
 JOBS = [(p, v) for v in ("none", "recon") for p in list(PRUNINGS)[:2]] + \
@@ -90,7 +105,7 @@ def calib_ppl(model_dir: Path) -> float:
 def run_one(name: str, opts: dict) -> dict:
     from mosaic.pipeline import Options, run
 
-    start = time.perf_counter()
+    start, m = time.perf_counter(), machine()
     with tempfile.TemporaryDirectory() as tmp:
         r = run(Options(**SETTINGS, **opts, save_model=str(Path(tmp) / "model")))
         cppl = calib_ppl(Path(tmp) / "model")
@@ -98,7 +113,8 @@ def run_one(name: str, opts: dict) -> dict:
     row = {"name": name, "options": opts, "achieved": r["sparsity"]["achieved"],
            "ppl": r["perplexity"]["wiki-offline"]["ppl"], "calib_ppl": cppl,
            "time_s": {k: round(v, 1) for k, v in r["time_s"].items()},
-           "wall_s": round(time.perf_counter() - start, 1), "shared_machine": SHARED_MACHINE}
+           "wall_s": round(time.perf_counter() - start, 1), "shared_machine": SHARED_MACHINE,
+           "machine": f"{m['cpu']} ({m['isa']})", "date": m["date"]}
     if rec.get("reconstruct"):
         rc = rec["reconstruct"]
         row["reconstruct"] = {k: rc[k] for k in ("granularity", "steps", "lr", "batch", "tuned_layers",
@@ -146,17 +162,21 @@ def _t(row: dict, phase: str) -> str:
 def report(m: dict) -> None:
     done = finished(RUNS, NAME)
     dense = done.get("dense")
-    lines = ["# Recovery after pruning: SmolLM2-135M", "", f"Machine: {machine_line(m)}.", "",
+    lines = ["# Recovery after pruning: SmolLM2-135M", "", f"Report written on: {machine_line(m)}.", "",
              "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0), sequential statistics, fp32 "
              "weights and forwards; perplexity on the first 16 windows × 2048 tokens of the held-out "
              "wiki-offline eval split. Within a row only the recovery differs. `calib ppl`: 8 × 512 "
              "calibration-split windows disjoint from the statistics windows (the knobs were tuned on it, "
              "never on the eval split). Produced by `python benchmark/bench_recover.py`; times in seconds; "
              "‡: another job shared the 2 cores, so the time is not an idle figure.", ""]
+    cpus = {c: chr(ord("A") + i) for i, c in enumerate(dict.fromkeys(map(cpu_of, done.values())))}
+    lines += ["CPU (each row names its own; times compare only within one letter, perplexities are the same "
+              "computation on both up to fp32 rounding): "
+              + "; ".join(f"**{k}** = {c}, 2 cores" for c, k in cpus.items()) + ".", ""]
     if dense:
         lines += [f"Dense: ppl {dense['ppl']:.2f}.", ""]
-    lines += ["| pruning | recovery | ppl | ÷ dense | vs none | calib ppl | achieved | prune s | "
-              "reconstruct s | distill s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| pruning | recovery | ppl | ÷ dense | vs none | calib ppl | achieved | CPU | prune s | "
+              "reconstruct s | distill s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in PRUNINGS:
         none = done.get(f"{p}/none")
         for v in VARIANTS:
@@ -170,7 +190,9 @@ def report(m: dict) -> None:
                 rc = r["reconstruct"]
                 detail += f" ({rc['granularity']}, {rc['steps']} steps, lr {rc['lr']:g}, batch {rc['batch']})"
             if r.get("distill"):
-                detail += f" + distill {r['distill']['steps']} steps (best {r['distill']['best_step']})"
+                d = r["distill"]
+                detail += (f" + distill ({d['steps']} steps × {d['batch']} windows, lr {d['lr']:g}; "
+                           f"best {d['best_step']})")
             prune_s = r["time_s"].get("prune", 0) - (recon_s or 0)
             lines.append(
                 f"| {p} | {detail} | {r['ppl']:.2f} | {r['ppl'] / dense['ppl']:.2f}× | " if dense else
@@ -178,17 +200,19 @@ def report(m: dict) -> None:
             lines[-1] += (f"{r['ppl'] / none['ppl'] - 1:+.1%} | " if none and v != "none" else "— | ")
             recon = f"{recon_s:.0f}{shared}" if recon_s is not None else "—"
             distill = f"{_t(r, 'distill')}{shared}" if "distill" in r["time_s"] else "—"
-            lines[-1] += (f"{r['calib_ppl']:.2f} | {r['achieved']:.4f} | {prune_s:.0f}{shared} | {recon} | "
+            lines[-1] += (f"{r['calib_ppl']:.2f} | {r['achieved']:.4f} | {cpus[cpu_of(r)]} | "
+                          f"{prune_s:.0f}{shared} | {recon} | "
                           f"{distill} |")
     tuned = [r for k, r in done.items() if "/tune-" in k]
     if tuned:
         lines += ["", "## Knob sweep (SparseGPT 70% uniform; chosen on calib ppl only)", "",
                   "| granularity | steps | lr | calib ppl | eval ppl | mean layer error before → after | "
-                  "reconstruct s |", "|---|---|---|---|---|---|---|"]
+                  "CPU | reconstruct s |", "|---|---|---|---|---|---|---|---|"]
         for r in tuned:
             rc = r["reconstruct"]
             lines.append(f"| {rc['granularity']} | {rc['steps']} | {rc['lr']:g} | {r['calib_ppl']:.2f} | "
                          f"{r['ppl']:.2f} | {rc['mean_error_before']:.3f} → {rc['mean_error_after']:.3f} | "
+                         f"{cpus[cpu_of(r)]} | "
                          f"{rc['seconds']:.0f}{'‡' if r.get('shared_machine') else ''} |")
     missing = [f"{p}/{v}" for p, v in JOBS if same_run(done, f"{p}/{v}") is None]
     lines += not_measured(missing, RUNS, "Not measured (CPU time)",

@@ -20,6 +20,21 @@ RESULTS = ROOT / "benchmark" / "results"
 YARDSTICK = ["--nsamples", "32", "--seqlen", "512", "--eval_windows", "16"]
 
 
+def cpu_isa() -> str:
+    """What separates two CPUs that report the same model name ("AMD EPYC"): the vector units and whether
+    bf16 is native (a bf16 matmul is ~50x slower without it). Times compare only within one of these."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown ISA"
+    first = info.split("\n\n")[0].splitlines()  # the first logical CPU
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first if ":" in line)}
+    flags = set(fields.get("flags", "").split())
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    bf16 = "native bf16" if {"avx512_bf16", "amx_bf16"} & flags else "no native bf16"
+    return f"{vector}, {bf16}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+
+
 def machine() -> dict:
     import torch
 
@@ -32,7 +47,7 @@ def machine() -> dict:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1),
+    info = {"cpu": cpu, "isa": cpu_isa(), "cores": os.cpu_count(), "ram_gib": round(mem, 1),
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -58,7 +73,8 @@ def run_main(args: list[str], timeout: int = 3600) -> dict:
 
 
 def machine_line(m: dict) -> str:
-    return (f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM"
+    return (f"{m['cpu']}" + (f" ({m['isa']})" if m.get("isa") else "")
+            + f", {m['cores']} cores, {m['ram_gib']} GiB RAM"
             + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
             + f"; Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads), "
             f"transformers {m.get('transformers')}; {m['date']}")
