@@ -12,6 +12,7 @@ Finished jobs are kept in ``results/recover_runs.jsonl``, so an interrupted swee
     python benchmark/bench_recover.py --tune          # the knob sweep on calibration text
     python benchmark/bench_recover.py --only=NAME,..  # some jobs
     python benchmark/bench_recover.py --report        # only rebuild the table
+    python benchmark/bench_recover.py --zero-shot     # dense + best 50%/70% rows, lm-eval at limit 500
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ MAPS = RESULTS / "maps"  # the search rows' maps (from search_runs.jsonl), appli
 
 def searched(method: str, s: float) -> dict:
     """The kernel with the map its search found in ``bench_search.py`` (the search is not run again: for
-    ALPS it takes 1.7 hours here); re-applying a map reproduces the search run's pruning."""
+    ALPS it took 1.7 hours). Re-applying a map reproduces the search run's pruning bit for bit on the same
+    CPU; on another, fp32 rounding moves it (ALPS 70%: 58.20 on the AVX-512 EPYC, 56.87 in the search)."""
     return base(method, s, allocation_file=str(MAPS / f"{method}-search-{s}.json"))
 
 # name -> options; "none" / "recon" / "recon+distill" variants of each pruning
@@ -74,6 +76,12 @@ JOBS = [(p, v) for v in ("none", "recon") for p in list(PRUNINGS)[:2]] + \
        [(p, "recon+distill") for p in list(PRUNINGS)[:2]] + \
        [(p, v) for p in list(PRUNINGS)[6:] for v in ("none", "recon")]
 
+# zero-shot (--zero-shot): dense and the best 50% / 70% pipelines, each with and without reconstruction
+ZS_TASKS, ZS_LIMIT = "arc_easy,hellaswag,piqa,winogrande", 500
+ZS = dict(eval_zero_shot=ZS_TASKS, zs_limit=ZS_LIMIT)
+ZS_JOBS = ["dense", "alps-search-0.7/recon", "sparsegpt-search-0.5/recon", "alps-search-0.7/none",
+           "sparsegpt-search-0.5/none"]
+
 # knob sweep on calibration text (SparseGPT 70% uniform)
 TUNE = {
     "tune-layer-20-5e-4": dict(reconstruct="layer", reconstruct_steps=20, reconstruct_lr=5e-4),
@@ -81,6 +89,9 @@ TUNE = {
     "tune-sublayer-20-1e-3": dict(reconstruct="sublayer", reconstruct_steps=20, reconstruct_lr=1e-3),
     "tune-sublayer-40-5e-4": dict(reconstruct="sublayer", reconstruct_steps=40, reconstruct_lr=5e-4),
     "tune-sublayer-20-2e-4": dict(reconstruct="sublayer", reconstruct_steps=20, reconstruct_lr=2e-4),
+    # what else moves: the layer's two RMSNorm scales as well (SmolLM2 has no biases)
+    "tune-layer-norms-20-5e-4": dict(reconstruct="layer", reconstruct_steps=20, reconstruct_lr=5e-4,
+                                     reconstruct_norms=True),
 }
 
 
@@ -120,6 +131,10 @@ def run_one(name: str, opts: dict) -> dict:
         row["reconstruct"] = {k: rc[k] for k in ("granularity", "steps", "lr", "batch", "tuned_layers",
                                                  "mean_error_before", "mean_error_after", "seconds")}
         row["reconstruct"]["per_layer"] = [(x["error_before"], x["error_after"]) for x in rc["layers"]]
+    if r.get("zero_shot"):
+        z = r["zero_shot"]
+        row["zero_shot"] = {"tasks": z["tasks"], "mean_acc": z["mean_acc"],
+                            "mean_acc_norm_or_acc": z["mean_acc_norm_or_acc"], "limit": z["limit"]}
     if rec.get("distill"):
         d = rec["distill"]
         row["distill"] = {k: d[k] for k in ("steps", "lr", "batch", "best_step", "held_out_kl_before",
@@ -127,7 +142,16 @@ def run_one(name: str, opts: dict) -> dict:
     return row
 
 
-def jobs(tune: bool) -> list[tuple[str, dict]]:
+def zs_options(job: str) -> dict:
+    if job == "dense":
+        return dict(prune_method="dense", **ZS)
+    pruning, variant = job.split("/")
+    return {**PRUNINGS[pruning], **VARIANTS[variant], **ZS}
+
+
+def jobs(tune: bool, zero_shot: bool = False) -> list[tuple[str, dict]]:
+    if zero_shot:
+        return [(f"zs:{j}", zs_options(j)) for j in ZS_JOBS]
     if tune:
         base70 = PRUNINGS["sparsegpt-uniform-0.7"]
         return [("sparsegpt-uniform-0.7/none", base70)] + \
@@ -135,10 +159,15 @@ def jobs(tune: bool) -> list[tuple[str, dict]]:
     return [(f"{p}/{v}", {**PRUNINGS[p], **VARIANTS[v]}) for p, v in JOBS]
 
 
-def sweep(tune: bool, only: set[str] | None) -> None:
+def sweep(tune: bool, only: set[str] | None, zero_shot: bool = False) -> None:
+    """Run the jobs not yet finished; a job named in ``--only`` whose row is from another CPU runs again
+    here (the table then shows this CPU's row; the old one stays in the runs file)."""
     done = finished(RUNS, NAME)
-    for name, opts in jobs(tune):
-        if name not in done and (not only or name in only):
+    m = machine()
+    here = f"{m['cpu']} ({m['isa']})"
+    for name, opts in jobs(tune, zero_shot):
+        elsewhere = name in done and bool(only) and name in only and cpu_of(done[name]) != here
+        if (name not in done or elsewhere) and (not only or name in only):
             append(RUNS, run_one(name, opts))
 
 
@@ -157,6 +186,27 @@ def same_run(done: dict[str, dict], name: str) -> dict | None:
 
 def _t(row: dict, phase: str) -> str:
     return f"{row['time_s'][phase]:.0f}" if phase in row["time_s"] else "—"
+
+
+def zero_shot_table(done: dict[str, dict], cpus: dict[str, str]) -> list[str]:
+    rows = [done[f"zs:{j}"] for j in ZS_JOBS if f"zs:{j}" in done]
+    if not rows:
+        return []
+    tasks = ZS_TASKS.split(",")
+    lines = ["", f"## Zero-shot (lm-eval 0-shot, first {ZS_LIMIT} items per task, fp32)", "",
+             "acc (acc_norm where the task has it); the standard error of one task's acc at 500 items is "
+             "about ±0.022. Each pruned row is re-pruned with the same options as its perplexity row above "
+             "(`--zero-shot`), so its ppl is shown again.", "",
+             "| model | " + " | ".join(tasks) + " | mean acc | mean acc_norm/acc | ppl | CPU |",
+             "|---|" + "---|" * (len(tasks) + 4)]
+    for r in rows:
+        z = r["zero_shot"]["tasks"]
+        cells = [f"{z[t]['acc']:.3f}" + (f" ({z[t]['acc_norm']:.3f})" if "acc_norm" in z[t] else "")
+                 for t in tasks]
+        lines.append(f"| {r['name'][3:]} | " + " | ".join(cells) +
+                     f" | {r['zero_shot']['mean_acc']:.3f} | {r['zero_shot']['mean_acc_norm_or_acc']:.3f} | "
+                     f"{r['ppl']:.2f} | {cpus[cpu_of(r)]} |")
+    return lines
 
 
 def report(m: dict) -> None:
@@ -203,17 +253,21 @@ def report(m: dict) -> None:
             lines[-1] += (f"{r['calib_ppl']:.2f} | {r['achieved']:.4f} | {cpus[cpu_of(r)]} | "
                           f"{prune_s:.0f}{shared} | {recon} | "
                           f"{distill} |")
-    tuned = [r for k, r in done.items() if "/tune-" in k]
+    # the sweep's rows, and the main table's default row (the same options) for the CPUs the sweep lacks
+    tuned = [r for k, r in done.items() if "/tune-" in k or k == "sparsegpt-uniform-0.7/recon"]
     if tuned:
         lines += ["", "## Knob sweep (SparseGPT 70% uniform; chosen on calib ppl only)", "",
-                  "| granularity | steps | lr | calib ppl | eval ppl | mean layer error before → after | "
-                  "CPU | reconstruct s |", "|---|---|---|---|---|---|---|---|"]
+                  "| granularity | moves | steps | lr | calib ppl | eval ppl | mean layer error before → "
+                  "after | CPU | reconstruct s |", "|---|---|---|---|---|---|---|---|---|"]
         for r in tuned:
             rc = r["reconstruct"]
-            lines.append(f"| {rc['granularity']} | {rc['steps']} | {rc['lr']:g} | {r['calib_ppl']:.2f} | "
+            moves = "weights + norms" if r["options"].get("reconstruct_norms") else "weights"
+            lines.append(f"| {rc['granularity']} | {moves} | {rc['steps']} | {rc['lr']:g} | "
+                         f"{r['calib_ppl']:.2f} | "
                          f"{r['ppl']:.2f} | {rc['mean_error_before']:.3f} → {rc['mean_error_after']:.3f} | "
                          f"{cpus[cpu_of(r)]} | "
                          f"{rc['seconds']:.0f}{'‡' if r.get('shared_machine') else ''} |")
+    lines += zero_shot_table(done, cpus)
     missing = [f"{p}/{v}" for p, v in JOBS if same_run(done, f"{p}/{v}") is None]
     lines += not_measured(missing, RUNS, "Not measured (CPU time)",
                           f"The sweep resumes from `results/{RUNS.name}` (`--only=`).")
@@ -227,5 +281,5 @@ if __name__ == "__main__":
     if "--report" not in sys.argv:
         if "--dense" in sys.argv and "dense" not in finished(RUNS, NAME):
             append(RUNS, run_one("dense", dict(prune_method="dense")))
-        sweep("--tune" in sys.argv, parse_only(sys.argv))
+        sweep("--tune" in sys.argv, parse_only(sys.argv), "--zero-shot" in sys.argv)
     report(m)

@@ -90,6 +90,13 @@ class Adapter:
         """The second half: h + down_proj(act(gate_proj(n(h))) · up_proj(n(h)))."""
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
+    def unmasked(self, layer: nn.Module, names: tuple[str, ...]) -> list[nn.Parameter]:
+        """The parameters that no mask covers in the residual halves ``names`` belong to: each half's
+        pre-norm scale and the projections' biases (Qwen2's q/k/v)."""
+        norms = ([layer.input_layernorm.weight] if set(names) & set(ATTENTION) else []) + \
+                ([layer.post_attention_layernorm.weight] if set(names) & set(MLP) else [])
+        return norms + [b for p in names if (b := self.projection(layer, p).bias) is not None]
+
     def staged_forward(
         self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict
     ) -> Generator[tuple[tuple[str, ...], torch.Tensor], None, torch.Tensor]:

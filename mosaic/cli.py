@@ -152,6 +152,9 @@ def _recovery_flags(p: argparse.ArgumentParser, d) -> None:
                    help=f"reconstruction learning rate ({d.reconstruct_lr:g})")
     g.add_argument("--reconstruct_batch", type=int, default=d.reconstruct_batch,
                    help=f"calibration windows per reconstruction step ({d.reconstruct_batch})")
+    g.add_argument("--reconstruct_norms", action="store_true", default=d.reconstruct_norms,
+                   help="also tune each layer's two RMSNorm scales and its projections' biases, which no "
+                        "mask covers (off)")
     g.add_argument("--distill_steps", type=int, default=d.distill_steps,
                    help="end-to-end distillation steps from the dense model after pruning (0: none)")
     g.add_argument("--distill_lr", type=float, default=d.distill_lr,

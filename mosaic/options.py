@@ -73,6 +73,7 @@ class Options:
     reconstruct_steps: int = recover.ReconstructSpec.steps
     reconstruct_lr: float = recover.ReconstructSpec.lr
     reconstruct_batch: int = recover.ReconstructSpec.batch
+    reconstruct_norms: bool = recover.ReconstructSpec.norms
     distill_steps: int = 0  # recovery: end-to-end distillation from the dense model afterwards (0: none)
     distill_lr: float = recover.DistillSpec.lr
     distill_batch: int = recover.DistillSpec.batch
@@ -198,6 +199,8 @@ INTEGERS = ("round_to", "nsamples", "seqlen", "seed", "calib_batch_size", "eval_
             "distill_steps", "distill_batch", "distill_windows")
 NUMBERS = ("sparsity_ratio", "structured_ratio", "Hyper_m", "Lamda", "percdamp", "alps_rho0", "kv_sparsity",
            "k_sparsity", "v_sparsity", "reconstruct_lr", "distill_lr")
+BOOLEANS = ("offline", "uniform_widths", "true_sequential", "kv_reference", "overwrite", "resume",
+            "reconstruct_norms")
 
 
 def check_types(opts: Options) -> None:
@@ -211,6 +214,9 @@ def check_types(opts: Options) -> None:
         value = getattr(opts, option)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise OptionError(option, f"must be a number, got {value!r}")
+    for option in BOOLEANS:
+        if not isinstance(getattr(opts, option), bool):
+            raise OptionError(option, f"must be True or False, got {getattr(opts, option)!r}")
 
 
 def validate(opts: Options) -> Plan:
@@ -378,7 +384,7 @@ def warn_unused(opts: Options, plan: Plan) -> None:
            "kv_method": "no KV-cache sparsity is set", "kv_reference": "no KV-cache sparsity is set",
            "kv_allocation": "no KV-cache sparsity is set",
            "kv_allocation_file": "no KV-cache sparsity is set"}
-    for option in ("reconstruct_steps", "reconstruct_lr", "reconstruct_batch"):
+    for option in ("reconstruct_steps", "reconstruct_lr", "reconstruct_batch", "reconstruct_norms"):
         used[option], why[option] = opts.reconstruct != "none", "--reconstruct is none"
     for option in ("distill_lr", "distill_batch", "distill_windows"):
         used[option], why[option] = opts.distill_steps > 0, "--distill_steps is 0"
@@ -414,7 +420,7 @@ def recovery_specs(opts: Options, kernel: Kernel | None, mode: str | None):
     if opts.reconstruct != "none":
         reconstruct = recover.ReconstructSpec(granularity=opts.reconstruct, steps=opts.reconstruct_steps,
                                               lr=float(opts.reconstruct_lr), batch=opts.reconstruct_batch,
-                                              seed=opts.seed)
+                                              seed=opts.seed, norms=opts.reconstruct_norms)
     distill = None
     if opts.distill_steps > 0:
         distill = recover.DistillSpec(steps=opts.distill_steps, lr=float(opts.distill_lr),

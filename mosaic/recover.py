@@ -11,8 +11,10 @@
    checkpointing; the state with the lowest held-out KL is kept.
 
 Zeros stay zeros: gradients are masked and the mask is re-imposed after every step, so N:M patterns and
-composite widths hold. Only the seven projections' weights move; norms, biases, embeddings and the head
-are frozen. Nothing here knows kernels, allocations or streaming: it sees a layer, inputs and targets.
+composite widths hold. By default only the seven projections' weights move; with ``norms`` the layer's
+two RMSNorm scales and the projections' biases (no mask covers them) move as well. Embeddings, the final
+norm and the head are always frozen. Nothing here knows kernels, allocations or streaming: it sees a
+layer, inputs and targets.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class ReconstructSpec:
     lr: float = 5e-4
     batch: int = 8  # calibration windows per step
     seed: int = 0
+    norms: bool = False  # also tune the layer's norm scales and biases (measured: recover.md)
 
 
 def frozen_masks(adapter: Adapter, layer: nn.Module, names=PROJECTIONS) -> dict[str, torch.Tensor]:
@@ -92,10 +95,12 @@ def _gather(batches: list[torch.Tensor], index: list[tuple[int, int]], pick: tor
 def _tune(adapter: Adapter, layer: nn.Module, names: tuple[str, ...], forward, inputs: list[torch.Tensor],
           targets: list[torch.Tensor], kwargs, spec: ReconstructSpec, generator: torch.Generator,
           bar: tqdm | None) -> None:
-    """Adam steps on the kept weights of ``names`` so that ``forward(x, kw)`` matches ``targets``."""
-    params = [adapter.projection(layer, p).weight for p in names]
-    masks = [p != 0 for p in params]
-    device, dtype = params[0].device, params[0].dtype
+    """Adam steps on the kept weights of ``names`` (and, with ``spec.norms``, their unmasked parameters)
+    so that ``forward(x, kw)`` matches ``targets``."""
+    weights = [adapter.projection(layer, p).weight for p in names]
+    masks = [p != 0 for p in weights]
+    params = weights + (adapter.unmasked(layer, names) if spec.norms else [])
+    device, dtype = weights[0].device, weights[0].dtype
     index = _windows(inputs)
     size = min(spec.batch, len(index))
     kw = _expand_kwargs(kwargs[0], inputs[0].shape[0], size)
@@ -112,11 +117,11 @@ def _tune(adapter: Adapter, layer: nn.Module, names: tuple[str, ...], forward, i
                 loss = _normalised_mse(forward(x, kw), t)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                for p, m in zip(params, masks):
+                for p, m in zip(weights, masks):
                     p.grad.mul_(m)
                 opt.step()
                 with torch.no_grad():
-                    for p, m in zip(params, masks):
+                    for p, m in zip(weights, masks):
                         p.mul_(m)
                 if bar is not None:
                     bar.update(1)
@@ -161,7 +166,9 @@ class Reconstruction:
         start = time.perf_counter()
         a, spec = self.adapter, self.spec
         outs = self._targets["out"]
-        before_weights = {p: a.projection(layer, p).weight.detach().clone() for p in PROJECTIONS}
+        moved = [a.projection(layer, p).weight for p in PROJECTIONS] + (a.unmasked(layer, PROJECTIONS)
+                                                                         if spec.norms else [])
+        before_weights = [w.detach().clone() for w in moved]
         before = self._error(layer, inputs, kwargs, device, outs)
         generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
         total = spec.steps * (2 if spec.granularity == "sublayer" else 1)
@@ -182,8 +189,8 @@ class Reconstruction:
         improved = after < before
         if spec.steps and not improved:  # never worse than the kernel left it
             with torch.no_grad():
-                for p, w in before_weights.items():
-                    a.projection(layer, p).weight.copy_(w)
+                for p, w in zip(moved, before_weights):
+                    p.copy_(w)
             after = before
         self.layers.append({"layer": index, "error_before": before, "error_after": after, "tuned": improved,
                             "seconds": round(time.perf_counter() - start, 3)})
@@ -208,7 +215,7 @@ class Reconstruction:
     def report(self) -> dict:
         rows = self.layers
         return {"granularity": self.spec.granularity, "steps": self.spec.steps, "lr": self.spec.lr,
-                "batch": self.spec.batch, "layers": rows,
+                "batch": self.spec.batch, "norms": self.spec.norms, "layers": rows,
                 "tuned_layers": sum(r["tuned"] for r in rows),
                 "mean_error_before": sum(r["error_before"] for r in rows) / max(len(rows), 1),
                 "mean_error_after": sum(r["error_after"] for r in rows) / max(len(rows), 1),

@@ -109,7 +109,8 @@ def summary_text(r: dict) -> str:
     rec = r.get("recovery") or {}
     if rec.get("reconstruct"):
         rc = rec["reconstruct"]
-        lines.append(f"  reconstruct  {rc['granularity']}, {rc['steps']} steps × lr {rc['lr']:g}: layer "
+        lines.append(f"  reconstruct  {rc['granularity']}{' + norms' if rc.get('norms') else ''}, "
+                     f"{rc['steps']} steps × lr {rc['lr']:g}: layer "
                      f"output error {rc['mean_error_before']:.4f} → {rc['mean_error_after']:.4f} "
                      f"(mean relative; {rc['tuned_layers']} of {len(rc['layers'])} layers tuned) in "
                      f"{rc['seconds']:.1f} s")

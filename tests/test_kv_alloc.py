@@ -230,6 +230,25 @@ def test_the_cache_prunes_each_layer_and_head_with_its_own_sparsity(qwen2):
         MustafarCache(tiny_model("qwen2").config, spec)
 
 
+def test_generate_with_an_allocated_map_matches_teacher_forcing_on_its_output(qwen2):
+    """``model.generate(past_key_values=MustafarCache(...))`` with a per-head map: the logits it decoded
+    equal the teacher-forced attention's on the same tokens (dense prompt), and differ from uniform's."""
+    spec, prompt = qwen2.allocated, ids(length=14, seed=3)
+    assert isinstance(spec.k_layers[0], tuple)  # one sparsity per KV head, not a single number
+
+    def decoded(s: KVSparsity):
+        out = qwen2.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                   do_sample=False, past_key_values=MustafarCache(qwen2.model.config, s),
+                                   output_logits=True, return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.logits, dim=1)
+
+    sequences, generated = decoded(spec)
+    with torch.no_grad(), mustafar_attention(qwen2.model, spec, prompt.shape[1]):
+        forced = qwen2.model(sequences[:, :-1]).logits[:, prompt.shape[1] - 1:]
+    assert torch.allclose(forced, generated, rtol=0, atol=2e-5)
+    assert (decoded(qwen2.spec)[1] - generated).abs().amax() > 1e-4  # the map, not uniform, was applied
+
+
 def test_achieved_is_measured_on_the_real_cache_not_the_target():
     """A window that covers every token prunes nothing: the report says 0, not the asked 0.75."""
     model, tokens = tiny_model("llama"), ids(length=48)

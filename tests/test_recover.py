@@ -4,6 +4,7 @@ Zeros stay zeros, 0 steps changes nothing, errors fall as theory says, bad knobs
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -76,12 +77,41 @@ def test_reconstruction_is_deterministic_for_a_seed_and_differs_for_another():
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
 
 
-def test_a_layer_that_tuning_would_make_worse_is_reset():
-    """With an absurd learning rate every step overshoots: the guard must give back the kernel's weights."""
-    plain, _ = pruned("llama", None)
-    wild, recovery = pruned("llama", recover.ReconstructSpec("layer", steps=3, lr=10.0))
+@pytest.mark.parametrize("norms", [False, True])
+def test_a_layer_that_tuning_would_make_worse_is_reset(norms):
+    """With an absurd learning rate every step overshoots: the guard must give back the kernel's weights
+    (and, with ``norms``, the norm scales and biases it also moved)."""
+    plain, _ = pruned("qwen2", None)
+    wild, recovery = pruned("qwen2", recover.ReconstructSpec("layer", steps=3, lr=10.0, norms=norms))
     assert not any(r["tuned"] for r in recovery.layers)
-    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), wild.parameters()))
+    for (name, p), q in zip(plain.named_parameters(), wild.parameters()):
+        assert torch.equal(p, q), name
+
+
+def unmasked(model) -> dict[str, torch.Tensor]:
+    """Every layer's norm scales and projection biases, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if ".layers." in n and (n.endswith("layernorm.weight") or n.endswith("bias"))}
+
+
+@pytest.mark.parametrize("granularity", ["layer", "sublayer"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_norms_and_biases_move_only_when_asked_and_zeros_stay_zeros(family, granularity, checked_tune):
+    spec = recover.ReconstructSpec(granularity, steps=30, lr=1e-3, batch=4)
+    untouched = unmasked(pruned(family, None)[0])
+    assert any(n.endswith("bias") for n in untouched) == (family == "qwen2")  # the fixture has what it claims
+    weights_only, _ = pruned(family, spec)
+    assert all(torch.equal(untouched[n], p) for n, p in unmasked(weights_only).items())
+    both, recovery = pruned(family, dataclasses.replace(spec, norms=True))
+    moved = unmasked(both)
+    tuned = {r["layer"] for r in recovery.layers if r["tuned"]}
+    assert len(tuned) >= 2
+    for name, before in untouched.items():
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        assert torch.equal(before, moved[name]) == (layer not in tuned), name
+    assert all(checked_tune) and len(checked_tune) == 2 * LAYERS
+    assert all(r["error_after"] <= r["error_before"] for r in recovery.layers)
+    assert recovery.report()["norms"] is True
 
 
 def nonzero_sets(model) -> dict[str, torch.Tensor]:
@@ -196,10 +226,33 @@ def test_reconstruction_works_with_kernels_that_read_no_engine_statistics(tmp_pa
             < tuned["recovery"]["reconstruct"]["mean_error_before"])
 
 
+def test_reconstruction_prunes_the_searched_map_and_its_file_reapplies_it(tmp_path, tiny_dirs, calib_file,
+                                                                         checked_tune):
+    """The search scores maps without recovery, then the chosen map is pruned and reconstructed; the map
+    written to --allocation_file, re-applied with reconstruction, gives the same zeros and the same
+    per-layer reconstruction."""
+    mapped = tmp_path / "map.json"
+    recon = dict(reconstruct="layer", reconstruct_steps=4, reconstruct_batch=2, reconstruct_lr=1e-3)
+    searched = run(small(tiny_dirs["llama"], calib_file, prune_method="sparsegpt_search", sparsity_ratio=0.6,
+                         search_budget=2, search_windows=2, allocation_file=str(mapped), **recon))
+    sparsity = json.loads(mapped.read_text())["sparsity"]
+    assert len({round(s, 6) for row in sparsity for s in row.values()}) > 1  # a real, non-uniform map
+    plain = run(small(tiny_dirs["llama"], calib_file, prune_method="sparsegpt", sparsity_ratio=0.6,
+                      allocation_file=str(mapped)))
+    filed = run(small(tiny_dirs["llama"], calib_file, prune_method="sparsegpt", sparsity_ratio=0.6,
+                      allocation_file=str(mapped), **recon))
+    assert all(checked_tune) and len(checked_tune) == 4  # two runs × two layers, nonzeros unchanged
+    assert searched["sparsity"]["zeros"] == filed["sparsity"]["zeros"] == plain["sparsity"]["zeros"]
+    rows = [r["recovery"]["reconstruct"]["layers"] for r in (searched, filed)]
+    assert [x["error_after"] for x in rows[0]] == pytest.approx([x["error_after"] for x in rows[1]], rel=1e-5)
+    assert all(x["error_after"] < x["error_before"] for x in rows[1])
+
+
 @pytest.mark.parametrize("field, value", [
     ("reconstruct", "everything"), ("reconstruct_steps", -1), ("reconstruct_steps", 2.5),
     ("reconstruct_lr", 0.0), ("reconstruct_lr", -1e-3), ("reconstruct_lr", math.nan),
     ("reconstruct_batch", 0), ("distill_steps", -3), ("distill_lr", math.inf), ("distill_windows", 1),
+    ("reconstruct_norms", "yes"), ("reconstruct_norms", 1),
 ])
 def test_bad_recovery_knobs_are_refused_before_any_work(tmp_path, tiny_dirs, calib_file, field, value):
     with pytest.raises(OptionError) as err:
@@ -237,9 +290,10 @@ def test_distillation_that_cannot_fit_is_refused_before_any_work(tmp_path, tiny_
 
 
 def test_knobs_without_their_switch_warn_in_one_line(tmp_path, tiny_dirs, calib_file, caplog):
-    run(small(tiny_dirs["llama"], calib_file, reconstruct_steps=7, distill_lr=1e-4))
+    run(small(tiny_dirs["llama"], calib_file, reconstruct_steps=7, distill_lr=1e-4, reconstruct_norms=True))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("--reconstruct_steps has no effect" in w for w in warnings)
+    assert any("--reconstruct_norms has no effect" in w for w in warnings)
     assert any("--distill_lr has no effect" in w for w in warnings)
 
 
@@ -280,3 +334,11 @@ def test_streamed_reconstruction_equals_in_memory_and_a_killed_run_resumes_to_it
                 for row in r["recovery"]["reconstruct"]["layers"]]
 
     assert record(resumed) == record(whole) == record(memory) and len(record(whole)) == 3
+
+
+def test_reconstruct_norms_is_a_cli_switch_off_by_default():
+    from mosaic.cli import parse_options
+
+    assert parse_options(["--reconstruct", "layer", "--reconstruct_norms"]).reconstruct_norms is True
+    assert parse_options([]).reconstruct_norms is False
+    assert recover.ReconstructSpec().norms is False
