@@ -219,7 +219,8 @@ def report(m: dict) -> None:
              "calibration-split windows disjoint from the statistics windows (the knobs were tuned on it, "
              "never on the eval split). Produced by `python benchmark/bench_recover.py`; times in seconds; "
              "‡: another job shared the 2 cores, so the time is not an idle figure.", ""]
-    cpus = {c: chr(ord("A") + i) for i, c in enumerate(dict.fromkeys(map(cpu_of, done.values())))}
+    order = sorted(dict.fromkeys(map(cpu_of, done.values())), key=lambda c: c != OLD_CPU)  # A: the oldest
+    cpus = {c: chr(ord("A") + i) for i, c in enumerate(order)}
     lines += ["CPU (each row names its own; times compare only within one letter, perplexities are the same "
               "computation on both up to fp32 rounding): "
               + "; ".join(f"**{k}** = {c}, 2 cores" for c, k in cpus.items()) + ".", ""]
