@@ -125,7 +125,7 @@ def run_one(name: str, opts: dict) -> dict:
            "ppl": r["perplexity"]["wiki-offline"]["ppl"], "calib_ppl": cppl,
            "time_s": {k: round(v, 1) for k, v in r["time_s"].items()},
            "wall_s": round(time.perf_counter() - start, 1), "shared_machine": SHARED_MACHINE,
-           "machine": f"{m['cpu']} ({m['isa']})", "date": m["date"]}
+           "machine": cpu_label(m), "date": m["date"]}
     if rec.get("reconstruct"):
         rc = rec["reconstruct"]
         row["reconstruct"] = {k: rc[k] for k in ("granularity", "steps", "lr", "batch", "tuned_layers",
@@ -142,32 +142,35 @@ def run_one(name: str, opts: dict) -> dict:
     return row
 
 
-def zs_options(job: str) -> dict:
-    if job == "dense":
-        return dict(prune_method="dense", **ZS)
+def job_options(job: str) -> dict:
+    """A ``pruning/variant`` job's options."""
     pruning, variant = job.split("/")
-    return {**PRUNINGS[pruning], **VARIANTS[variant], **ZS}
+    return {**PRUNINGS[pruning], **VARIANTS[variant]}
+
+
+def cpu_label(m: dict) -> str:
+    return f"{m['cpu']} ({m['isa']})"
 
 
 def jobs(tune: bool, zero_shot: bool = False) -> list[tuple[str, dict]]:
     if zero_shot:
-        return [(f"zs:{j}", zs_options(j)) for j in ZS_JOBS]
+        return [(f"zs:{j}", {**(dict(prune_method="dense") if j == "dense" else job_options(j)), **ZS})
+                for j in ZS_JOBS]
     if tune:
         base70 = PRUNINGS["sparsegpt-uniform-0.7"]
         return [("sparsegpt-uniform-0.7/none", base70)] + \
                [(f"sparsegpt-uniform-0.7/{k}", {**base70, **v}) for k, v in TUNE.items()]
-    return [(f"{p}/{v}", {**PRUNINGS[p], **VARIANTS[v]}) for p, v in JOBS]
+    return [(f"{p}/{v}", job_options(f"{p}/{v}")) for p, v in JOBS]
 
 
 def sweep(tune: bool, only: set[str] | None, zero_shot: bool = False) -> None:
     """Run the jobs not yet finished; a job named in ``--only`` whose row is from another CPU runs again
     here (the table then shows this CPU's row; the old one stays in the runs file)."""
-    done = finished(RUNS, NAME)
-    m = machine()
-    here = f"{m['cpu']} ({m['isa']})"
+    done, here = finished(RUNS, NAME), cpu_label(machine())
     for name, opts in jobs(tune, zero_shot):
-        elsewhere = name in done and bool(only) and name in only and cpu_of(done[name]) != here
-        if (name not in done or elsewhere) and (not only or name in only):
+        if only and name not in only:
+            continue
+        if name not in done or (only and cpu_of(done[name]) != here):
             append(RUNS, run_one(name, opts))
 
 
@@ -175,8 +178,8 @@ def same_run(done: dict[str, dict], name: str) -> dict | None:
     """The finished job ``name``, or a knob-sweep job that ran exactly its options (not run twice)."""
     if name in done:
         return done[name]
-    pruning, variant = name.split("/")
-    want = {**PRUNINGS[pruning], **VARIANTS[variant]}
+    pruning = name.split("/")[0]
+    want = job_options(name)
     defaults = {"reconstruct_steps": 20, "reconstruct_lr": 5e-4}  # --reconstruct_steps/_lr defaults
     for key, row in done.items():
         if key.startswith(f"{pruning}/tune-") and row["options"] == {**want, **defaults}:

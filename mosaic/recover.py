@@ -92,14 +92,21 @@ def _gather(batches: list[torch.Tensor], index: list[tuple[int, int]], pick: tor
                       for k in pick.tolist()]).to(device, dtype)
 
 
+def _tunable(adapter: Adapter, layer: nn.Module, names: tuple[str, ...], norms: bool) -> list[nn.Parameter]:
+    """What reconstruction moves: the projections' weights of ``names`` first, then, with ``norms``, the
+    parameters no mask covers (``Adapter.unmasked``)."""
+    return [adapter.projection(layer, p).weight for p in names] + (adapter.unmasked(layer, names) if norms
+                                                                   else [])
+
+
 def _tune(adapter: Adapter, layer: nn.Module, names: tuple[str, ...], forward, inputs: list[torch.Tensor],
           targets: list[torch.Tensor], kwargs, spec: ReconstructSpec, generator: torch.Generator,
           bar: tqdm | None) -> None:
     """Adam steps on the kept weights of ``names`` (and, with ``spec.norms``, their unmasked parameters)
     so that ``forward(x, kw)`` matches ``targets``."""
-    weights = [adapter.projection(layer, p).weight for p in names]
+    params = _tunable(adapter, layer, names, spec.norms)
+    weights = params[:len(names)]
     masks = [p != 0 for p in weights]
-    params = weights + (adapter.unmasked(layer, names) if spec.norms else [])
     device, dtype = weights[0].device, weights[0].dtype
     index = _windows(inputs)
     size = min(spec.batch, len(index))
@@ -166,8 +173,7 @@ class Reconstruction:
         start = time.perf_counter()
         a, spec = self.adapter, self.spec
         outs = self._targets["out"]
-        moved = [a.projection(layer, p).weight for p in PROJECTIONS] + (a.unmasked(layer, PROJECTIONS)
-                                                                         if spec.norms else [])
+        moved = _tunable(a, layer, PROJECTIONS, spec.norms)
         before_weights = [w.detach().clone() for w in moved]
         before = self._error(layer, inputs, kwargs, device, outs)
         generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
