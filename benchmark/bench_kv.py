@@ -7,8 +7,8 @@ Grid: weights {dense, SparseGPT 50%} × KV sparsity {0.5, 0.7, 0.8} × {K and V,
 and zero-shot (arc_easy, hellaswag, piqa, winogrande, 500 items each) for dense weights at no KV sparsity and
 at 0.7 K and V per_token, uniform / layer / head.
 
-Settings: perplexity on the first 16 windows × 2048 tokens of the held-out wiki-offline split, fp32 forwards
-(this CPU has no native bf16), through the teacher-forced Mustafar attention (window 32) with a ``KVMeter``:
+Settings: perplexity on the first 16 windows × 2048 tokens of the held-out wiki-offline split, fp32 forwards,
+through the teacher-forced Mustafar attention (window 32) with a ``KVMeter``:
 achieved sparsity and bytes come from the keys and values those forwards computed (fp16 bytes, real tile
 occupancy). The sensitivity reads 4 × 512 calibration windows of wiki-offline (seed 0), never the evaluation
 split; it is measured once per (weights, criterion) at head granularity (the Fisher estimate, whose layer
@@ -35,8 +35,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, machine_line, notes, write  # noqa: E402
+from common import OLD_CPU, RESULTS, ROOT, cpu_label, cpu_letters, machine, machine_line, notes, write  # noqa: E402
 
+USAGE = next(part for part in __doc__.split("\n\n") if "bench_kv.py --list" in part)
 RUNS = RESULTS / "kv_runs.jsonl"
 CURVES = RESULTS / "kv_curves.jsonl"
 PRUNED = ROOT / "llm_weights" / "bench_kv_sparsegpt50"
@@ -78,10 +79,27 @@ def parse(cell: str) -> dict:
             "allocation": allocation}
 
 
+def cpu_of(row: dict) -> str:
+    """The CPU a row ran on; rows from before 2026-12-03 record only the model name (all ran on OLD_CPU)."""
+    return row["cpu"] if "(" in row["cpu"] else OLD_CPU
+
+
+def runs() -> list[dict]:
+    lines = RUNS.read_text().splitlines() if RUNS.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def rows() -> dict[str, dict]:
-    if not RUNS.exists():
-        return {}
-    return {r["cell"]: r for r in map(json.loads, RUNS.read_text().splitlines())}
+    """The finished cells, a cell run twice keeping its last row."""
+    return {r["cell"]: r for r in runs()}
+
+
+def rows_by_cpu() -> dict[str, dict[str, dict]]:
+    """The finished cells of each CPU: a table line compares cells of one CPU only."""
+    by: dict[str, dict[str, dict]] = {}
+    for r in runs():
+        by.setdefault(cpu_of(r), {})[r["cell"]] = r
+    return by
 
 
 # --- the work ------------------------------------------------------------------------------------------
@@ -112,18 +130,18 @@ def curves(weights: str, criterion: str):
     from mosaic.kv import KVSparsity
     from mosaic.kv import allocate as kvalloc
 
-    kept = {(r["weights"], r["criterion"]): r["curves"]
-            for r in map(json.loads, CURVES.read_text().splitlines())} if CURVES.exists() else {}
+    kept = {(r["weights"], r["criterion"]): r for r in map(json.loads, CURVES.read_text().splitlines())} \
+        if CURVES.exists() else {}
     if (weights, criterion) not in kept:
         model, tokenizer = load(weights)
         windows = calibration_windows(tokenizer, "wiki-offline", kvalloc.WINDOWS, kvalloc.SEQLEN, seed=0)
         spec = KVSparsity(0.0, 0.0, window=WINDOW, k_method=criterion, v_method=criterion)
         measured = kvalloc.sensitivity(model, windows, spec, "head")
+        kept[weights, criterion] = {"weights": weights, "criterion": criterion, "cpu": cpu_label(machine()),
+                                    "curves": measured.to_json()}
         with CURVES.open("a") as f:
-            f.write(json.dumps({"weights": weights, "criterion": criterion, "cpu": machine()["cpu"],
-                                "curves": measured.to_json()}) + "\n")
-        kept[weights, criterion] = measured.to_json()
-    return kvalloc.Curves(**kept[weights, criterion])
+            f.write(json.dumps(kept[weights, criterion]) + "\n")
+    return kvalloc.Curves(**kept[weights, criterion]["curves"]), cpu_of(kept[weights, criterion])
 
 
 def spec_for(c: dict):
@@ -138,8 +156,8 @@ def spec_for(c: dict):
     spec = KVSparsity(k, v, window=WINDOW, k_method=c["criterion"], v_method=c["criterion"])
     if c["allocation"] == "uniform":
         return spec, None
-    found = curves(c["weights"], c["criterion"])
-    return kvalloc.solve(found if c["allocation"] == "head" else found.by_layer(), spec), found
+    found, cpu = curves(c["weights"], c["criterion"])
+    return kvalloc.solve(found if c["allocation"] == "head" else found.by_layer(), spec), (found, cpu)
 
 
 def run_cell(cell: str) -> dict:
@@ -157,7 +175,7 @@ def run_cell(cell: str) -> dict:
     spec, found = spec_for(c)
     meter = KVMeter()
     scope = mustafar_attention(model, spec, observe=meter) if spec else nullcontext()
-    row = {"cell": cell, **c, "cpu": machine()["cpu"], "eval_dtype": EVAL["dtype"], "window": WINDOW,
+    row = {"cell": cell, **c, "cpu": cpu_label(machine()), "eval_dtype": EVAL["dtype"], "window": WINDOW,
            "attention": "blocked"}  # rows without it ran the full-product path (same numbers to rounding)
     start = time.perf_counter()
     with scope:
@@ -170,16 +188,21 @@ def run_cell(cell: str) -> dict:
     row["eval_s"] = round(time.perf_counter() - start, 1)
     if spec:
         row["kv_cache"] = report(model, spec, meter if not c["zs"] else None)
-    if found:
+    if found:  # the curves are measured once and reused: their time is that of the CPU that measured them
+        found, row["sensitivity_cpu"] = found
         row["sensitivity_s"] = round(found.seconds, 1)
         row["describe"] = kvalloc.describe(spec, found.kv_heads)
     return row
 
 
 def sweep(only: list[str] | None) -> None:
+    """Run the missing cells; a cell named in ``--only`` whose row is from another CPU runs again here (so
+    that a table line can compare cells of this CPU; the old row stays in the runs file)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    here = cpu_label(machine())
     for cell in only or cells():
-        if cell in rows():
+        done = rows().get(cell)
+        if done and (not only or cpu_of(done) == here):
             print(f"{cell}: done before, skipped", flush=True)
             continue
         row = run_cell(cell)
@@ -211,19 +234,31 @@ def _achieved(r: dict | None) -> str:
     return f"{a['k']:.4f} / {a['v']:.4f}" if a else "—"
 
 
-def ppl_table(by: dict, weights: str) -> list[str]:
-    base = _ppl(by.get(f"{weights}:none"))
+def line_cpu(by_cpu: dict[str, dict[str, dict]], cells: list[str]) -> str | None:
+    """The CPU whose rows a table line shows: the one that ran most of its cells (the newest on a tie)."""
+    counts = {cpu: sum(c in got for c in cells) for cpu, got in by_cpu.items()}
+    best = max(counts.values(), default=0)
+    return [cpu for cpu, n in counts.items() if n == best][-1] if best else None
+
+
+def ppl_table(by_cpu: dict[str, dict[str, dict]], letters: dict[str, str], weights: str) -> list[str]:
+    bases = {letters[cpu]: _ppl(got.get(f"{weights}:none")) for cpu, got in by_cpu.items()}
+    shown = ", ".join(f"{b:.2f} on {k}" for k, b in sorted(bases.items()) if b)
     lines = [f"### {'dense weights' if weights == 'dense' else 'SparseGPT 50% weights'}"
-             + (f" (no KV sparsity: ppl {base:.2f})" if base else ""), "",
+             + (f" (no KV sparsity: ppl {shown})" if shown else ""), "",
              "| KV | pruned | criterion | uniform | layer | head | excess removed: layer / head | "
-             "achieved K / V (head) | bytes per token: uniform / head (of dense) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "achieved K / V (head) | bytes per token: uniform / head (of dense) | CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in sorted(TARGETS):
         for side in SIDES:
             for criterion in CRITERIA:
-                got = {a: by.get(f"{weights}:{s}:{side}:{criterion}:{a}") for a in ALLOCATIONS}
-                if not any(got.values()):
+                names = {a: f"{weights}:{s}:{side}:{criterion}:{a}" for a in ALLOCATIONS}
+                cpu = line_cpu(by_cpu, list(names.values()))
+                if cpu is None:
                     continue
+                by = by_cpu[cpu]  # every cell of a line, and its base, from one CPU
+                base = _ppl(by.get(f"{weights}:none"))
+                got = {a: by.get(name) for a, name in names.items()}
                 u = _ppl(got["uniform"])
                 removed = [f"{(u - _ppl(got[a])) / (u - base):.0%}"
                            if base and u and _ppl(got[a]) and u > 1.005 * base
@@ -231,23 +266,24 @@ def ppl_table(by: dict, weights: str) -> list[str]:
                 lines.append(f"| {s} | {dict(kv='K and V', k='K only', v='V only')[side]} | {criterion} | "
                              + " | ".join(_cell(got[a], base) for a in ALLOCATIONS)
                              + f" | {' / '.join(removed)} | {_achieved(got['head'])} | "
-                             f"{_bytes(got['uniform'])} / {_bytes(got['head'])} |")
+                             f"{_bytes(got['uniform'])} / {_bytes(got['head'])} | {letters[cpu]} |")
     return lines
 
 
-def zs_table(by: dict) -> list[str]:
-    lines = ["| dense weights, KV | " + " | ".join(TASKS) + " | mean |", "|---" * (len(TASKS) + 2) + "|"]
+def zs_table(by: dict, letters: dict[str, str]) -> list[str]:
+    lines = ["| dense weights, KV | " + " | ".join(TASKS) + " | mean | CPU |",
+             "|---" * (len(TASKS) + 3) + "|"]
     for cell, name in (("zs:dense:none", "none"), *((f"zs:dense:0.7:{a}", f"0.7 {a}") for a in ALLOCATIONS)):
         r = by.get(cell)
         if r:
             tasks = r["zero_shot"]["tasks"]
             lines.append(f"| {name} | " + " | ".join(f"{tasks[t]['acc']:.3f}" for t in TASKS)
-                         + f" | {r['zero_shot']['mean_acc']:.3f} |")
+                         + f" | {r['zero_shot']['mean_acc']:.3f} | {letters[cpu_of(r)]} |")
     return lines
 
 
 def targets(by: dict) -> list[str]:
-    """The issue's targets, each met or missed from the rows present."""
+    """The issue's targets, each met or missed from the rows of one CPU (``by``)."""
     def p(cell):
         return _ppl(by.get(cell))
 
@@ -277,15 +313,23 @@ def targets(by: dict) -> list[str]:
             out.append(f"- compressed KV bytes at 70% ({allocation} allocation, measured): "
                        f"{r70['ratio']:.1%} of dense ({'met' if r70['ratio'] <= 0.48 else 'missed'}: ≤ 48%)")
             break
-    times = [r["sensitivity_s"] for r in by.values() if "sensitivity_s" in r]
-    if times:
-        out.append(f"- sensitivity pass: {min(times):.0f}–{max(times):.0f} s "
-                   f"({'met' if max(times) <= 120 else 'missed'}: ≤ 2 min)")
     return out
 
 
+def sensitivity_times(by: dict, letters: dict[str, str]) -> list[str]:
+    """The sensitivity passes' times, each on the CPU that measured it."""
+    times: dict[str, list[float]] = {}
+    for r in by.values():
+        if "sensitivity_s" in r:
+            cpu = letters.get(r.get("sensitivity_cpu", OLD_CPU), "?")
+            times.setdefault(cpu, []).append(r["sensitivity_s"])
+    return [f"- sensitivity pass on {k}: {min(t):.0f}–{max(t):.0f} s "
+            f"({'met' if max(t) <= 120 else 'missed'}: ≤ 2 min)" for k, t in sorted(times.items())]
+
+
 def report(m: dict) -> None:
-    by = rows()
+    by, by_cpu = rows(), rows_by_cpu()
+    letters = cpu_letters([*by_cpu, cpu_label(m)])
     lines = ["# KV-cache sparsity (Mustafar): SmolLM2-135M, uniform vs allocated", "",
              f"Machine (this report): {machine_line(m)}.", "", __doc__.split("\n\n")[2].replace("\n", " "),
              "Produced by `python benchmark/bench_kv.py`.", "",
@@ -293,12 +337,18 @@ def report(m: dict) -> None:
              "perplexity excess over the dense cache that the allocation removes. *Achieved*: the share of "
              "zeros among the pruned keys' / values' entries in the evaluated caches. *Bytes per token*: "
              "the evaluated caches (2048 tokens, the last 32 dense) in the bitmap format, fp16, over their "
-             "tokens, with the share of the dense cache.", ""]
+             "tokens, with the share of the dense cache.", "",
+             "CPU (each table line compares cells of one CPU, against that CPU's run without KV sparsity; "
+             "the sensitivity curves are measured once, on the CPU named in the targets, and reused): "
+             + "; ".join(f"**{k}** = {c}, 2 cores" for c, k in letters.items()) + ".", ""]
     for weights in WEIGHTS:
-        lines += ppl_table(by, weights) + [""]
+        lines += ppl_table(by_cpu, letters, weights) + [""]
     if any(c.startswith("zs:") for c in by):
-        lines += [f"### Zero-shot accuracy (limit {ZS_LIMIT} per task)", ""] + zs_table(by) + [""]
-    lines += ["### Targets", ""] + targets(by) + [""]
+        lines += [f"### Zero-shot accuracy (limit {ZS_LIMIT} per task)", ""] + zs_table(by, letters) + [""]
+    goal = [f"dense:{s}:kv:per_token:{a}" for s in (0.7, 0.8) for a in ALLOCATIONS] + ["dense:none"]
+    cpu = line_cpu(by_cpu, goal) or cpu_label(m)
+    lines += [f"### Targets (CPU {letters[cpu]})", ""] + targets(by_cpu.get(cpu, {})) \
+        + sensitivity_times(by, letters) + [""]
     learned = [(c, by[c]["describe"])
                for c in (f"dense:0.7:kv:per_token:{a}" for a in ("layer", "head")) if c in by]
     for cell, text in learned:
@@ -311,6 +361,9 @@ def report(m: dict) -> None:
 
 
 if __name__ == "__main__":
+    unknown = [a for a in sys.argv[1:] if a not in ("--list", "--report") and not a.startswith("--only=")]
+    if unknown:
+        raise SystemExit(f"unknown argument {unknown[0]!r}; usage:\n{USAGE}")
     if "--list" in sys.argv:
         print("\n".join(cells()))
     elif "--report" in sys.argv:

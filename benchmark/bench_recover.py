@@ -25,16 +25,25 @@ from operator import itemgetter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append, finished, machine, machine_line, not_measured, notes, parse_only, write  # noqa: E402
+from common import (  # noqa: E402
+    OLD_CPU,
+    RESULTS,
+    append,
+    cpu_label,
+    cpu_letters,
+    finished,
+    machine,
+    machine_line,
+    not_measured,
+    notes,
+    parse_only,
+    write,
+)
 
 RUNS = RESULTS / "recover_runs.jsonl"
 SETTINGS = dict(nsamples=32, seqlen=512, eval_windows=16, seed=0)
 SHARED_MACHINE = "--shared-machine" in sys.argv  # other jobs ran on the same cores: times aren't idle figures
 NAME = itemgetter("name")  # a finished job's cell: pruning/recovery
-# rows from before 2026-12-03 record no ISA: they all ran on this AVX2 EPYC; later rows name their CPU
-OLD_CPU = "AMD EPYC (AVX2, no native bf16)"
-
-
 def cpu_of(row: dict) -> str:
     return row.get("machine", OLD_CPU)
 
@@ -74,7 +83,9 @@ VARIANTS = {"none": {}, "recon": RECON, "recon+distill": {**RECON, **DISTILL}}
 JOBS = [(p, v) for v in ("none", "recon") for p in list(PRUNINGS)[:2]] + \
        [(p, v) for p in list(PRUNINGS)[2:6] for v in ("none", "recon")] + \
        [(p, "recon+distill") for p in list(PRUNINGS)[:2]] + \
-       [(p, v) for p in list(PRUNINGS)[6:] for v in ("none", "recon")]
+       [(p, v) for p in list(PRUNINGS)[6:] for v in ("none", "recon")] + \
+       [(p, "recon+distill") for p in ("alps-search-0.7", "sparsegpt-search-0.5",
+                                       "sparsegpt-composite-0.5-0.5")]
 
 # zero-shot (--zero-shot): dense and the best 50% / 70% pipelines, each with and without reconstruction
 ZS_TASKS, ZS_LIMIT = "arc_easy,hellaswag,piqa,winogrande", 500
@@ -148,10 +159,6 @@ def job_options(job: str) -> dict:
     return {**PRUNINGS[pruning], **VARIANTS[variant]}
 
 
-def cpu_label(m: dict) -> str:
-    return f"{m['cpu']} ({m['isa']})"
-
-
 def jobs(tune: bool, zero_shot: bool = False) -> list[tuple[str, dict]]:
     if zero_shot:
         return [(f"zs:{j}", {**(dict(prune_method="dense") if j == "dense" else job_options(j)), **ZS})
@@ -222,8 +229,7 @@ def report(m: dict) -> None:
              "calibration-split windows disjoint from the statistics windows (the knobs were tuned on it, "
              "never on the eval split). Produced by `python benchmark/bench_recover.py`; times in seconds; "
              "‡: another job shared the 2 cores, so the time is not an idle figure.", ""]
-    order = sorted(dict.fromkeys(map(cpu_of, done.values())), key=lambda c: c != OLD_CPU)  # A: the oldest
-    cpus = {c: chr(ord("A") + i) for i, c in enumerate(order)}
+    cpus = cpu_letters(map(cpu_of, done.values()))
     lines += ["CPU (each row names its own; times compare only within one letter, perplexities are the same "
               "computation on both up to fp32 rounding): "
               + "; ".join(f"**{k}** = {c}, 2 cores" for c, k in cpus.items()) + ".", ""]

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,21 @@ def cpu_isa() -> str:
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     bf16 = "native bf16" if {"avx512_bf16", "amx_bf16"} & flags else "no native bf16"
     return f"{vector}, {bf16}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+
+
+# rows from before 2026-12-03 record no ISA: they all ran on this AVX2 EPYC; later rows name their CPU
+OLD_CPU = "AMD EPYC (AVX2, no native bf16)"
+
+
+def cpu_label(m: dict) -> str:
+    """The CPU a row ran on, as rows record it: model name and ISA."""
+    return f"{m['cpu']} ({m['isa']})"
+
+
+def cpu_letters(labels: Iterable[str]) -> dict[str, str]:
+    """A letter for each CPU seen in a table's rows, A for the oldest (the one whose rows record no ISA)."""
+    order = sorted(dict.fromkeys(labels), key=lambda c: c != OLD_CPU)
+    return {c: chr(ord("A") + i) for i, c in enumerate(order)}
 
 
 def machine() -> dict:
