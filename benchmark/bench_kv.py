@@ -296,8 +296,9 @@ def targets(by: dict) -> list[str]:
                    f"({'met' if best[0.7] / base - 1 <= 0.035 else 'missed'}; uniform {u70 / base - 1:+.1%})"
                    if u70 else f"- allocated 70%: {best[0.7] / base - 1:+.1%}")
     if base and best[0.8] and u70:
-        out.append(f"- allocated 80% at most uniform 70%'s excess: {best[0.8] / base - 1:+.1%} "
-                   f"vs {u70 / base - 1:+.1%} ({'met' if best[0.8] <= u70 else 'missed'})")
+        out.append(f"- allocated 80% at most uniform 70%'s excess: {best[0.8] / base - 1:+.2%} "
+                   f"vs {u70 / base - 1:+.2%} ({best[0.8]:.4f} vs {u70:.4f}: "
+                   f"{'met' if best[0.8] <= u70 else 'missed'})")
     if base and u80:
         out.append(f"- uniform 80% for reference: {u80 / base - 1:+.1%}")
     pairs = [(f"{w} {s} {side} {a}", pt, pc) for w in WEIGHTS for s in TARGETS for side in SIDES
