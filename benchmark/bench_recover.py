@@ -58,11 +58,12 @@ DISTILL = dict(distill_steps=20, distill_batch=2)
 MAPS = RESULTS / "maps"  # the search rows' maps (from search_runs.jsonl), applied as --allocation_file
 
 
-def searched(method: str, s: float) -> dict:
-    """The kernel with the map its search found in ``bench_search.py`` (the search is not run again: for
-    ALPS it took 1.7 hours). Re-applying a map reproduces the search run's pruning bit for bit on the same
-    CPU; on another, fp32 rounding moves it (ALPS 70%: 58.20 on the AVX-512 EPYC, 56.87 in the search)."""
-    return base(method, s, allocation_file=str(MAPS / f"{method}-search-{s}.json"))
+def searched(method: str, s: float, map_of: str | None = None) -> dict:
+    """The kernel with the map the search of ``map_of`` (default: the kernel itself) found in
+    ``bench_search.py`` (the search is not run again: for ALPS it took 1.7 hours). Re-applying a map
+    reproduces the search run's pruning bit for bit on the same CPU; on another, fp32 rounding moves it
+    (ALPS 70%: 58.20 on the AVX-512 EPYC, 56.87 in the search)."""
+    return base(method, s, allocation_file=str(MAPS / f"{map_of or method}-search-{s}.json"))
 
 # name -> options; "none" / "recon" / "recon+distill" variants of each pruning
 PRUNINGS = {
@@ -80,15 +81,17 @@ PRUNINGS = {
     "sparsegpt-search-0.5": searched("sparsegpt", 0.5),
     # ALPS with the map SparseGPT's search found at 50% (ALPS has no searched 50% map: its search takes
     # hours on this CPU); the map is fixed, so against alps-uniform-0.5 only the allocation differs
-    "alps-sgmap-0.5": base("alps", 0.5, allocation_file=str(MAPS / "sparsegpt-search-0.5.json")),
+    "alps-sgmap-0.5": searched("alps", 0.5, map_of="sparsegpt"),
 }
 # a 5× distillation budget (100 steps × 2 windows, ~30 minutes here): 20 steps always ended at their best
 DISTILL_LONG = dict(distill_steps=100, distill_batch=2)
 # and the same budget at a 5× peak learning rate (chosen against 1e-5 on calib ppl, like every knob here)
-DISTILL_LONG_HOT = dict(distill_steps=100, distill_batch=2, distill_lr=5e-5)
+DISTILL_LONG_HOT = {**DISTILL_LONG, "distill_lr": 5e-5}
 VARIANTS = {"none": {}, "recon": RECON, "recon+distill": {**RECON, **DISTILL},
             "recon+distill100": {**RECON, **DISTILL_LONG},
             "recon+distill100-lr5e-5": {**RECON, **DISTILL_LONG_HOT}}
+# in the order they ran; a pruning added to PRUNINGS joins the [6:] slice, so duplicates are dropped here
+# (a job listed twice would run twice: sweep() reads the finished jobs once, before the loop)
 JOBS = [(p, v) for v in ("none", "recon") for p in list(PRUNINGS)[:2]] + \
        [(p, v) for p in list(PRUNINGS)[2:6] for v in ("none", "recon")] + \
        [(p, "recon+distill") for p in list(PRUNINGS)[:2]] + \
@@ -97,6 +100,7 @@ JOBS = [(p, v) for v in ("none", "recon") for p in list(PRUNINGS)[:2]] + \
                                        "sparsegpt-composite-0.5-0.5")] + \
        [(p, "recon+distill100") for p in ("sparsegpt-search-0.5", "alps-sgmap-0.5")] + \
        [("alps-sgmap-0.5", "recon+distill100-lr5e-5")]
+JOBS = list(dict.fromkeys(JOBS))
 
 # zero-shot (--zero-shot): dense and the best 50% / 70% pipelines, each with and without reconstruction
 ZS_TASKS, ZS_LIMIT = "arc_easy,hellaswag,piqa,winogrande", 500

@@ -28,13 +28,14 @@ SPARSITY = 0.7
 
 @torch.no_grad()
 def kept_norm(model, windows: torch.Tensor, sparsity: float) -> float:
-    """Mean over layers, tokens and KV heads of ||top-k(v)|| / ||v|| with k = head_dim - round(s·head_dim)."""
+    """Mean over layers, tokens and KV heads of ||top-k(v)|| / ||v||, k the count the cache keeps."""
     from mosaic.adapter import adapter_for
+    from mosaic.kv.prune import prune_count
+    from mosaic.kv.report import head_dim
 
     adapter = adapter_for(model)
-    dim = model.config.head_dim if getattr(model.config, "head_dim", None) else \
-        model.config.hidden_size // model.config.num_attention_heads
-    keep = dim - round(sparsity * dim)
+    dim = head_dim(model)
+    keep = dim - prune_count(dim, sparsity)
     ratios = []
 
     def hook(_module, _inputs, out):
