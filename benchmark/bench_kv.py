@@ -306,7 +306,7 @@ def targets(by: dict) -> list[str]:
              and (pc := p(f"{w}:{s}:{side}:per_channel:{a}"))]
     worse = [name for name, pt, pc in pairs if pc < pt]
     out.append("- per_token vs per_channel: not measured (no per_channel cell yet)" if not pairs
-               else "- per_token better than per_channel everywhere measured" if not worse
+               else f"- per_token better than per_channel in all {len(pairs)} measured pairs" if not worse
                else f"- per_channel beats per_token at: {', '.join(worse)}")
     for allocation in ("head", "layer"):
         r70 = (by.get(f"dense:0.7:kv:per_token:{allocation}") or {}).get("kv_cache", {}).get("measured")
