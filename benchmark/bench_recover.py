@@ -299,9 +299,11 @@ def report(m: dict) -> None:
     missing = [f"{p}/{v}" for p, v in JOBS if same_run(done, f"{p}/{v}") is None]
     lines += not_measured(missing, RUNS, "Not measured (CPU time)",
                           f"The sweep resumes from `results/{RUNS.name}` (`--only=`).")
-    undistilled = [p for p in PRUNINGS if not any(v.startswith("recon+distill") and same_run(done, f"{p}/{v}")
-                                                  for v in VARIANTS)]
-    lines += [f"**The issue's grid lacks** distillation after reconstruction on "
+    # beyond the job list's own missing cells (above), so that no cell is named twice
+    undistilled = [p for p in PRUNINGS if f"{p}/recon+distill" not in missing
+                   and not any(v.startswith("recon+distill") and same_run(done, f"{p}/{v}")
+                               for v in VARIANTS)]
+    lines += [f"**The issue's grid also lacks** distillation after reconstruction on "
               f"{', '.join(undistilled)}; the SparseGPT and ALPS searches at 80% (no map: ALPS's search "
               "alone took 1.7 hours at 70%), each none / recon / recon+distill. `alps-sgmap-0.5` stands in "
               "for the ALPS search at 50%.", ""]
