@@ -114,7 +114,7 @@ JOBS = [(p, v) for v in ("none", "recon") for p in list(PRUNINGS)[:2]] + \
         ("sparsegpt-composite-0.5-0.5", "recon-lr1e-3+distill100-lr1e-4")]
 JOBS = list(dict.fromkeys(JOBS))
 
-# zero-shot (--zero-shot): dense and the best 50% / 70% pipelines, each with and without reconstruction
+# zero-shot (--zero-shot): dense and the best 50% / 70% pipelines: none, reconstruction, and distillation
 ZS_TASKS, ZS_LIMIT = "arc_easy,hellaswag,piqa,winogrande", 500
 ZS = dict(eval_zero_shot=ZS_TASKS, zs_limit=ZS_LIMIT)
 ZS_JOBS = ["dense", "alps-search-0.7/recon", "sparsegpt-search-0.5/recon", "alps-search-0.7/none",
@@ -312,8 +312,8 @@ def report(m: dict) -> None:
                           f"The sweep resumes from `results/{RUNS.name}` (`--only=`).")
     # beyond the job list's own missing cells (above), so that no cell is named twice
     undistilled = [p for p in PRUNINGS if f"{p}/recon+distill" not in missing
-                   and not any(v.startswith("recon+distill") and same_run(done, f"{p}/{v}")
-                               for v in VARIANTS)]
+                   and not any("distill_steps" in opts and same_run(done, f"{p}/{v}")
+                               for v, opts in VARIANTS.items())]
     lines += [f"**The issue's grid also lacks** distillation after reconstruction on "
               f"{', '.join(undistilled)}; the SparseGPT and ALPS searches at 80% (no map: ALPS's search "
               "alone took 1.7 hours at 70%), each none / recon / recon+distill. `alps-sgmap-0.5` stands in "
