@@ -95,11 +95,15 @@ DISTILL_LONG_HOTTER = {**DISTILL_LONG, "distill_lr": 1e-4}
 # 5e-4 left the -40% target short; it won on calib ppl there and on SparseGPT 70% (the knob sweep), so it
 # is now the --reconstruct_lr default
 RECON_HOT = {**RECON, "reconstruct_lr": 1e-3}
+# twice the steps on twice the windows (128: 200 steps x 2 windows would see 64 windows ~6 times), for
+# composite S = R = 0.5, whose held-out KL was still falling at step 100 of 100
+DISTILL_200 = dict(distill_steps=200, distill_batch=2, distill_windows=128, distill_lr=1e-4)
 VARIANTS = {"none": {}, "recon": RECON, "recon-lr1e-3": RECON_HOT, "recon+distill": {**RECON, **DISTILL},
             "recon+distill100": {**RECON, **DISTILL_LONG},
             "recon+distill100-lr5e-5": {**RECON, **DISTILL_LONG_HOT},
             "recon+distill100-lr1e-4": {**RECON, **DISTILL_LONG_HOTTER},
-            "recon-lr1e-3+distill100-lr1e-4": {**RECON_HOT, **DISTILL_LONG_HOTTER}}
+            "recon-lr1e-3+distill100-lr1e-4": {**RECON_HOT, **DISTILL_LONG_HOTTER},
+            "recon-lr1e-3+distill200-w128-lr1e-4": {**RECON_HOT, **DISTILL_200}}
 # in the order they ran; a pruning added to PRUNINGS joins the [6:] slice, so duplicates are dropped here
 # (a job listed twice would run twice: sweep() reads the finished jobs once, before the loop)
 JOBS = [(p, v) for v in ("none", "recon") for p in list(PRUNINGS)[:2]] + \
@@ -111,7 +115,11 @@ JOBS = [(p, v) for v in ("none", "recon") for p in list(PRUNINGS)[:2]] + \
        [(p, "recon+distill100") for p in ("sparsegpt-search-0.5", "alps-sgmap-0.5")] + \
        [("alps-sgmap-0.5", "recon+distill100-lr5e-5"), ("alps-sgmap-0.5", "recon+distill100-lr1e-4")] + \
        [("alps-uniform-0.7", "recon-lr1e-3"),
-        ("sparsegpt-composite-0.5-0.5", "recon-lr1e-3+distill100-lr1e-4")]
+        ("sparsegpt-composite-0.5-0.5", "recon-lr1e-3+distill100-lr1e-4"),
+        ("sparsegpt-composite-0.5-0.5", "recon-lr1e-3+distill200-w128-lr1e-4")] + \
+       [(p, "recon+distill") for p in ("sparsegpt-search-0.7", "sparsegpt-uniform-2:4",
+                                       "sparsegpt-composite-0.5-0.35", "alps-uniform-0.5",
+                                       "sparsegpt-uniform-0.5", "sparsegpt-uniform-0.8", "alps-uniform-0.8")]
 JOBS = list(dict.fromkeys(JOBS))
 
 # zero-shot (--zero-shot): dense and the best 50% / 70% pipelines: none, reconstruction, and distillation
