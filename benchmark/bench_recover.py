@@ -322,10 +322,10 @@ def report(m: dict) -> None:
     undistilled = [p for p in PRUNINGS if f"{p}/recon+distill" not in missing
                    and not any("distill_steps" in opts and same_run(done, f"{p}/{v}")
                                for v, opts in VARIANTS.items())]
-    lines += [f"**The issue's grid also lacks** distillation after reconstruction on "
-              f"{', '.join(undistilled)}; the SparseGPT and ALPS searches at 80% (no map: ALPS's search "
-              "alone took 1.7 hours at 70%), each none / recon / recon+distill. `alps-sgmap-0.5` stands in "
-              "for the ALPS search at 50%.", ""]
+    lacks = f"distillation after reconstruction on {', '.join(undistilled)}; " if undistilled else ""
+    lines += [f"**The issue's grid also lacks** {lacks}the SparseGPT and ALPS searches at 80% (no map: "
+              "ALPS's search alone took 1.7 hours at 70%), each none / recon / recon+distill. "
+              "`alps-sgmap-0.5` stands in for the ALPS search at 50%.", ""]
     lines += notes("recover")
     write("recover", "\n".join(lines) + "\n",
           {"machine": m, "settings": SETTINGS, "rows": list(done.values())})
