@@ -294,7 +294,12 @@ def report(m: dict) -> None:
             lines.append(
                 f"| {p} | {detail} | {r['ppl']:.2f} | {r['ppl'] / dense['ppl']:.2f}× | " if dense else
                 f"| {p} | {detail} | {r['ppl']:.2f} | — | ")
-            lines[-1] += (f"{r['ppl'] / none['ppl'] - 1:+.1%} | " if none and v != "none" else "— | ")
+            if not none or v == "none":
+                lines[-1] += "— | "
+            elif cpu_of(none) != cpu_of(r):  # fp32 rounding moves ppl between CPUs: compare within one
+                lines[-1] += f"— (none on {cpus[cpu_of(none)]}) | "
+            else:
+                lines[-1] += f"{r['ppl'] / none['ppl'] - 1:+.1%} | "
             recon = f"{recon_s:.0f}{shared}" if recon_s is not None else "—"
             distill = f"{_t(r, 'distill')}{shared}" if "distill" in r["time_s"] else "—"
             lines[-1] += (f"{r['calib_ppl']:.2f} | {r['achieved']:.4f} | {cpus[cpu_of(r)]} | "
