@@ -2,10 +2,12 @@
 with reconstruction + distillation, and the time of each phase.
 
 Within a row only the recovery differs: the same kernel, allocation, 32 × 512 calibration windows of
-wiki-offline (seed 0), sequential statistics and fp32 forwards. Two perplexities per job:
+wiki-offline (seed 0), sequential statistics and fp32 weights; the calibration forwards in the dtype
+``--calib_dtype auto`` resolved to on the row's CPU (``calib_dtype_of``). Two perplexities per job:
   - ``ppl``: the first 16 windows × 2048 tokens of the held-out wiki-offline *eval* split (the table);
-  - ``calib_ppl``: 8 windows × 512 tokens of the *calibration* split that share no token with the 32
-    statistics windows: the only number the knobs were tuned on (``--tune`` jobs).
+  - ``selection_ppl``: 8 windows × 512 tokens of the *calibration* split that share no token with any
+    statistics, distillation or held-out window of any job here: the only number knobs are chosen on
+    (rows from before 2026-12-04 carry ``calib_ppl`` instead, on windows distillation trained on).
 Finished jobs are kept in ``results/recover_runs.jsonl``, so an interrupted sweep resumes.
 
     python benchmark/bench_recover.py                 # the table's jobs, most informative first
@@ -48,6 +50,17 @@ def cpu_of(row: dict) -> str:
     return row.get("machine", OLD_CPU)
 
 
+def calib_dtype_of(row: dict) -> str:
+    """The calibration forwards' dtype of a row: recorded since 2026-12-04; before, ``--calib_dtype auto``
+    meant bf16 on a CPU with native bf16 (B) and fp32 elsewhere (A), unless the job set it."""
+    if "calib_dtype" in row:
+        return row["calib_dtype"]
+    if "calib_dtype" in row.get("options", {}):
+        return row["options"]["calib_dtype"]
+    cpu = cpu_of(row)
+    return "bfloat16" if "native bf16" in cpu and "no native bf16" not in cpu else "float32"
+
+
 def base(method: str, s: float, kind: str = "unstructured", **kw) -> dict:
     return dict(prune_method=method, sparsity_ratio=s, sparsity_type=kind, **kw)
 
@@ -63,7 +76,8 @@ MAPS = RESULTS / "maps"  # the search rows' maps (from search_runs.jsonl), appli
 def searched(method: str, s: float, map_of: str | None = None) -> dict:
     """The kernel with the map the search of ``map_of`` (default: the kernel itself) found in
     ``bench_search.py`` (the search is not run again: for ALPS it took 1.7 hours). Re-applying a map
-    reproduces the search run's pruning bit for bit on the same CPU; on another, fp32 rounding moves it
+    reproduces the search run's pruning bit for bit on the same CPU and calibration dtype; on another, the
+    calibration forwards' precision (bf16 on the AVX-512 EPYC, fp32 in the search) and rounding move it
     (ALPS 70%: 58.20 on the AVX-512 EPYC, 56.87 in the search)."""
     return base(method, s, allocation_file=str(MAPS / f"{map_of or method}-search-{s}.json"))
 
@@ -144,16 +158,20 @@ TUNE = {
 }
 
 
-def calib_ppl(model_dir: Path) -> float:
-    """Perplexity on 8 × 512 calibration-split windows that share no token with the statistics windows."""
+def selection_ppl(model_dir: Path) -> float:
+    """Perplexity on 8 × 512 calibration-split ``selection`` windows: drawn (``data.draw_windows``) after the
+    statistics windows and the largest distillation any job here runs (128 + 16), so no job trained on them
+    or took statistics from them. (Until 2026-12-04 this read the 8 windows right after the statistics
+    windows, the first 8 that distillation trains on: the rows' ``calib_ppl``.)"""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mosaic.data import calibration_windows
+    from mosaic.data import draw_windows
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    windows = calibration_windows(tok, "wiki-offline", SETTINGS["nsamples"], SETTINGS["seqlen"],
-                                  SETTINGS["seed"], held_out=8)[SETTINGS["nsamples"]:]
+    windows = draw_windows(tok, "wiki-offline", SETTINGS["seqlen"], SETTINGS["seed"],
+                           {"statistics": SETTINGS["nsamples"], "distill": 128, "distill_held_out": 16,
+                            "selection": 8})["selection"]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     nll = 0.0
     with torch.no_grad():
@@ -162,16 +180,23 @@ def calib_ppl(model_dir: Path) -> float:
     return math.exp(nll / len(windows))
 
 
+def knob_ppl(row: dict) -> str:
+    """The number knobs are chosen on: the selection perplexity, or (rows from before 2026-12-04, marked †)
+    the old calibration perplexity."""
+    return f"{row['selection_ppl']:.2f}" if "selection_ppl" in row else f"{row['calib_ppl']:.2f}†"
+
+
 def run_one(name: str, opts: dict) -> dict:
     from mosaic.pipeline import Options, run
 
     start, m = time.perf_counter(), machine()
     with tempfile.TemporaryDirectory() as tmp:
         r = run(Options(**SETTINGS, **opts, save_model=str(Path(tmp) / "model")))
-        cppl = calib_ppl(Path(tmp) / "model")
+        sppl = selection_ppl(Path(tmp) / "model")
     rec = r.get("recovery") or {}
     row = {"name": name, "options": opts, "achieved": r["sparsity"]["achieved"],
-           "ppl": r["perplexity"]["wiki-offline"]["ppl"], "calib_ppl": cppl,
+           "ppl": r["perplexity"]["wiki-offline"]["ppl"], "selection_ppl": sppl,
+           "calib_dtype": r["settings"]["calib_dtype"],
            "time_s": {k: round(v, 1) for k, v in r["time_s"].items()},
            "wall_s": round(time.perf_counter() - start, 1), "shared_machine": SHARED_MACHINE,
            "machine": cpu_label(m), "date": m["date"]}
@@ -261,18 +286,25 @@ def report(m: dict) -> None:
     dense = done.get("dense")
     lines = ["# Recovery after pruning: SmolLM2-135M", "", f"Report written on: {machine_line(m)}.", "",
              "Settings: calibration 32 × 512 tokens of wiki-offline (seed 0), sequential statistics, fp32 "
-             "weights and forwards; perplexity on the first 16 windows × 2048 tokens of the held-out "
-             "wiki-offline eval split. Within a row only the recovery differs. `calib ppl`: 8 × 512 "
-             "calibration-split windows disjoint from the statistics windows (the knobs were tuned on it, "
-             "never on the eval split). Produced by `python benchmark/bench_recover.py`; times in seconds; "
-             "‡: another job shared the 2 cores, so the time is not an idle figure.", ""]
+             "weights; perplexity on the first 16 windows × 2048 tokens of the held-out wiki-offline eval "
+             "split. Within a row only the recovery differs. `knob ppl`: 8 × 512 calibration-split "
+             "`selection` windows that no job trained on or took statistics from (knobs are chosen on it, "
+             "never on the eval split); † marks rows from before 2026-12-04, whose number is the old "
+             "`calib ppl` on the 8 windows right after the statistics windows: for a distilled row, the "
+             "first 8 of the windows it trained on, so not held-out text. Produced by "
+             "`python benchmark/bench_recover.py`; times in seconds; ‡: another job shared the 2 cores, so "
+             "the time is not an idle figure.", ""]
     cpus = cpu_letters(map(cpu_of, done.values()))
-    lines += ["CPU (each row names its own; times compare only within one letter, perplexities are the same "
-              "computation on both up to fp32 rounding): "
-              + "; ".join(f"**{k}** = {c}, 2 cores" for c, k in cpus.items()) + ".", ""]
+    dtypes = {cpu_of(r): calib_dtype_of(r) for r in done.values()
+              if "calib_dtype" not in r.get("options", {})}
+    lines += ["CPU and calibration forwards (each row names its CPU; times compare only within one letter; "
+              "the CPUs differ in the calibration forwards' precision, which changes the pruned model, not "
+              "only in fp32 rounding: `calib_dtype.md`): "
+              + "; ".join(f"**{k}** = {c}, 2 cores, {dtypes.get(c, 'float32')} calibration forwards "
+                          "(`--calib_dtype auto` as it resolved there)" for c, k in cpus.items()) + ".", ""]
     if dense:
         lines += [f"Dense: ppl {dense['ppl']:.2f}.", ""]
-    lines += ["| pruning | recovery | ppl | ÷ dense | vs none | calib ppl | achieved | CPU | prune s | "
+    lines += ["| pruning | recovery | ppl | ÷ dense | vs none | knob ppl | achieved | CPU | prune s | "
               "reconstruct s | distill s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in PRUNINGS:
         none = done.get(f"{p}/none")
@@ -296,26 +328,26 @@ def report(m: dict) -> None:
                 f"| {p} | {detail} | {r['ppl']:.2f} | — | ")
             if not none or v == "none":
                 lines[-1] += "— | "
-            elif cpu_of(none) != cpu_of(r):  # fp32 rounding moves ppl between CPUs: compare within one
+            elif cpu_of(none) != cpu_of(r):  # another CPU, other calibration forwards: compare within one
                 lines[-1] += f"— (none on {cpus[cpu_of(none)]}) | "
             else:
                 lines[-1] += f"{r['ppl'] / none['ppl'] - 1:+.1%} | "
             recon = f"{recon_s:.0f}{shared}" if recon_s is not None else "—"
             distill = f"{_t(r, 'distill')}{shared}" if "distill" in r["time_s"] else "—"
-            lines[-1] += (f"{r['calib_ppl']:.2f} | {r['achieved']:.4f} | {cpus[cpu_of(r)]} | "
+            lines[-1] += (f"{knob_ppl(r)} | {r['achieved']:.4f} | {cpus[cpu_of(r)]} | "
                           f"{prune_s:.0f}{shared} | {recon} | "
                           f"{distill} |")
     # the sweep's rows, and the main table's default row (the same options) for the CPUs the sweep lacks
     tuned = [r for k, r in done.items() if "/tune-" in k or k == "sparsegpt-uniform-0.7/recon"]
     if tuned:
-        lines += ["", "## Knob sweep (SparseGPT 70% uniform; chosen on calib ppl only)", "",
-                  "| granularity | moves | steps | lr | calib ppl | eval ppl | mean layer error before → "
+        lines += ["", "## Knob sweep (SparseGPT 70% uniform; chosen on the knob ppl only)", "",
+                  "| granularity | moves | steps | lr | knob ppl | eval ppl | mean layer error before → "
                   "after | CPU | reconstruct s |", "|---|---|---|---|---|---|---|---|---|"]
         for r in tuned:
             rc = r["reconstruct"]
             moves = "weights + norms" if r["options"].get("reconstruct_norms") else "weights"
             lines.append(f"| {rc['granularity']} | {moves} | {rc['steps']} | {rc['lr']:g} | "
-                         f"{r['calib_ppl']:.2f} | "
+                         f"{knob_ppl(r)} | "
                          f"{r['ppl']:.2f} | {rc['mean_error_before']:.3f} → {rc['mean_error_after']:.3f} | "
                          f"{cpus[cpu_of(r)]} | "
                          f"{rc['seconds']:.0f}{'‡' if r.get('shared_machine') else ''} |")

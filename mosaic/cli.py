@@ -129,8 +129,9 @@ def _calibration_flags(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--calib_batch_size", type=int, default=d.calib_batch_size, help="windows per forward")
     g.add_argument("--calib_dtype", default=d.calib_dtype,
-                   help="precision of calibration forwards: auto (bf16 for fp32 models on CPUs with native "
-                        "bf16), float32, bfloat16, float16; weights and statistics stay fp32")
+                   help="precision of calibration forwards: auto (the model's dtype, so that every machine "
+                        "builds the same model), float32, bfloat16 (faster on CPUs with native bf16, but "
+                        "another model), float16; weights and statistics stay fp32 (auto)")
     g.add_argument("--true_sequential", dest="true_sequential", action="store_true",
                    default=d.true_sequential,
                    help="statistics of each projection group after pruning the earlier groups of the layer "
@@ -164,6 +165,9 @@ def _recovery_flags(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--distill_windows", type=int, default=d.distill_windows,
                    help=f"calibration windows to distil on, none used for statistics; 1/8 as many more are "
                         f"held out to keep the best state ({d.distill_windows})")
+    g.add_argument("--distill_device", default=d.distill_device, choices=("auto", "cpu"),
+                   help="where distillation runs: auto (the GPU when student, teacher and optimizer state "
+                        "fit there, else refused in one line), or cpu (the host, slow) (auto)")
 
 
 def _evaluation_flags(p: argparse.ArgumentParser, d) -> None:

@@ -156,6 +156,33 @@ def calibration_windows(tokenizer, name: str, nsamples: int, seqlen: int, seed: 
     return torch.stack([ids[s:s + seqlen] for s in starts])
 
 
+# every role a calibration window can play, in the order they are drawn: the statistics windows first (as
+# the reference code draws them; they may overlap each other), then each held-out role, every window of which
+# shares no token with any window drawn before it, so that the roles are pairwise disjoint
+ROLES = ("statistics", "search", "validation", "distill", "distill_held_out", "selection")
+
+
+def draw_windows(tokenizer, name: str, seqlen: int, seed: int,
+                 counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The windows of every role a run (or a benchmark choosing its knobs) needs, drawn in one place:
+    ``counts`` maps roles (``ROLES``) to window counts, the result maps every role to its windows
+    [count, seqlen]. The search scores allocations on ``search`` and refines them on ``validation``;
+    distillation trains on ``distill`` and keeps its best state on ``distill_held_out``; ``selection`` is for
+    choosing knobs (learning rates, budgets) on text that no step trained on or took statistics from. A role
+    drawn after more windows of earlier roles is still disjoint from all of them: the draws are prefixes."""
+    unknown = set(counts) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown window roles {sorted(unknown)}; use {ROLES}")
+    n = counts.get("statistics", 0)
+    held = [(role, counts.get(role, 0)) for role in ROLES[1:]]
+    windows = calibration_windows(tokenizer, name, n, seqlen, seed, held_out=sum(c for _, c in held))
+    out, start = {"statistics": windows[:n]}, n
+    for role, count in held:
+        out[role] = windows[start:start + count]
+        start += count
+    return out
+
+
 def window_starts(tokens: int, nsamples: int, held_out: int, seqlen: int,
                   rng: random.Random) -> list[int] | None:
     """Start offsets: ``nsamples`` as the reference code draws them, then ``held_out`` whose ``seqlen`` tokens

@@ -170,6 +170,12 @@ def describe(need: dict[str, int]) -> str:
 
 
 HEADROOM = 0.8  # share of the available host memory the default budget allows
+DEVICE_HEADROOM = 0.8  # share of a GPU's free memory a run plans to fill (``load.place``, distillation)
+
+
+def device_free(device: torch.device) -> int:
+    """Free bytes on GPU ``device`` now."""
+    return torch.cuda.mem_get_info(device)[0]
 
 
 def available_memory() -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mosaic import fit
 from mosaic.adapter import Adapter, adapter_for
 from mosaic.errors import OptionError
 from mosaic.export import atomic_dir, make_serializable
@@ -64,20 +65,13 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return _DTYPES[spec]
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_calib_dtype(spec: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """auto: bf16 forwards for an fp32 model on a CPU with native bf16 (2.4× faster matmuls, the
-    statistics and all weight math stay fp32); otherwise the model's own dtype."""
+def resolve_calib_dtype(spec: str, model_dtype: torch.dtype,
+                        device: torch.device | None = None) -> torch.dtype:
+    """auto: the model's own dtype, on every machine, so that one command builds one model (bf16 forwards
+    on a CPU with native bf16 are ~1.3× faster but change the pruned model, not just its rounding:
+    benchmark/results/calib_dtype.md); bfloat16 is the opt-in for speed. The statistics and all weight math
+    stay fp32 whatever the forwards' dtype."""
     if spec == "auto":
-        if model_dtype == torch.float32 and device.type == "cpu" and cpu_has_native_bf16():
-            return torch.bfloat16
         return model_dtype
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
 
@@ -205,7 +199,7 @@ def load_pretrained(directory: str, *, dtype: str = "float32", device: str = "cp
     return load_model(directory, dtype=dtype, device=device).model
 
 
-def place(model: nn.Module, device: torch.device, headroom: float = 0.8,
+def place(model: nn.Module, device: torch.device, headroom: float = fit.DEVICE_HEADROOM,
           work: Workload | None = None) -> None:
     """Move the whole model to ``device`` if its weights and the calibration working set of ``work``
     (``fit.device_need``) fit; otherwise keep it on CPU and let the layer-wise engine bring one decoder
@@ -215,7 +209,7 @@ def place(model: nn.Module, device: torch.device, headroom: float = 0.8,
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     dtype = next(model.parameters()).dtype
     need = device_need(model.config, weights, work, dtype) if work is not None else {"weights": weights}
-    free, _ = torch.cuda.mem_get_info(device)
+    free = fit.device_free(device)
     if sum(need.values()) < headroom * free:
         model.to(device)
     else:

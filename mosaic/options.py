@@ -78,6 +78,7 @@ class Options:
     distill_lr: float = recover.DistillSpec.lr
     distill_batch: int = recover.DistillSpec.batch
     distill_windows: int = 64  # calibration windows to distil on, none of them used for statistics
+    distill_device: str = "auto"  # auto: the compute device when all fits there; cpu: the host
     eval_datasets: str = "wiki-offline"
     eval_windows: int | None = None
     eval_seqlen: int = 2048
@@ -98,7 +99,7 @@ class Options:
     save_model: str | None = None
     overwrite: bool = False
     offload: str = "auto"  # none: in memory; disk: stream layer by layer; auto: disk when it would not fit
-    max_memory: str | None = None  # host memory budget for offload auto (default: what is available)
+    max_memory: str | None = None  # host memory budget for offload auto and host distillation (default: free)
     resume: bool = False  # continue a killed streamed run from its last finished layer
     extra: dict = field(default_factory=dict)  # how the run was invoked, for the record
 
@@ -372,7 +373,7 @@ def warn_unused(opts: Options, plan: Plan) -> None:
     used = {"search_budget": searches, "search_windows": searches, "blocksize": kernel == "sparsegpt",
             "percdamp": kernel in ("sparsegpt", "alps"), "alps_rho0": kernel == "alps",
             "alps_max_iter": kernel == "alps", "alps_cg_iters": kernel == "alps",
-            "max_memory": opts.offload == "auto", "kv_window": plan.kv is not None,
+            "max_memory": opts.offload == "auto" or opts.distill_steps > 0, "kv_window": plan.kv is not None,
             "kv_method": plan.kv is not None, "kv_reference": plan.kv is not None,
             "kv_allocation": plan.kv is not None, "kv_allocation_file": plan.kv is not None}
     why = {"search_budget": "the allocation is not a search",
@@ -380,13 +381,14 @@ def warn_unused(opts: Options, plan: Plan) -> None:
            "blocksize": "only SparseGPT reads it", "percdamp": "only SparseGPT and ALPS read it",
            "alps_rho0": "only ALPS reads it", "alps_max_iter": "only ALPS reads it",
            "alps_cg_iters": "only ALPS reads it",
-           "max_memory": "it budgets --offload auto only", "kv_window": "no KV-cache sparsity is set",
+           "max_memory": "it budgets --offload auto and distillation only",
+           "kv_window": "no KV-cache sparsity is set",
            "kv_method": "no KV-cache sparsity is set", "kv_reference": "no KV-cache sparsity is set",
            "kv_allocation": "no KV-cache sparsity is set",
            "kv_allocation_file": "no KV-cache sparsity is set"}
     for option in ("reconstruct_steps", "reconstruct_lr", "reconstruct_batch", "reconstruct_norms"):
         used[option], why[option] = opts.reconstruct != "none", "--reconstruct is none"
-    for option in ("distill_lr", "distill_batch", "distill_windows"):
+    for option in ("distill_lr", "distill_batch", "distill_windows", "distill_device"):
         used[option], why[option] = opts.distill_steps > 0, "--distill_steps is 0"
     defaults = Options()
     for option, is_used in used.items():
@@ -407,6 +409,12 @@ def recovery_specs(opts: Options, kernel: Kernel | None, mode: str | None):
             raise OptionError(option, f"must be >= {least}, got {getattr(opts, option)}")
     for option in ("reconstruct_lr", "distill_lr"):
         _number(getattr(opts, option), option)
+    if opts.distill_batch > opts.distill_windows:
+        raise OptionError("distill_batch", f"draws {opts.distill_batch} distinct windows per step from "
+                          f"--distill_windows {opts.distill_windows}; raise --distill_windows or lower "
+                          "--distill_batch")
+    if opts.distill_device not in ("auto", "cpu"):
+        raise OptionError("distill_device", f"'{opts.distill_device}' is not one of auto, cpu")
     wanted = opts.reconstruct != "none" or opts.distill_steps > 0
     if kernel is None:
         if wanted:
@@ -424,7 +432,8 @@ def recovery_specs(opts: Options, kernel: Kernel | None, mode: str | None):
     distill = None
     if opts.distill_steps > 0:
         distill = recover.DistillSpec(steps=opts.distill_steps, lr=float(opts.distill_lr),
-                                      batch=opts.distill_batch, seed=opts.seed)
+                                      batch=opts.distill_batch, seed=opts.seed,
+                                      host=opts.distill_device == "cpu")
     return reconstruct, distill
 
 
@@ -517,9 +526,13 @@ def kv_allocation_file(opts: Options, spec: KVSparsity | None) -> kvalloc.KVAllo
     layers and heads are checked once the model is loaded); None: the run measures and solves its own."""
     path = existing_file(opts.kv_allocation_file, "kv_allocation_file") if spec is not None else None
     if path is None:
+        if spec is not None and opts.kv_allocation_file and opts.kv_allocation == "uniform":
+            log.warning("--kv_allocation_file has no effect in this run: --kv_allocation uniform measures no "
+                        "map to write to %s; pass --kv_allocation layer or head to measure one",
+                        opts.kv_allocation_file)
         return None
     file = kvalloc.read_file(path)
-    kvalloc.check_file(file, path, spec)
+    kvalloc.check_file(file, path, spec, granularity=opts.kv_allocation)
     return file
 
 

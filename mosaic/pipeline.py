@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from mosaic import allocate as alloc
-from mosaic import recover, report
+from mosaic import fit, recover, report
 from mosaic.calibrate import Activations, Calibration, check_staged
-from mosaic.data import calibration_windows, eval_texts
+from mosaic.data import calibration_windows, draw_windows, eval_texts
 from mosaic.errors import OptionError
 from mosaic.eval import zeroshot as zs
 from mosaic.eval.perplexity import perplexity
@@ -31,7 +31,15 @@ from mosaic.kv import KVMeter, KVSparsity, mustafar_attention
 from mosaic.kv import allocate as kvalloc
 from mosaic.kv.report import report as kv_report
 from mosaic.load import check_finite, compute_device, resolve_calib_dtype
-from mosaic.options import Options, Plan, allocation_meta, distill_split, kernel_options, validate
+from mosaic.options import (
+    Options,
+    Plan,
+    allocation_meta,
+    distill_split,
+    kernel_options,
+    parse_memory,
+    validate,
+)
 from mosaic.profile import Profile, profile_model
 from mosaic.prune import NMPlan, SparsityMap, nm_map, projection_params, uniform_map
 from mosaic.restructure import kept_projection_params, plan_composite
@@ -51,7 +59,8 @@ def run(opts: Options) -> dict:
     allocation = allocate_step(setup, plan, profile, opts, calib, timer)
     teacher = teacher_step(setup, plan)
     notes, reconstruction = prune_step(setup, calib, allocation, profile, plan, opts, timer)
-    distilled = distill_step(setup, calib, teacher, plan, timer)
+    distilled = distill_step(setup, calib, teacher, plan, opts, timer)
+    del teacher  # the dense copy is freed before export, evaluation and zero-shot
     results = report.record(setup, plan, allocation, profile, notes, opts,
                             report.recovery_report(reconstruction, distilled))
     saved = export(setup, results, opts, timer)
@@ -62,8 +71,9 @@ def load(opts: Options, plan: Plan, timer: report.Timer) -> Setup:
     with timer("load"):
         loaded, source = open_source(opts, plan)
     model = loaded.model
-    if plan.distill is not None:
-        recover.check_distill_fits(model, opts.seqlen)
+    if plan.distill is not None:  # refused before any work when even the dense student cannot distil
+        recover.distill_device(model, recover.model_bytes(model), compute_device(model), opts.seqlen,
+                               plan.distill, host_budget(opts, model))
     check_finite(model)
     n_layers = len(loaded.adapter.layers(model))
     if plan.allocation_file is not None:
@@ -88,22 +98,18 @@ def evaluation_texts(setup: Setup, plan: Plan, timer: report.Timer) -> dict[str,
 
 
 def calibration(setup: Setup, plan: Plan, opts: Options, timer: report.Timer) -> Calibration | None:
+    """Every window role the run needs, drawn by one function (``data.draw_windows``): pairwise disjoint."""
     if not plan.needs_calibration:
         return None
+    k = opts.search_windows if plan.searches else 0
+    train, held = distill_split(opts) if plan.distill is not None else (0, 0)
+    counts = {"statistics": opts.nsamples, "search": k, "validation": k if opts.search_budget > 0 else 0,
+              "distill": train, "distill_held_out": held}
     with timer("calibration_data"):
-        extra = 0
-        if plan.searches:  # held out; and validation, to refine
-            extra = opts.search_windows * (2 if opts.search_budget > 0 else 1)
-        distilled = distill_split(opts) if plan.distill is not None else (0, 0)
-        windows = calibration_windows(setup.loaded.tokenizer, opts.calib_dataset, opts.nsamples,
-                                      setup.seqlen, opts.seed, held_out=extra + sum(distilled))
-    n, k = opts.nsamples, opts.search_windows
-    searched = windows[n:n + extra]
-    rest = windows[n + extra:]
-    return Calibration(windows[:n], opts.calib_batch_size, searched[:k] if extra else None,
-                       searched[k:] if extra > k else None,
-                       rest[:distilled[0]] if plan.distill else None,
-                       rest[distilled[0]:] if plan.distill else None)
+        w = draw_windows(setup.loaded.tokenizer, opts.calib_dataset, setup.seqlen, opts.seed, counts)
+    return Calibration(w["statistics"], opts.calib_batch_size, w["search"] if k else None,
+                       w["validation"] if counts["validation"] else None,
+                       w["distill"] if train else None, w["distill_held_out"] if train else None)
 
 
 def profile_step(setup: Setup, calib: Calibration | None, plan: Plan, timer: report.Timer) -> Profile | None:
@@ -213,13 +219,27 @@ def teacher_step(setup: Setup, plan: Plan) -> nn.Module | None:
 
 
 def distill_step(setup: Setup, calib: Calibration | None, teacher: nn.Module | None, plan: Plan,
-                 timer: report.Timer) -> dict | None:
-    """End-to-end distillation of the pruned model from the dense one, mask frozen (optional)."""
+                 opts: Options, timer: report.Timer) -> dict | None:
+    """End-to-end distillation of the pruned model from the dense one, mask frozen (optional). Where it runs
+    is decided again now that the student is pruned: on the compute device when both models and the
+    training state fit there (the student and teacher move to it), else on the host if asked, else refused."""
     if teacher is None:
         return None
     with timer("distill"):
+        device = recover.distill_device(setup.model, recover.model_bytes(teacher), setup.compute,
+                                        setup.seqlen, plan.distill, host_budget(opts, setup.model))
+        setup.model.to(device)
+        teacher.to(device)
         return recover.distill(setup.model, teacher, setup.adapter, calib.distill, calib.distill_held_out,
                                plan.distill)
+
+
+def host_budget(opts: Options, model: nn.Module) -> int:
+    """Host bytes a run may still fill: --max_memory less what the model holds there, or what is free."""
+    if opts.max_memory is None:
+        return fit.available_memory()
+    on_host = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
+    return parse_memory(opts.max_memory) - on_host
 
 
 def export(setup: Setup, results: dict, opts: Options, timer: report.Timer) -> report.Saved:

@@ -11,7 +11,12 @@
    checkpointing; the state with the lowest held-out KL is kept.
 
 Zeros stay zeros: gradients are masked and the mask is re-imposed after every step, so N:M patterns and
-composite widths hold. By default only the seven projections' weights move; with ``norms`` the layer's
+composite widths hold. The optimizer never steps in bf16 or fp16: a tuned parameter of a half-precision
+model gets an fp32 master copy that Adam updates, and the model's weight is the master rounded to its
+dtype after each step (at lr 1e-5 an update is far below half a bf16 step of a weight near 0.02, and
+would round away if applied to the bf16 weight itself). fp32 parameters are their own masters.
+
+By default only the seven projections' weights move; with ``norms`` the layer's
 two RMSNorm scales and the projections' biases (no mask covers them) move as well. Embeddings, the final
 norm and the head are always frozen. Nothing here knows kernels, allocations or streaming: it sees a
 layer, inputs and targets.
@@ -51,11 +56,6 @@ class ReconstructSpec:
     norms: bool = False  # also tune the layer's norm scales and biases (measured: recover.md)
 
 
-def frozen_masks(adapter: Adapter, layer: nn.Module, names=PROJECTIONS) -> dict[str, torch.Tensor]:
-    """Which weights each projection keeps: the nonzeros the kernel left."""
-    return {p: adapter.projection(layer, p).weight != 0 for p in names}
-
-
 def relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
     """‖outputs − targets‖² / ‖targets‖², over all windows."""
     num = sum(float((o.double() - t.double()).pow(2).sum()) for o, t in zip(outputs, targets))
@@ -65,8 +65,36 @@ def relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> 
 
 def _normalised_mse(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """MSE divided by the target's mean square: every layer's loss on the same scale, whatever the size of
-    the residual stream (SmolLM2's grows ~1000× with depth)."""
+    the residual stream (SmolLM2's grows ~1000× with depth). Reduced in fp32 whatever the model's dtype."""
+    y, t = y.float(), t.float()
     return (y - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
+
+
+def master_copies(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """What the optimizer updates: an fp32 copy of each half-precision parameter, the parameter itself when
+    it is fp32 already (so fp32 runs are unchanged, bit for bit)."""
+    return [p if p.dtype == torch.float32 else p.detach().float() for p in params]
+
+
+def masked_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], masters: list[torch.Tensor],
+                masks: list[torch.Tensor | None]) -> None:
+    """One optimizer step on the fp32 ``masters`` from the gradients of ``params``: gradients masked before
+    the step, zeros re-imposed after it, then each parameter set to its master rounded to its dtype.
+    ``masks[i]`` None: the parameter has no mask (norm scales, biases)."""
+    for p, w, m in zip(params, masters, masks):
+        if p.grad is None:
+            w.grad = None
+            continue
+        g = p.grad if w is p else p.grad.float()
+        w.grad = g.mul_(m) if m is not None else g
+    opt.step()
+    with torch.no_grad():
+        for p, w, m in zip(params, masters, masks):
+            if m is not None:
+                w.mul_(m)
+            if w is not p:
+                p.copy_(w)
+                w.grad = None
 
 
 def _expand_kwargs(obj, rows: int, size: int):
@@ -102,19 +130,24 @@ def _tunable(adapter: Adapter, layer: nn.Module, names: tuple[str, ...], norms: 
 def _tune(adapter: Adapter, layer: nn.Module, names: tuple[str, ...], forward, inputs: list[torch.Tensor],
           targets: list[torch.Tensor], kwargs, spec: ReconstructSpec, generator: torch.Generator,
           bar: tqdm | None) -> None:
-    """Adam steps on the kept weights of ``names`` (and, with ``spec.norms``, their unmasked parameters)
-    so that ``forward(x, kw)`` matches ``targets``."""
+    """Adam steps (on fp32 masters) on the kept weights of ``names`` (and, with ``spec.norms``, their
+    unmasked parameters) so that ``forward(x, kw)`` matches ``targets``. Nothing else in ``layer`` takes a
+    gradient, and no ``.grad`` is left behind."""
     params = _tunable(adapter, layer, names, spec.norms)
     weights = params[:len(names)]
-    masks = [p != 0 for p in weights]
+    masks = [p != 0 for p in weights] + [None] * (len(params) - len(names))
+    masters = master_copies(params)
     device, dtype = weights[0].device, weights[0].dtype
     index = _windows(inputs)
     size = min(spec.batch, len(index))
     kw = _expand_kwargs(kwargs[0], inputs[0].shape[0], size)
-    was = [p.requires_grad for p in params]
+    everything = list(layer.parameters())
+    was = [p.requires_grad for p in everything]
+    for p in everything:
+        p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=spec.lr)
+    opt = torch.optim.Adam(masters, lr=spec.lr)
     try:
         with torch.enable_grad():
             for _ in range(spec.steps):
@@ -123,20 +156,19 @@ def _tune(adapter: Adapter, layer: nn.Module, names: tuple[str, ...], forward, i
                 t = _gather(targets, index, pick, device, dtype)
                 loss = _normalised_mse(forward(x, kw), t)
                 opt.zero_grad(set_to_none=True)
+                for p in params:
+                    p.grad = None
                 loss.backward()
-                for p, m in zip(weights, masks):
-                    p.grad.mul_(m)
-                opt.step()
-                with torch.no_grad():
-                    for p, m in zip(weights, masks):
-                        p.mul_(m)
+                masked_step(opt, params, masters, masks)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     finally:
-        for p, w in zip(params, was):
+        for p, w in zip(everything, was):
             p.requires_grad_(w)
             p.grad = None
+        for w in masters:
+            w.grad = None
 
 
 @dataclass
@@ -240,6 +272,7 @@ class DistillSpec:
     warmup: float = 0.1  # share of the steps with a linear warm-up
     checkpointing: bool = True
     seed: int = 0
+    host: bool = False  # distil on the host even when a GPU computes (slow; for students it cannot hold)
 
 
 def _lr_factor(step: int, spec: DistillSpec) -> float:
@@ -286,13 +319,19 @@ def held_out_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, d
     return total / windows.shape[0]
 
 
+def distilled_weights(adapter: Adapter, model: nn.Module) -> list[nn.Parameter]:
+    """What distillation moves: every decoder layer's seven projection weights."""
+    return [adapter.projection(layer, p).weight for layer in adapter.layers(model) for p in PROJECTIONS]
+
+
 def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: torch.Tensor,
             held_out: torch.Tensor, spec: DistillSpec) -> dict:
-    """End-to-end distillation of ``student`` (in place, mask frozen) from ``teacher`` on ``train`` windows;
-    the state with the lowest KL on ``held_out`` windows is kept. Returns the curve and the time."""
+    """End-to-end distillation of ``student`` (in place, mask frozen) from ``teacher`` on ``train`` windows,
+    where the student lives; the state with the lowest KL on ``held_out`` windows is kept (one copy, on the
+    host). AdamW updates fp32 masters of half-precision weights. Returns the curve and the time."""
     start = time.perf_counter()
     device = next(student.parameters()).device
-    params = [adapter.projection(layer, p).weight for layer in adapter.layers(student) for p in PROJECTIONS]
+    params = distilled_weights(adapter, student)
     masks = [p != 0 for p in params]
     frozen = [(p, p.requires_grad) for p in student.parameters()]
     for p, _ in frozen:
@@ -300,7 +339,8 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
     for p in params:
         p.requires_grad_(True)
     teacher.eval()
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    masters = master_copies(params)
+    opt = torch.optim.AdamW(masters, lr=spec.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, spec))
     generator = torch.Generator().manual_seed(spec.seed)
     enable, disable = _checkpointing(student) if spec.checkpointing else (None, None)
@@ -308,7 +348,8 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
         enable()
     best = held_out_kl(student, teacher, held_out, device, spec.micro_batch)
     curve = [{"step": 0, "held_out_kl": best}]
-    best_state, best_step = [p.detach().to("cpu", copy=True) for p in params], 0
+    best_state = [p.detach().to("cpu", copy=True) for p in params]  # overwritten in place by a new best
+    best_step = 0
     micro = max(1, min(spec.micro_batch, spec.batch))
     try:
         # activation checkpointing is active in training mode only; these models have no dropout
@@ -317,6 +358,8 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
         for step in bar:
             pick = torch.randperm(train.shape[0], generator=generator)[:spec.batch]
             opt.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             total = 0.0
             for k in range(0, pick.numel(), micro):
                 ids = train[pick[k:k + micro]].to(device)
@@ -327,15 +370,9 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
                             / pick.numel())
                     loss.backward()
                 total += loss.item()
-                del t_logits
-            for p, m in zip(params, masks):
-                if p.grad is not None:
-                    p.grad.mul_(m)
-            opt.step()
+                del t_logits, loss
+            masked_step(opt, params, masters, masks)
             sched.step()
-            with torch.no_grad():
-                for p, m in zip(params, masks):
-                    p.mul_(m)
             bar.set_postfix(kl=f"{total:.4f}")
             if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
                 student.eval()
@@ -344,7 +381,8 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
                 curve.append({"step": step + 1, "train_kl": total, "held_out_kl": kl})
                 if kl < best:
                     best, best_step = kl, step + 1
-                    best_state = [p.detach().to("cpu", copy=True) for p in params]
+                    for kept, p in zip(best_state, params):
+                        kept.copy_(p.detach())
     finally:
         student.eval()
         if disable is not None:
@@ -352,12 +390,16 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
         for p, was in frozen:
             p.requires_grad_(was)
             p.grad = None
+        for w in masters:
+            w.grad = None
+        del opt, sched, masters
     if best_step != spec.steps:  # the held-out best came earlier (or was the start): go back to it
         with torch.no_grad():
             for p, w in zip(params, best_state):
                 p.copy_(w.to(p.device))
     return {"steps": spec.steps, "lr": spec.lr, "batch": spec.batch, "best_step": best_step,
             "held_out_kl_before": curve[0]["held_out_kl"], "held_out_kl_after": best, "curve": curve,
+            "device": str(device), "dtype": str(params[0].dtype).removeprefix("torch."),
             "seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -369,29 +411,64 @@ def teacher_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-def distill_need(model: nn.Module, seqlen: int, micro_batch: int = 1) -> int:
-    """Bytes distillation adds to the loaded model: the teacher, the projections' gradients, AdamW's two
-    moments and the best state kept (fp32), one micro-batch's logits (teacher, student, their log-softmax
-    and its gradient) and the checkpointed layer inputs."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    adapter_params = sum(p.numel() for n, p in model.named_parameters() if n.endswith("proj.weight"))
-    config = model.config
-    logits = micro_batch * seqlen * config.vocab_size * 4 * 5
-    checkpoints = micro_batch * seqlen * config.hidden_size * 4 * (config.num_hidden_layers + 8)
-    return weights + adapter_params * 4 * 4 + logits + checkpoints
+def model_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def check_distill_fits(model: nn.Module, seqlen: int) -> None:
-    """Teacher and student together, the optimizer's state and one micro-batch's logits must fit where the
-    model lives; refuse in one line before any work otherwise."""
-    device = next(model.parameters()).device
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    context = int(getattr(model.config, "max_position_embeddings", seqlen) or seqlen)
-    need = distill_need(model, min(seqlen, context))
-    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else fit.available_memory()
-    if need > have:
-        raise OptionError("distill_steps", f"distillation needs about {need / 2**30:.1f} GiB beside what is "
-                          f"loaded (a dense teacher of {weights / 2**30:.1f} GiB, the optimizer's state and "
-                          f"one window's logits) and {have / 2**30:.1f} GiB is free on {device}; use "
-                          "--reconstruct alone, or a smaller --seqlen")
+def distill_need(student: nn.Module, teacher_bytes: int, seqlen: int, micro_batch: int = 1
+                 ) -> dict[str, dict[str, int]]:
+    """Bytes distillation holds beside the loaded student, by where they live. ``device`` (where the student
+    computes): the teacher; for the projections' weights the gradients (and, for a half-precision model,
+    their fp32 copies), the fp32 masters of a half-precision model, AdamW's two fp32 moments and the
+    temporary of one moment's size its step builds, and the masks;
+    one micro-batch's logits (teacher, student, their log-softmax and its gradient, fp32) and the
+    checkpointed layer inputs. ``host``: the best state kept (the weights in their own dtype)."""
+    tuned = [p for n, p in student.named_parameters() if n.endswith("proj.weight")]
+    numel = sum(p.numel() for p in tuned)
+    size = tuned[0].element_size() if tuned else FP32
+    half = size < FP32
+    config = student.config
+    device = {
+        "teacher": teacher_bytes,
+        "gradients": numel * (size + (FP32 if half else 0)),
+        "masters": numel * FP32 if half else 0,
+        "adam": 3 * numel * FP32,
+        "masks": numel,
+        "logits": micro_batch * seqlen * config.vocab_size * FP32 * 5,
+        "checkpoints": micro_batch * seqlen * config.hidden_size * FP32 * (config.num_hidden_layers + 8),
+    }
+    return {"device": device, "host": {"best_state": numel * size}}
 
+
+FP32 = 4
+
+
+def distill_device(student: nn.Module, teacher_bytes: int, compute: torch.device, seqlen: int,
+                   spec: DistillSpec, host_budget: int, headroom: float = fit.HEADROOM) -> torch.device:
+    """Where distillation runs: on the compute device when the student (if it is not there yet), the teacher
+    and the training state fit in ``headroom`` of its free memory (as ``load.place`` decides), on the host
+    when the run computes there or ``spec.host`` asks for it. Refuses in one line, naming the memory needed,
+    when the chosen place cannot hold it (``host_budget``: the host bytes the run may use)."""
+    context = int(getattr(student.config, "max_position_embeddings", seqlen) or seqlen)
+    need = distill_need(student, teacher_bytes, min(seqlen, context))
+    on_device, on_host = sum(need["device"].values()), sum(need["host"].values())
+    where = next(student.parameters()).device
+    if compute.type == "cpu" or spec.host:
+        total = on_device + on_host + (model_bytes(student) if where.type != "cpu" else 0)
+        if total > host_budget:
+            raise OptionError("distill_steps", f"distillation needs about {total / 2**30:.1f} GiB of host "
+                              f"memory beside what is loaded (a dense teacher of {teacher_bytes / 2**30:.1f} "
+                              f"GiB, the optimizer's state and one window's logits) and the budget is "
+                              f"{host_budget / 2**30:.1f} GiB; use --reconstruct alone, a smaller --seqlen, "
+                              "or a larger --max_memory")
+        return torch.device("cpu")
+    device_total = on_device + (model_bytes(student) if where != compute else 0)
+    free = fit.device_free(compute)
+    if device_total > headroom * free or on_host > host_budget:
+        raise OptionError("distill_steps", f"distillation on {compute} needs about "
+                          f"{device_total / 2**30:.1f} GiB there (student, dense teacher, optimizer state, "
+                          f"logits) and {on_host / 2**30:.1f} GiB of host memory for the best state; "
+                          f"{headroom:.0%} of the {free / 2**30:.1f} GiB free on {compute} is too little; "
+                          "use --distill_device cpu to distil on the host (slow), --reconstruct alone, or a "
+                          "smaller --seqlen")
+    return compute

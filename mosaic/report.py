@@ -44,6 +44,10 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _precision(dtype: str) -> str:
+    return f"{dtype} weights" + (", fp32 masters" if dtype != "float32" else "")
+
+
 def summary_text(r: dict) -> str:
     a = r["args"]
     s = r["sparsity"]
@@ -54,6 +58,8 @@ def summary_text(r: dict) -> str:
         head += f" · target {s['target']:.2%} {kind} · allocation {alloc}"
     if r["settings"].get("calib_stats"):
         head += f" · {r['settings']['calib_stats']} statistics"
+    if r["settings"].get("calib_dtype"):
+        head += f" · {r['settings']['calib_dtype']} calibration forwards"
     lines = [head]
     if "structured" in s:
         lines.append(f"  removed      {s['achieved']:.4%} of decoder projection weights: "
@@ -118,7 +124,8 @@ def summary_text(r: dict) -> str:
         d = rec["distill"]
         lines.append(f"  distill      {d['steps']} steps: held-out KL to the dense model "
                      f"{d['held_out_kl_before']:.4f} → {d['held_out_kl_after']:.4f} "
-                     f"(best at step {d['best_step']}) in {d['seconds']:.1f} s")
+                     f"(best at step {d['best_step']}) in {d['seconds']:.1f} s"
+                     + (f" on {d['device']} ({_precision(d['dtype'])})" if "device" in d else ""))
     status = r.get("evaluation", {}).get("status")
     if status and status != "complete":
         lines.append(f"  evaluation   {status}"

@@ -63,6 +63,16 @@ def run_identity(checkpoint: Path, calib_dataset: str | None) -> dict:
     return out
 
 
+def resolved_settings(dtype: torch.dtype, compute: torch.device, calib_dtype: torch.dtype) -> dict:
+    """What the ``auto`` options resolved to on this machine, and the libraries that compute: a run killed
+    on a GPU (bf16) must not be resumed on a CPU (fp32), nor one calibrated in bf16 continued in fp32."""
+    import transformers
+
+    return {"dtype": str(dtype).removeprefix("torch."), "device": compute.type,
+            "calib_dtype": str(calib_dtype).removeprefix("torch."), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
 def file_identity(path: Path, sample: int | None = SAMPLE) -> str:
     """Size and SHA-256 of a file: of all of it (``sample`` None), else of its first and last ``sample``
     bytes, and all of a safetensors header (names, dtypes, shapes, offsets), so that hashing a checkpoint
@@ -114,8 +124,9 @@ def start(partial: Path, print_: str, resume: bool, overwrite: bool, n_layers: i
         done = Progress(**json.loads(state.read_text()))
         if done.fingerprint != print_:
             raise OptionError("resume", f"{partial} was written by another run (other pruning settings, "
-                              "model or calibration files, or Mosaic version); rerun exactly that run to "
-                              "continue it, or pass --overwrite without --resume to discard it")
+                              "model or calibration files, resolved dtype, device or calibration dtype, or "
+                              "Mosaic, torch or transformers version); rerun exactly that run on such a "
+                              "machine to continue it, or pass --overwrite without --resume to discard it")
         log.info("resuming at layer %d of %d from %s", done.next_layer, n_layers, partial)
         return done, True
     if resume:

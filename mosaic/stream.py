@@ -36,7 +36,15 @@ from mosaic.load import Loaded, all_finite, load_model, resolve_device, resolve_
 from mosaic.options import check_streamable, parse_memory, workload
 from mosaic.prune import group_pruner, stats_for
 from mosaic.restructure import apply, reconfigure
-from mosaic.resume import STATE, Progress, check_leftover, fingerprint, partial_dir, run_identity
+from mosaic.resume import (
+    STATE,
+    Progress,
+    check_leftover,
+    fingerprint,
+    partial_dir,
+    resolved_settings,
+    run_identity,
+)
 from mosaic.shards import ShardSource, link_or_copy, return_freed_memory, shard_name, write_index, write_shard
 from mosaic.source import InMemory
 
@@ -331,7 +339,8 @@ class StreamRun:
 
     def _open(self, job) -> Progress:
         """The resume record: continued (``--resume``, same fingerprint) or fresh."""
-        identity = run_identity(self.streamed.source.directory, job.run_options.get("calib_dataset"))
+        identity = {**run_identity(self.streamed.source.directory, job.run_options.get("calib_dataset")),
+                    "resolved": resolved_settings(self.streamed.dtype, job.compute, job.calib_dtype)}
         print_ = fingerprint(job.run_options, job.sparsity, job.nm, identity)
         self.progress, resumed = resume.start(self.partial, print_, self.resume, self.overwrite,
                                               self.streamed.n_layers)

@@ -6,6 +6,7 @@ compared with ``golden.json``. Floating-point results depend on the CPU's vector
 versions, so the hashes are kept per machine fingerprint (CPU model and flags, torch, transformers); on a
 machine without recorded hashes the test is skipped with that reason. Record them with
 ``MOSAIC_GOLDEN=record pytest tests/test_golden.py`` (only before a move, never to make a failure pass).
+The machine-independent check, which runs (never skips) on every x86 CPU, is ``test_golden_portable.py``.
 """
 
 from __future__ import annotations

@@ -77,3 +77,23 @@ def test_kv_allocation_without_kv_sparsity_warns_once(tiny_dirs, calib_file, cap
     with caplog.at_level("WARNING"):
         validate(kv_opts(tiny_dirs["llama"], calib_file, kv_sparsity=None, kv_allocation="layer"))
     assert any("--kv_allocation has no effect" in r.message for r in caplog.records)
+
+
+def test_a_kv_file_for_another_granularity_or_window_is_refused_and_an_unused_one_warns(tiny_dirs, calib_file,
+                                                                                       tmp_path, caplog):
+    """The file used to be applied whatever --kv_allocation and --kv_window said, and a uniform run given a
+    new file path wrote nothing and said nothing."""
+    mapped = tmp_path / "kv.json"
+    run(kv_opts(tiny_dirs["qwen2"], calib_file, kv_allocation="head", kv_allocation_file=str(mapped)))
+    assert json.loads(mapped.read_text())["window"] == 16
+    base = ["--model", str(tiny_dirs["qwen2"]), "--prune_method", "dense", "--eval_datasets", str(calib_file),
+            "--eval_seqlen", "128", "--eval_windows", "2", "--kv_sparsity", "0.5", "--kv_allocation_file",
+            str(mapped), "--save", str(tmp_path / "no")]
+    for extra, says in ((["--kv_allocation", "layer", "--kv_window", "16"], "--kv_allocation head"),
+                        (["--kv_allocation", "head", "--kv_window", "32"], "--kv_window 16")):
+        proc = run_cli(*base, *extra)
+        assert proc.returncode == 2 and not (tmp_path / "no").exists(), proc.stderr[-1000:]
+        assert proc.stderr.strip().count("\n") == 0 and says in proc.stderr, proc.stderr
+    with caplog.at_level("WARNING"):
+        validate(kv_opts(tiny_dirs["qwen2"], calib_file, kv_allocation_file=str(tmp_path / "new.json")))
+    assert any("--kv_allocation_file has no effect" in r.message for r in caplog.records)

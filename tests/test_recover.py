@@ -127,10 +127,13 @@ def checked_tune(monkeypatch):
     calls = []
     original = recover.Reconstruction.tune
 
+    def kept(adapter, layer) -> dict[str, torch.Tensor]:
+        return {p: adapter.projection(layer, p).weight != 0 for p in PROJECTIONS}
+
     def tune(self, index, layer, *args, **kwargs):
-        before = recover.frozen_masks(self.adapter, layer)
+        before = kept(self.adapter, layer)
         out = original(self, index, layer, *args, **kwargs)
-        after = recover.frozen_masks(self.adapter, layer)
+        after = kept(self.adapter, layer)
         calls.append(all(torch.equal(before[p], after[p]) for p in PROJECTIONS))
         return out
 
@@ -154,7 +157,7 @@ def test_zeros_stay_zeros_through_reconstruction_and_distillation(tmp_path, tiny
     plain = run(small(tiny_dirs[family], calib_file, save_model=str(tmp_path / "plain"), **kw))
     recovered = run(small(tiny_dirs[family], calib_file, save_model=str(tmp_path / "rec"),
                           reconstruct="sublayer", reconstruct_steps=4, reconstruct_batch=2, distill_steps=2,
-                          distill_windows=4, **kw))
+                          distill_windows=4, distill_batch=2, **kw))
     assert len(checked_tune) == 2 and all(checked_tune)  # each layer's nonzeros unchanged by its tuning
     assert recovered["recovery"]["reconstruct"]["tuned_layers"] >= 1
     # the kernel prunes exact counts whatever its inputs, and composite widths are planned before pruning
@@ -253,6 +256,8 @@ def test_reconstruction_prunes_the_searched_map_and_its_file_reapplies_it(tmp_pa
     ("reconstruct_lr", 0.0), ("reconstruct_lr", -1e-3), ("reconstruct_lr", math.nan),
     ("reconstruct_batch", 0), ("distill_steps", -3), ("distill_lr", math.inf), ("distill_windows", 1),
     ("reconstruct_norms", "yes"), ("reconstruct_norms", 1),
+    ("distill_batch", 65),  # more windows per step than --distill_windows (64) has: fewer were used silently
+    ("distill_device", "gpu"),
 ])
 def test_bad_recovery_knobs_are_refused_before_any_work(tmp_path, tiny_dirs, calib_file, field, value):
     with pytest.raises(OptionError) as err:
@@ -267,6 +272,7 @@ def test_bad_recovery_knobs_are_refused_before_any_work(tmp_path, tiny_dirs, cal
     (["--reconstruct", "layer", "--reconstruct_lr", "0"], "--reconstruct_lr"),
     (["--reconstruct", "sublayer", "--reconstruct_lr", "nan"], "--reconstruct_lr"),
     (["--distill_steps", "5", "--offload", "disk"], "--distill_steps"),
+    (["--distill_steps", "5", "--distill_windows", "4", "--distill_batch", "8"], "--distill_batch"),
     (["--reconstruct", "layer", "--prune_method", "sparsegpt", "--calib_stats", "dense"], "--reconstruct"),
 ])
 def test_bad_recovery_flags_are_one_line_errors(tmp_path, tiny_dirs, calib_file, args, flag):

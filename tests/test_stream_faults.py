@@ -255,6 +255,32 @@ def test_resume_refuses_when_the_checkpoint_calibration_text_or_version_changed(
     assert snapshot(partial) == before and not out.exists()
 
 
+@pytest.mark.parametrize("change", ["dtype", "calib_dtype", "torch"])
+def test_resume_refuses_when_auto_settings_resolve_otherwise_or_torch_changed(tmp_path, sharded, calib_file,
+                                                                             monkeypatch, change):
+    """The options say "auto" both times; what they resolved to did not match: a run killed on a GPU (bf16
+    weights) resumed on a CPU (fp32), one calibrated in bf16 continued in fp32, or another torch."""
+    from mosaic import pipeline
+
+    model = copy_of(sharded, tmp_path / "model")
+    out = tmp_path / "out"
+    kw = dict(prune_method="wanda", offload="disk", dtype="auto", calib_dtype="auto")
+    with pytest.MonkeyPatch.context() as first:
+        if change == "dtype":  # as on a GPU: auto loads bf16
+            first.setattr(stream, "resolve_dtype", lambda spec, device: torch.bfloat16)
+        elif change == "calib_dtype":  # bf16 forwards where the resumed run has fp32 ones
+            first.setattr(pipeline, "resolve_calib_dtype", lambda spec, dtype, device: torch.bfloat16)
+        interrupt_after(0, options(model, calib_file, out, **kw))
+    partial = tmp_path / ".out.partial"
+    before = snapshot(partial)
+    if change == "torch":
+        monkeypatch.setattr(torch, "__version__", torch.__version__ + ".post1")
+    with pytest.raises(OptionError) as e:
+        run(options(model, calib_file, out, resume=True, **kw))
+    assert e.value.option == "resume" and "\n" not in str(e.value) and "resolved dtype" in str(e.value)
+    assert snapshot(partial) == before and not out.exists()
+
+
 def test_the_identity_of_a_large_file_reads_its_ends_and_all_of_a_safetensors_header(tmp_path):
     file = tmp_path / "big.safetensors"
     header = b'{"w":{"dtype":"U8","shape":[4000],"data_offsets":[0,4000]}}'

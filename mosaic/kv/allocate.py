@@ -273,7 +273,8 @@ def write(path: str | os.PathLike, spec: KVSparsity, heads: list[int], dim: int,
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(heads)
     doc = {"format": FORMAT, **(meta or {}), "target": {"k": spec.k_sparsity, "v": spec.v_sparsity},
-           "k_method": spec.k_method, "v_method": spec.v_method, "group": spec.group, "kv_heads": list(heads),
+           "k_method": spec.k_method, "v_method": spec.v_method, "group": spec.group, "window": spec.window,
+           "kv_heads": list(heads),
            "head_dim": dim, "k": [_entry(spec.k_at(i)) for i in range(n)],
            "v": [_entry(spec.v_at(i)) for i in range(n)]}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -323,9 +324,10 @@ def read_file(path: str | os.PathLike) -> KVAllocationFile:
 
 
 def check_file(f: KVAllocationFile, path: str | os.PathLike, spec: KVSparsity, heads: list[int] | None = None,
-               dim: int | None = None) -> None:
-    """The file must be for this run's targets and criteria, and (once the model is loaded: ``heads``,
-    ``dim``) for its layers, KV heads and head size."""
+               dim: int | None = None, granularity: str | None = None) -> None:
+    """The file must be for this run's targets, criteria and dense window, for the granularity the run names
+    (``granularity`` layer or head; uniform, the default, applies whatever the file holds), and (once the
+    model is loaded: ``heads``, ``dim``) for its layers, KV heads and head size."""
     target = f.meta["target"]
     if abs(target["k"] - spec.k_sparsity) > 1e-9 or abs(target["v"] - spec.v_sparsity) > 1e-9:
         raise OptionError(OPTION, f"{path} was made for K/V sparsity {target['k']:g}/{target['v']:g}, "
@@ -334,6 +336,15 @@ def check_file(f: KVAllocationFile, path: str | os.PathLike, spec: KVSparsity, h
     for key in ("k_method", "v_method", "group"):
         if key in f.meta and f.meta[key] != getattr(spec, key):
             raise OptionError(OPTION, f"{path} was made with {key} {f.meta[key]}, not {getattr(spec, key)}")
+    made = f.meta.get("granularity")
+    if granularity not in (None, "uniform") and made is not None and made != granularity:
+        raise OptionError(OPTION, f"{path} holds a {made} map, but this run asks --kv_allocation "
+                          f"{granularity}; pass --kv_allocation {made} to apply it, or another file path to "
+                          f"measure a {granularity} map")
+    if "window" in f.meta and f.meta["window"] != spec.window:
+        raise OptionError(OPTION, f"{path} was measured with --kv_window {f.meta['window']}, but this run "
+                          f"keeps {spec.window} tokens dense; pass --kv_window {f.meta['window']} or another "
+                          "file path")
     if heads is not None and len(heads) != len(f.kv_heads):
         raise OptionError(OPTION, f"{path} has {len(f.kv_heads)} layers; this model has {len(heads)}")
     if heads is not None and list(heads) != f.kv_heads:
@@ -405,7 +416,7 @@ def allocate(model: nn.Module, spec: KVSparsity, granularity: str, windows: torc
     layer or head; then written to ``path`` if given), or uniform. Also what it learned, for the record."""
     heads, dim = kv_heads(model), head_dim(model)
     if file is not None:
-        check_file(file, path, spec, heads, dim)
+        check_file(file, path, spec, heads, dim, granularity)
         spec, learned = apply(file, spec), {"source": f"file:{path}"}
     elif granularity == "uniform":
         return spec, {}
