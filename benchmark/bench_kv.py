@@ -14,7 +14,9 @@ occupancy). The sensitivity reads 4 × 512 calibration windows of wiki-offline (
 split; it is measured once per (weights, criterion) at head granularity (the Fisher estimate, whose layer
 curves are the head curves summed) and kept in ``results/kv_curves.jsonl``. SparseGPT 50%: 32 × 512
 calibration windows (seed 0), sequential statistics, pruned once and kept in
-``llm_weights/bench_kv_sparsegpt50``.
+``llm_weights/bench_kv_sparsegpt50``, with bf16 calibration forwards on CPU B and fp32 on CPU A
+(``--calib_dtype auto`` until 2026-12-04: bf16 on a CPU with native bf16; now the model's dtype everywhere,
+``calib_dtype.md``); the sensitivity and the evaluation run in fp32 on both.
 Finished cells are kept in ``results/kv_runs.jsonl`` and skipped.
 
     python benchmark/bench_kv.py                 # every missing cell, the most important first (hours)
