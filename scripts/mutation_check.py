@@ -1,7 +1,9 @@
-"""Do the tests fail on broken code? Each mutation breaks one promised behaviour of the KV allocation or the
-recovery in a scratch copy of HEAD; the tests named beside it must then fail ("CAUGHT").
+"""Do the tests fail on broken code? Each mutation breaks one promised behaviour of the KV allocation, the
+recovery, resuming or the calibration windows in a scratch copy of HEAD; the tests named beside it must then
+fail ("CAUGHT").
 
-    .venv/bin/python scripts/mutation_check.py      # ~2-3 minutes on 2 cores; do not time anything beside it
+    .venv/bin/python scripts/mutation_check.py          # ~10 minutes on 2 cores; time nothing beside it
+    .venv/bin/python scripts/mutation_check.py 7 9      # only those mutations
 
 The scratch copy is a detached ``git worktree`` in a temporary folder, removed at the end; the checkout
 itself is never touched.
@@ -15,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KV, RECOVER = ["tests/test_kv_alloc.py", "tests/test_kv_run.py"], ["tests/test_recover.py"]
+PRECISION = ["tests/test_recover_precision.py"]
 # (what breaks, file, [(old, new), ...], tests that must catch it)
 MUTATIONS = [
     ("the KV solve ignores the measured curves (flat costs)", "mosaic/kv/allocate.py",
@@ -27,13 +30,39 @@ MUTATIONS = [
      [("if heads is not None and len(heads) != len(f.kv_heads):", "if False:")], KV),
     ("MustafarCache prunes every layer with layer 0's sparsity", "mosaic/kv/cache.py",
      [("self.spec.keys(x, self.layer)", "self.spec.keys(x, 0)")], KV),
-    ("reconstruction masks neither gradients nor weights", "mosaic/recover.py",
-     [("                for p, m in zip(weights, masks):\n                    p.grad.mul_(m)",
-       "                for p, m in zip(weights, masks):\n                    pass"),
-      ("                    for p, m in zip(weights, masks):\n                        p.mul_(m)",
-       "                    for p, m in zip(weights, masks):\n                        pass")], RECOVER),
+    ("recovery masks neither gradients nor weights", "mosaic/recover.py",
+     [("        w.grad = g.mul_(m) if m is not None else g", "        w.grad = g"),
+      ("            if m is not None:\n                w.mul_(m)",
+       "            if False:\n                w.mul_(m)")],
+     RECOVER),
     ("distillation keeps its last step instead of the held-out best", "mosaic/recover.py",
      [("if best_step != spec.steps:", "if False:")], RECOVER),
+    ("the optimizer steps bf16 weights directly (no fp32 masters)", "mosaic/recover.py",
+     [("return [p if p.dtype == torch.float32 else p.detach().float() for p in params]",
+       "return list(params)")], PRECISION),
+    ("a new best state is copied beside the old one (two copies at once)", "mosaic/recover.py",
+     [("for kept, p in zip(best_state, params):\n                        kept.copy_(p.detach())",
+       "best_state = [p.detach().to(\"cpu\", copy=True) for p in params]")],
+     PRECISION),
+    ("the dense teacher lives on through export and evaluation", "mosaic/pipeline.py",
+     [("    del teacher  # the dense copy is freed before export, evaluation and zero-shot\n", "")],
+     PRECISION),
+    ("reconstruction leaves .grad on the norms and biases it does not tune", "mosaic/recover.py",
+     [("    everything = list(layer.parameters())", "    everything = list(params)")], PRECISION),
+    ("distillation ignores the device's free memory", "mosaic/recover.py",
+     [("if device_total > headroom * free or on_host > host_budget:", "if False:")], PRECISION),
+    ("--distill_batch above --distill_windows is accepted", "mosaic/options.py",
+     [("if opts.distill_batch > opts.distill_windows:", "if False:")], RECOVER),
+    ("--resume ignores what auto resolved to and the torch version", "mosaic/stream.py",
+     [('"resolved": resolved_settings(self.streamed.dtype, job.compute, job.calib_dtype)}', "}")],
+     ["tests/test_stream_faults.py::test_resume_refuses_when_auto_settings_resolve_otherwise_or_torch_changed"]),
+    ("a KV file measured with another --kv_window is applied", "mosaic/kv/allocate.py",
+     [('if "window" in f.meta and f.meta["window"] != spec.window:', "if False:")], KV),
+    ("held-out windows may overlap earlier windows", "mosaic/data.py",
+     [("if all(abs(start - s) >= seqlen for s in starts):", "if True:")], ["tests/test_data.py"]),
+    ("--calib_dtype auto is bf16 for fp32 models again", "mosaic/load.py",
+     [('    if spec == "auto":\n        return model_dtype',
+       '    if spec == "auto":\n        return torch.bfloat16')], ["tests/test_data.py"]),
 ]
 
 
@@ -60,7 +89,10 @@ def main() -> int:
 
 def check(tree: Path) -> int:
     escaped = 0
+    chosen = {int(a) for a in sys.argv[1:]}
     for i, (what, path, edits, files) in enumerate(MUTATIONS, 1):
+        if chosen and i not in chosen:
+            continue
         source = (tree / path).read_text()
         mutated = source
         for old, new in edits:
@@ -76,6 +108,8 @@ def check(tree: Path) -> int:
         verdict = {1: "CAUGHT", 0: "NOT CAUGHT"}.get(rc, f"error (exit {rc})")
         escaped += rc != 1
         print(f"{i}. {what}: {verdict} ({seconds:.0f} s) -- {line}", flush=True)
+    if chosen:
+        return 1 if escaped else 0
     rc, seconds, line = pytest(tree, sorted({f for m in MUTATIONS for f in m[3]}))
     print(f"unmutated: {'pass' if rc == 0 else f'FAIL (exit {rc})'} ({seconds:.0f} s) -- {line}", flush=True)
     return 1 if escaped or rc else 0
