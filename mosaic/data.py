@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ class Text:
     texts: list[str]
     joiner: str = "\n\n"
     documents: bool = False  # calibrate by sampling whole documents (c4), not offsets in one stream
+    chats: list[list[dict]] | None = None  # conversations (role/content messages), rendered by the tokenizer
 
 
 def _wiki_offline(split: str) -> list[str]:
@@ -93,18 +95,38 @@ def _local(path: Path, option: str) -> Text:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise OptionError(option, f"cannot read {path}: {e}") from e
+    if path.suffix not in (".jsonl", ".json"):
+        return Text(str(path), [raw])
     try:
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        elif path.suffix == ".json":
-            rows = json.loads(raw)
-        else:
-            return Text(str(path), [raw])
-        texts = [r if isinstance(r, str) else r["text"] for r in rows]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise OptionError(option,
-                          f"{path}: expected one JSON object with a 'text' field per line ({e})") from e
+        rows = ([json.loads(line) for line in raw.splitlines() if line.strip()] if path.suffix == ".jsonl"
+                else json.loads(raw))
+    except json.JSONDecodeError as e:
+        raise OptionError(option, f"{path}: not valid JSON ({e})") from e
+    if not isinstance(rows, list) or not rows:
+        raise OptionError(option, f"{path}: expected records, one JSON object with a 'text' or a 'messages' "
+                          "field per line (.jsonl) or a list of them (.json)")
+    if all(isinstance(r, dict) and "messages" in r for r in rows):
+        return Text(str(path), [], joiner="", chats=[_messages(r["messages"], path, i, option)
+                                                      for i, r in enumerate(rows)])
+    texts = []
+    for i, r in enumerate(rows):
+        text = r if isinstance(r, str) else r.get("text") if isinstance(r, dict) else None
+        if not isinstance(text, str):
+            raise OptionError(option, f"{path}: record {i} has no string 'text' field (every record is "
+                              "{\"text\": ...}, or every record is {\"messages\": [...]})")
+        texts.append(text)
     return Text(str(path), texts)
+
+
+def _messages(messages, path: Path, index: int, option: str) -> list[dict]:
+    """A chat record's conversation, checked: a non-empty list of {"role": str, "content": str}."""
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages)
+    if not ok:
+        raise OptionError(option, f"{path}: record {index}'s 'messages' is not a non-empty list of "
+                          "{\"role\": ..., \"content\": ...} objects with string values")
+    return messages
 
 
 def load_text(name: str, split: str) -> Text:
@@ -123,13 +145,30 @@ def load_text(name: str, split: str) -> Text:
                       ".txt/.jsonl file")
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """One long 1-D LongTensor of token ids (special tokens as the tokenizer adds them by default)."""
+def tokenize(tokenizer, text: str, special: bool = True) -> torch.Tensor:
+    """One long 1-D LongTensor of token ids (special tokens as the tokenizer adds them by default; none with
+    ``special`` False, as for a rendered chat, which carries its own)."""
     old, tokenizer.model_max_length = tokenizer.model_max_length, int(1e12)  # silence the length warning
     try:
-        return torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+        ids = tokenizer(text).input_ids if special else tokenizer(text, add_special_tokens=False).input_ids
+        return torch.tensor(ids, dtype=torch.long)
     finally:
         tokenizer.model_max_length = old
+
+
+def render_chats(tokenizer, source: Text, option: str) -> str:
+    """Each conversation through the tokenizer's own chat template, one after another."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise OptionError(option, f"{source.name} holds chat records ('messages'), but this model's "
+                          "tokenizer has no chat template; give plain {\"text\": ...} records")
+    return "".join(tokenizer.apply_chat_template(m, tokenize=False) for m in source.chats)
+
+
+def token_stream(tokenizer, source: Text, option: str) -> torch.Tensor:
+    """A source's texts (or rendered conversations) joined and tokenized once."""
+    if source.chats is not None:
+        return tokenize(tokenizer, render_chats(tokenizer, source, option), special=False)
+    return tokenize(tokenizer, source.joiner.join(source.texts))
 
 
 def calibration_windows(tokenizer, name: str, nsamples: int, seqlen: int, seed: int,
@@ -144,7 +183,7 @@ def calibration_windows(tokenizer, name: str, nsamples: int, seqlen: int, seed: 
     rng = random.Random(seed)
     if source.documents:
         return _document_windows(tokenizer, source, nsamples, held_out, seqlen, rng, option)
-    ids = tokenize(tokenizer, source.joiner.join(source.texts))
+    ids = token_stream(tokenizer, source, option)
     if ids.numel() <= seqlen:
         raise OptionError(option, f"'{name}' has {ids.numel()} tokens; one window of --seqlen {seqlen} needs "
                           "more (give more text or a smaller --seqlen)")
@@ -160,19 +199,97 @@ def calibration_windows(tokenizer, name: str, nsamples: int, seqlen: int, seed: 
 # the reference code draws them; they may overlap each other), then each held-out role, every window of which
 # shares no token with any window drawn before it, so that the roles are pairwise disjoint
 ROLES = ("statistics", "search", "validation", "distill", "distill_held_out", "selection")
+DISTILL_ROLES = ("distill", "distill_held_out")  # from --distill_dataset when it names another mixture
 
 
-def draw_windows(tokenizer, name: str, seqlen: int, seed: int,
-                 counts: dict[str, int]) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class Source:
+    """One text of a calibration mixture and its weight."""
+
+    name: str
+    weight: float = 1.0
+
+
+def parse_mixture(spec: str, option: str = "calib_dataset") -> list[Source]:
+    """``NAME[:WEIGHT][,NAME[:WEIGHT]...]``: names as ``load_text`` takes them (a path may hold ':' when it
+    exists as written). Weights are positive numbers, 1 when left out; a name may appear once."""
+    sources = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            raise OptionError(option, f"'{spec}' has an empty entry; write NAME[:WEIGHT],NAME[:WEIGHT]")
+        name, weight = item, 1.0
+        if ":" in item and item not in KNOWN and not Path(item).expanduser().exists():
+            name, text = item.rsplit(":", 1)
+            try:
+                weight = float(text)
+            except ValueError:
+                weight = math.nan
+            if not (math.isfinite(weight) and weight > 0):
+                raise OptionError(option, f"the weight '{text}' of '{name}' is not a positive number")
+        if any(s.name == name for s in sources):
+            raise OptionError(option, f"'{name}' appears twice in '{spec}'; give it once with the sum of "
+                              "its weights")
+        sources.append(Source(name, weight))
+    return sources
+
+
+def split_count(total: int, weights: list[float]) -> list[int]:
+    """``total`` windows in proportion to ``weights``: each source gets the floor of its share, then the
+    windows left go one each to the largest remainders (the earlier source on a tie). Exact for any total."""
+    whole = sum(weights)
+    shares = [total * w / whole for w in weights]
+    counts = [math.floor(x) for x in shares]
+    order = sorted(range(len(weights)), key=lambda i: (-(shares[i] - counts[i]), i))
+    for i in order[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def source_counts(spec: str, counts: dict[str, int], distill: str | None = None) -> dict[str, dict[str, int]]:
+    """Windows per source and role: every role's count split over the calibration mixture ``spec`` by
+    ``split_count``, the distillation roles over ``distill`` when it is given."""
+    unknown = set(counts) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown window roles {sorted(unknown)}; use {ROLES}")
+    calib = parse_mixture(spec, "calib_dataset")
+    other = parse_mixture(distill, "distill_dataset") if distill else calib
+    per: dict[str, dict[str, int]] = {}
+    for role in ROLES:
+        mixture = other if role in DISTILL_ROLES else calib
+        for source, n in zip(mixture, split_count(counts.get(role, 0), [s.weight for s in mixture])):
+            per.setdefault(source.name, dict.fromkeys(ROLES, 0))[role] += n
+    for source in calib + (other if distill else []):
+        per.setdefault(source.name, dict.fromkeys(ROLES, 0))
+    return per
+
+
+def draw_windows(tokenizer, spec: str, seqlen: int, seed: int, counts: dict[str, int],
+                 distill: str | None = None) -> dict[str, torch.Tensor]:
     """The windows of every role a run (or a benchmark choosing its knobs) needs, drawn in one place:
     ``counts`` maps roles (``ROLES``) to window counts, the result maps every role to its windows
     [count, seqlen]. The search scores allocations on ``search`` and refines them on ``validation``;
     distillation trains on ``distill`` and keeps its best state on ``distill_held_out``; ``selection`` is for
     choosing knobs (learning rates, budgets) on text that no step trained on or took statistics from. A role
-    drawn after more windows of earlier roles is still disjoint from all of them: the draws are prefixes."""
-    unknown = set(counts) - set(ROLES)
-    if unknown:
-        raise ValueError(f"unknown window roles {sorted(unknown)}; use {ROLES}")
+    drawn after more windows of earlier roles is still disjoint from all of them: the draws are prefixes.
+
+    ``spec`` is one text or a weighted mixture (``parse_mixture``); each source's share of every role
+    (``source_counts``) is drawn from that source alone, the first source with ``seed`` as a single text
+    is, so that a one-source mixture is exactly that text. ``distill`` names another mixture for the
+    distillation roles; a source both name is drawn once, so its windows stay disjoint across roles."""
+    per = source_counts(spec, counts, distill)
+    drawn = {}
+    for i, (name, roles) in enumerate(per.items()):
+        if not any(roles.values()):
+            raise OptionError("calib_dataset", f"'{name}' gets no calibration window at its weight; raise "
+                              "its weight or the window counts (--nsamples)")
+        drawn[name] = _draw_source(tokenizer, name, seqlen, seed if i == 0 else seed * 1_000_003 + i, roles)
+    return {role: torch.cat([d[role] for d in drawn.values()]) if drawn else torch.empty(0, seqlen,
+                                                                                         dtype=torch.long)
+            for role in ROLES}
+
+
+def _draw_source(tokenizer, name: str, seqlen: int, seed: int,
+                 counts: dict[str, int]) -> dict[str, torch.Tensor]:
     n = counts.get("statistics", 0)
     held = [(role, counts.get(role, 0)) for role in ROLES[1:]]
     windows = calibration_windows(tokenizer, name, n, seqlen, seed, held_out=sum(c for _, c in held))
@@ -226,7 +343,7 @@ def _document_windows(tokenizer, source: Text, nsamples: int, held_out: int, seq
 def eval_tokens(tokenizer, name: str) -> torch.Tensor:
     """The whole evaluation text of ``name`` as one 1-D tensor of token ids."""
     source = load_text(name, "eval")
-    return tokenize(tokenizer, source.joiner.join(source.texts))
+    return token_stream(tokenizer, source, OPTION["eval"])
 
 
 def eval_texts(tokenizer, names: list[str], seqlen: int) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 
 from mosaic import allocate as alloc
 from mosaic import fit, recover
-from mosaic.data import KNOWN
+from mosaic.data import KNOWN, parse_mixture
 from mosaic.errors import OptionError
 from mosaic.eval import zeroshot as zs
 from mosaic.export import check_writable
@@ -51,7 +51,7 @@ class Options:
     structured_ratio: float = 0.0
     round_to: int = 8
     uniform_widths: bool = False
-    calib_dataset: str = "wiki-offline"
+    calib_dataset: str = "wiki-offline"  # a text, or a weighted mixture NAME[:WEIGHT],NAME[:WEIGHT]
     calib_stats: str = "sequential"
     nsamples: int = 128
     seqlen: int = 2048
@@ -79,6 +79,7 @@ class Options:
     distill_batch: int = recover.DistillSpec.batch
     distill_windows: int = 64  # calibration windows to distil on, none of them used for statistics
     distill_device: str = "auto"  # auto: the compute device when all fits there; cpu: the host
+    distill_dataset: str | None = None  # another text or mixture to distil on (default: --calib_dataset)
     eval_datasets: str = "wiki-offline"
     eval_windows: int | None = None
     eval_seqlen: int = 2048
@@ -189,6 +190,12 @@ def _dataset(name: str, option: str) -> None:
                           f"{', '.join(KNOWN)} or a path to a .txt/.jsonl file")
 
 
+def _mixture(spec: str, option: str) -> None:
+    """A text or a weighted mixture of texts, every name known or an existing file."""
+    for source in parse_mixture(spec, option):
+        _dataset(source.name, option)
+
+
 def eval_names(opts: Options) -> list[str]:
     names = [n.strip() for n in opts.eval_datasets.split(",") if n.strip()]
     return [] if names in ([], ["none"]) else names
@@ -230,7 +237,9 @@ def validate(opts: Options) -> Plan:
     if method.kernel and kernel is None:
         log.info("--sparsity_ratio 0: nothing to prune; the dense model is evaluated and saved")
     if kernel is not None:
-        _dataset(opts.calib_dataset, "calib_dataset")
+        _mixture(opts.calib_dataset, "calib_dataset")
+    if kernel is not None and opts.distill_dataset is not None:
+        _mixture(opts.distill_dataset, "distill_dataset")
     names, tasks, offline = check_evaluation(opts)
     check_writable(opts.save, "save", opts.overwrite)
     check_writable(opts.save_model, "save_model", opts.overwrite)
@@ -388,7 +397,7 @@ def warn_unused(opts: Options, plan: Plan) -> None:
            "kv_allocation_file": "no KV-cache sparsity is set"}
     for option in ("reconstruct_steps", "reconstruct_lr", "reconstruct_batch", "reconstruct_norms"):
         used[option], why[option] = opts.reconstruct != "none", "--reconstruct is none"
-    for option in ("distill_lr", "distill_batch", "distill_windows", "distill_device"):
+    for option in ("distill_lr", "distill_batch", "distill_windows", "distill_device", "distill_dataset"):
         used[option], why[option] = opts.distill_steps > 0, "--distill_steps is 0"
     defaults = Options()
     for option, is_used in used.items():
@@ -508,7 +517,7 @@ def kv_spec(opts: Options, evaluates: bool) -> KVSparsity | None:
         raise OptionError("kv_reference", "counts pruned entries as the official code does for one uniform "
                           "sparsity; drop it with --kv_allocation layer/head or --kv_allocation_file")
     if opts.kv_allocation != "uniform":
-        _dataset(opts.calib_dataset, "calib_dataset")  # the sensitivity reads calibration text
+        _mixture(opts.calib_dataset, "calib_dataset")  # the sensitivity reads calibration text
     if opts.kv_allocation != "uniform" and max(k or 0.0, v or 0.0) > kvalloc.LEVELS[-1]:
         raise OptionError("kv_sparsity", f"--kv_allocation {opts.kv_allocation} measures levels up to "
                           f"{kvalloc.LEVELS[-1]:g}, so the target must be at most that")
@@ -565,6 +574,14 @@ def workload(opts: Options, plan: Plan) -> fit.Workload | None:
 def distill_split(opts: Options) -> tuple[int, int]:
     """Distillation windows: (training, held out to keep the best state)."""
     return opts.distill_windows, max(2, opts.distill_windows // 8)
+
+
+def window_counts(opts: Options, plan: Plan) -> dict[str, int]:
+    """How many calibration windows each role of this run draws (``data.ROLES``)."""
+    k = opts.search_windows if plan.searches else 0
+    train, held = distill_split(opts) if plan.distill is not None else (0, 0)
+    return {"statistics": opts.nsamples, "search": k, "validation": k if opts.search_budget > 0 else 0,
+            "distill": train, "distill_held_out": held}
 
 
 def kernel_options(opts: Options, kernel: Kernel | None) -> dict:

@@ -22,7 +22,7 @@ from torch import nn
 from mosaic import allocate as alloc
 from mosaic import fit, recover, report
 from mosaic.calibrate import Activations, Calibration, check_staged
-from mosaic.data import calibration_windows, draw_windows, eval_texts
+from mosaic.data import draw_windows, eval_texts
 from mosaic.errors import OptionError
 from mosaic.eval import zeroshot as zs
 from mosaic.eval.perplexity import perplexity
@@ -35,10 +35,10 @@ from mosaic.options import (
     Options,
     Plan,
     allocation_meta,
-    distill_split,
     kernel_options,
     parse_memory,
     validate,
+    window_counts,
 )
 from mosaic.profile import Profile, profile_model
 from mosaic.prune import NMPlan, SparsityMap, nm_map, projection_params, uniform_map
@@ -101,15 +101,13 @@ def calibration(setup: Setup, plan: Plan, opts: Options, timer: report.Timer) ->
     """Every window role the run needs, drawn by one function (``data.draw_windows``): pairwise disjoint."""
     if not plan.needs_calibration:
         return None
-    k = opts.search_windows if plan.searches else 0
-    train, held = distill_split(opts) if plan.distill is not None else (0, 0)
-    counts = {"statistics": opts.nsamples, "search": k, "validation": k if opts.search_budget > 0 else 0,
-              "distill": train, "distill_held_out": held}
+    counts = window_counts(opts, plan)
+    distill = opts.distill_dataset if plan.distill is not None else None
     with timer("calibration_data"):
-        w = draw_windows(setup.loaded.tokenizer, opts.calib_dataset, setup.seqlen, opts.seed, counts)
-    return Calibration(w["statistics"], opts.calib_batch_size, w["search"] if k else None,
-                       w["validation"] if counts["validation"] else None,
-                       w["distill"] if train else None, w["distill_held_out"] if train else None)
+        w = draw_windows(setup.loaded.tokenizer, opts.calib_dataset, setup.seqlen, opts.seed, counts, distill)
+    return Calibration(w["statistics"], opts.calib_batch_size,
+                       *(w[role] if counts[role] else None
+                         for role in ("search", "validation", "distill", "distill_held_out")))
 
 
 def profile_step(setup: Setup, calib: Calibration | None, plan: Plan, timer: report.Timer) -> Profile | None:
@@ -283,8 +281,8 @@ def kv_cache_step(setup: Setup, plan: Plan, opts: Options, timer: report.Timer,
         return None, None
     measures = plan.kv_file is None and opts.kv_allocation != "uniform"
     with timer("kv_sensitivity") if measures else nullcontext():
-        windows = calibration_windows(setup.loaded.tokenizer, opts.calib_dataset, kvalloc.WINDOWS,
-                                      min(kvalloc.SEQLEN, setup.seqlen), opts.seed) if measures else None
+        windows = draw_windows(setup.loaded.tokenizer, opts.calib_dataset, min(kvalloc.SEQLEN, setup.seqlen),
+                               opts.seed, {"statistics": kvalloc.WINDOWS})["statistics"] if measures else None
         spec, learned = kvalloc.allocate(setup.model, plan.kv, opts.kv_allocation, windows, plan.kv_file,
                                          opts.kv_allocation_file, {"model": opts.model}, seed=opts.seed)
     results["kv_cache"] = {**kv_report(setup.model, spec), **learned}

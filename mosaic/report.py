@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mosaic import __version__
+from mosaic import __version__, runconfig
 from mosaic import allocate as alloc
 from mosaic.adapter import PROJECTIONS
+from mosaic.data import parse_mixture, source_counts
 from mosaic.errors import EvaluationError
 from mosaic.export import replace_file, write_json
 from mosaic.kv.report import summary_lines as kv_summary_lines
@@ -282,7 +283,23 @@ def record(setup: Setup, plan: Plan, allocation: Allocation, profile: Profile | 
         results["profile"] = profile.to_json()
     if recovery is not None:
         results["recovery"] = recovery
+    if plan.needs_calibration:
+        results["calibration"] = calibration_report(opts, plan, setup.seqlen)
     return results
+
+
+def calibration_report(opts: Options, plan: Plan, seqlen: int) -> dict:
+    """The calibration text: each source's weight, and its windows and tokens per role."""
+    from mosaic.options import window_counts  # options imports this module's neighbours
+
+    distill = opts.distill_dataset if plan.distill is not None else None
+    per = source_counts(opts.calib_dataset, window_counts(opts, plan), distill)
+    weights = {s.name: s.weight for s in parse_mixture(opts.calib_dataset)}
+    distill_weights = {s.name: s.weight for s in parse_mixture(distill, "distill_dataset")} if distill else {}
+    return {"seqlen": seqlen, "sources": [
+        {"name": name, "weight": weights.get(name), "distill_weight": distill_weights.get(name),
+         "windows": {role: n for role, n in roles.items() if n}, "tokens": sum(roles.values()) * seqlen}
+        for name, roles in per.items()]}
 
 
 def stamp(results: dict, timer: Timer) -> None:
@@ -400,9 +417,11 @@ class Saved:
 
 
 def write_record(directory: Path, results: dict) -> None:
-    """results.json and summary.txt, each replaced atomically."""
+    """results.json, summary.txt and config.yaml (the run's options: ``--config`` repeats it), each replaced
+    atomically."""
     replace_file(directory / "results.json", lambda tmp: write_json(tmp, results))
     replace_file(directory / "summary.txt", lambda tmp: tmp.write_text(summary_text(results) + "\n"))
+    replace_file(directory / "config.yaml", lambda tmp: runconfig.write(tmp, results["args"]))
 
 
 def checkpoint_manifest(results: dict, source_model: str, n_layers: int) -> dict:

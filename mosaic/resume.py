@@ -55,11 +55,18 @@ def fingerprint(options: dict, sparsity, nm, identity: dict | None = None) -> st
 
 def run_identity(checkpoint: Path, calib_dataset: str | None) -> dict:
     """The content identity of a run's inputs: every file of the checkpoint directory (weights, config,
-    tokenizer), the calibration text when it is a file, and this package's version (read at call time)."""
+    tokenizer), every calibration text that is a file (each source of a mixture), and this package's version
+    (read at call time)."""
+    from mosaic.data import parse_mixture
+
     files = sorted(p for p in Path(checkpoint).iterdir() if p.is_file() and not p.name.startswith("."))
     out = {"mosaic": mosaic.__version__, "checkpoint": {p.name: file_identity(p) for p in files}}
-    if calib_dataset and Path(calib_dataset).expanduser().is_file():
-        out["calib_dataset"] = file_identity(Path(calib_dataset).expanduser(), sample=None)
+    texts = [Path(s.name).expanduser() for s in parse_mixture(calib_dataset)] if calib_dataset else []
+    texts = [t for t in texts if t.is_file()]
+    if len(texts) == 1 and calib_dataset and Path(calib_dataset).expanduser() == texts[0]:
+        out["calib_dataset"] = file_identity(texts[0], sample=None)  # one file: as before mixtures
+    elif texts:
+        out["calib_dataset"] = {str(t): file_identity(t, sample=None) for t in texts}
     return out
 
 

@@ -220,3 +220,42 @@ def test_distillation_holds_no_more_than_distill_need_predicts(dtype, seqlen):
     peak = peak_tensor_bytes(lambda: recover.distill(student, teacher, adapter_for(student),
                                                      windows(16, seqlen, 1), windows(4, seqlen, 2), spec))
     assert 0.5 * predicted < peak <= predicted, (peak, need)
+
+
+def test_a_new_best_state_overwrites_the_one_copy_instead_of_allocating_another(monkeypatch):
+    """Between the held-out check that finds a new best and the next step's forward, distillation keeps the
+    best state: it must copy into the one buffer it holds (no allocation), not build a second copy beside
+    the first (the old code's peak: two best states at once)."""
+    import time
+
+    student = pruned_student("llama")
+    teacher = recover.teacher_copy(tiny_model("llama", layers=LAYERS))
+    evaluated, forwards = [], []
+    original = recover.held_out_kl
+
+    def marked(*args, **kwargs):
+        kl = original(*args, **kwargs)
+        evaluated.append(time.time_ns())
+        return kl
+
+    monkeypatch.setattr(recover, "held_out_kl", marked)
+    for model in (student, teacher):  # a step starts with the teacher's forward
+        model.register_forward_pre_hook(lambda module, args: forwards.append(time.time_ns()))
+    spec = recover.DistillSpec(steps=6, lr=1e-4, batch=4, eval_every=1)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        report = recover.distill(student, teacher, adapter_for(student), windows(16, 32, 1),
+                                 windows(4, 32, 2), spec)
+    assert report["best_step"] >= 2  # new bests were kept after the first
+    allocations = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                   if e.name() == "[memory]" and e.nbytes() > 0]
+    best_bytes = sum(p.numel() * p.element_size() for p in recover.distilled_weights(adapter_for(student),
+                                                                                         student))
+    windows_checked = 0
+    for end in evaluated[1:-1]:  # the first check, before any step, takes the one copy
+        following = [f for f in forwards if f > end]
+        if not following:
+            continue
+        windows_checked += 1
+        kept = sum(n for t, n in allocations if end < t < following[0])
+        assert kept < 0.1 * best_bytes, (kept, best_bytes)
+    assert windows_checked >= 3
