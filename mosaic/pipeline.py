@@ -298,6 +298,8 @@ def perplexities(setup: Setup, texts: dict[str, torch.Tensor], saved: report.Sav
                 setup.compute, desc=f"ppl {name}",
                 dtype=None if opts.eval_dtype == "model" else getattr(torch, opts.eval_dtype),
                 scope=setup.source.evaluation_scope(saved.checkpoint))
+        if len(results["perplexity"]) > 1:  # one number across kinds of text
+            results["perplexity_geomean"] = report.geometric_mean(results["perplexity"])
         saved.progress(results, timer)
 
 

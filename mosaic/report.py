@@ -4,6 +4,7 @@ the short summary printed at the end, the plots, and the time and memory it took
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import resource
 import sys
@@ -43,6 +44,12 @@ def _m(n: int) -> str:
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def geometric_mean(perplexities: dict[str, dict]) -> float:
+    """exp of the mean log perplexity: every text counts alike, whatever its perplexity's scale."""
+    logs = [math.log(p["ppl"]) for p in perplexities.values()]
+    return math.exp(sum(logs) / len(logs))
 
 
 def _precision(dtype: str) -> str:
@@ -99,6 +106,9 @@ def summary_text(r: dict) -> str:
                      + ", ".join(f"{k} {v:.1f} s" for k, v in al["seconds"].items()))
     for name, p in r["perplexity"].items():
         lines.append(f"  perplexity   {name}: {p['ppl']:.3f} ({p['windows']} windows × {p['seqlen']} tokens)")
+    if "perplexity_geomean" in r:
+        lines.append(f"  perplexity   geometric mean of the {len(r['perplexity'])} texts: "
+                     f"{r['perplexity_geomean']:.3f}")
     if "kv_cache" in r:
         lines += ["  " + line for line in kv_summary_lines(r["kv_cache"])]
         lines += [f"  kv learned   {line}" for line in r["kv_cache"].get("learned", [])]

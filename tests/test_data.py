@@ -240,3 +240,23 @@ def test_chat_records_need_a_template(tmp_path, tokenizer):
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS))
     with pytest.raises(OptionError, match="no chat template"):
         data.token_stream(tokenizer, data.load_text(str(path), "calib"), "calib_dataset")
+
+
+def test_several_texts_are_each_their_own_run_exactly_and_their_geometric_mean_is_reported(
+        tmp_path, tiny_dirs, calib_file):
+    """Evaluating several texts in one run gives each exactly the perplexity of a run on it alone."""
+    import math
+
+    from mosaic.pipeline import Options, run
+
+    other = tmp_path / "other.txt"
+    other.write_text(calib_file.read_text()[::-1])
+    base = dict(model=str(tiny_dirs["qwen2"]), calib_dataset=str(calib_file), nsamples=4, seqlen=32,
+                calib_batch_size=2, prune_method="wanda", calib_dtype="float32", eval_seqlen=64,
+                eval_windows=3)
+    both = run(Options(**base, eval_datasets=f"{calib_file},{other}", save=str(tmp_path / "both")))
+    alone = [run(Options(**base, eval_datasets=str(name)))["perplexity"][str(name)]["ppl"]
+             for name in (calib_file, other)]
+    assert [both["perplexity"][str(n)]["ppl"] for n in (calib_file, other)] == alone
+    assert both["perplexity_geomean"] == pytest.approx(math.sqrt(alone[0] * alone[1]), rel=1e-12)
+    assert "geometric mean of the 2 texts" in (tmp_path / "both" / "summary.txt").read_text()
