@@ -72,8 +72,8 @@ def report() -> None:
         for name in PRUNINGS:
             a, b = rows.get((name, "float32", cpu)), rows.get((name, "bfloat16", cpu))
             if a is None or b is None:
-                lines.append(f"| {name} | {a['ppl']:.3f} |" if a else f"| {name} | — |"
-                             + " (not measured yet) | | | | |")
+                have = f"{a['ppl']:.3f}" if a else "—"
+                lines.append(f"| {name} | {have} | (not measured yet) | | | | |")
                 continue
             idle = "no" if a.get("shared_machine") or b.get("shared_machine") else "yes"
             change = 100 * (b["ppl"] / a["ppl"] - 1)
