@@ -421,8 +421,9 @@ def distill_need(student: nn.Module, teacher_bytes: int, seqlen: int, micro_batc
     computes): the teacher; for the projections' weights the gradients (and, for a half-precision model,
     their fp32 copies), the fp32 masters of a half-precision model, AdamW's two fp32 moments and the
     temporary of one moment's size its step builds, and the masks;
-    one micro-batch's logits (teacher, student, their log-softmax and its gradient, fp32) and the
-    checkpointed layer inputs. ``host``: the best state kept (the weights in their own dtype)."""
+    one micro-batch's logits (teacher, student, their log-softmax and its gradient, fp32), the
+    checkpointed layer inputs and one layer's attention scores. ``host``: the best state kept (the weights
+    in their own dtype)."""
     tuned = [p for n, p in student.named_parameters() if n.endswith("proj.weight")]
     numel = sum(p.numel() for p in tuned)
     size = tuned[0].element_size() if tuned else FP32
@@ -436,6 +437,9 @@ def distill_need(student: nn.Module, teacher_bytes: int, seqlen: int, micro_batc
         "masks": numel,
         "logits": micro_batch * seqlen * config.vocab_size * FP32 * 5,
         "checkpoints": micro_batch * seqlen * config.hidden_size * FP32 * (config.num_hidden_layers + 8),
+        # one layer's attention scores and probabilities, when SDPA falls back to the math path (which kernel
+        # runs depends on the CPU or GPU; the fused ones need far less)
+        "attention": micro_batch * config.num_attention_heads * seqlen * seqlen * FP32 * 2,
     }
     return {"device": device, "host": {"best_state": numel * size}}
 
