@@ -68,7 +68,7 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 def resolve_calib_dtype(spec: str, model_dtype: torch.dtype,
                         device: torch.device | None = None) -> torch.dtype:
     """auto: the model's own dtype, on every machine, so that one command builds one model (bf16 forwards
-    on a CPU with native bf16 are ~1.3× faster but change the pruned model, not just its rounding:
+    on a CPU with native bf16 prune 1.3–1.6× faster but change the pruned model, not just its rounding:
     benchmark/results/calib_dtype.md); bfloat16 is the opt-in for speed. The statistics and all weight math
     stay fp32 whatever the forwards' dtype."""
     if spec == "auto":
