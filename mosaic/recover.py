@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from mosaic import fit
 from mosaic.adapter import ATTENTION, MLP, PROJECTIONS, Adapter
 from mosaic.errors import OptionError
+from mosaic.fit import FP32
 
 log = logging.getLogger(__name__)
 
@@ -443,8 +444,6 @@ def distill_need(student: nn.Module, teacher_bytes: int, seqlen: int, micro_batc
     }
     return {"device": device, "host": {"best_state": numel * size}}
 
-
-FP32 = 4
 
 
 def distill_device(student: nn.Module, teacher_bytes: int, compute: torch.device, seqlen: int,
