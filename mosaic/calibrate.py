@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mosaic import dist
 from mosaic.adapter import GROUPS, Adapter
 from mosaic.stats import InputStats
 
@@ -259,7 +260,7 @@ def _collect(runs: list, hessian: bool) -> InputStats:
         if stats is None:
             stats = InputStats(x.shape[-1], x.device, hessian)
         stats.add(x)
-    return stats
+    return stats.reduced()
 
 
 def _sequential(adapter, layer, index, inputs, kwargs, on_group, hessian, keep=None) -> list[torch.Tensor]:
@@ -289,7 +290,7 @@ def _sequential_one_batch(adapter, layer, index, hidden, kwargs, on_group, hessi
             stats.add(x)
             del x
             run.close()
-        on_group(index, layer, group, stats)
+        on_group(index, layer, group, stats.reduced())
     if last:
         return []
     keep = keep or (lambda out: out)
@@ -370,8 +371,8 @@ class Calibration:
     distill_held_out: torch.Tensor | None = None  # ... and the ones that choose the state to keep
 
     def activations(self, model: nn.Module, adapter: Adapter, held: Callable) -> Activations:
-        """Fresh layer-0 inputs (each pass over the layers consumes its own); ``held("embed")`` holds the
-        embedding while they are computed."""
+        """Fresh layer-0 inputs (each pass over the layers consumes its own) of this rank's batches (all of
+        them in one process); ``held("embed")`` holds the embedding while they are computed."""
         with held("embed"):
-            return capture(model, adapter, self.windows, self.batch_size)
+            return capture(model, adapter, dist.my_batches(self.windows, self.batch_size), self.batch_size)
 

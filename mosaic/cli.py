@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from mosaic.console import quiet_libraries
+from mosaic import dist
+from mosaic.console import quiet_libraries, quiet_progress
 from mosaic.errors import EvaluationError, OptionError
 
 EPILOG = ("examples:\n"
@@ -78,6 +79,9 @@ def _model_flags(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--resume", action="store_true",
                    help="streaming: continue a killed run with the same options from its last finished layer "
                         "(off)")
+    g.add_argument("--dist_timeout", type=float, default=d.dist_timeout,
+                   help="under torchrun / accelerate launch: seconds a collective waits for the other ranks "
+                        f"before the run stops with one line (default: {d.dist_timeout:g})")
 
 
 def _pruning_flags(p: argparse.ArgumentParser, d) -> None:
@@ -353,17 +357,29 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run, and turn library errors into one line each: bad input exits 2 with nothing written; a failed or
     interrupted evaluation exits 1 (130 for Ctrl-C) with the pruned model already saved."""
     prog = prog or os.path.basename(sys.argv[0]) or "mosaic"
-    quiet_libraries()
+    rank = int(os.environ.get("RANK", "0"))
+    if rank:  # only rank 0 shows progress and logs; the others speak when they fail
+        quiet_progress()
+    quiet_libraries(rank)
+    if rank:
+        prog = f"{prog} (rank {rank})"
     opts = None
     try:
         from mosaic.pipeline import run
 
         opts = parse_options(argv, prog)
-        run(opts)
+        dist.init_from_env(opts.dist_timeout)
+        try:
+            run(opts)
+        finally:
+            dist.close()
     except OptionError as e:
-        print(f"{prog}: error: {describe(e)}{config_origin(e, opts)}", file=sys.stderr)
+        if not rank:  # every rank checks the same options: one line is enough
+            print(f"{prog}: error: {describe(e)}{config_origin(e, opts)}", file=sys.stderr)
         return 2
     except EvaluationError as e:
+        if rank:
+            return 130 if e.status == "interrupted" else 1
         why = describe(e.cause)
         where = " and ".join(e.saved) if e.saved else "nowhere (no --save or --save_model was given)"
         what = "interrupted" if e.status == "interrupted" else f"failed ({why})"
@@ -373,6 +389,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except dist.RankFailure as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
     except MemoryError as e:  # torch.OutOfMemoryError (a device out of memory) is a RuntimeError
         print(f"{prog}: error: {out_of_memory(e)}", file=sys.stderr)
         return 1

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mosaic import dist
+
 FP32 = 4
 
 
@@ -186,4 +188,4 @@ def available_memory() -> int:
         free = psutil.virtual_memory().available
     except ImportError:
         free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(HEADROOM * free)
+    return int(HEADROOM * free) // dist.local_world()  # ranks on one machine share its memory

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mosaic import allocate as alloc
-from mosaic import fit, recover
+from mosaic import dist, fit, recover
 from mosaic.data import KNOWN, parse_mixture
 from mosaic.errors import OptionError
 from mosaic.eval import zeroshot as zs
@@ -102,6 +102,7 @@ class Options:
     offload: str = "auto"  # none: in memory; disk: stream layer by layer; auto: disk when it would not fit
     max_memory: str | None = None  # host memory budget for offload auto and host distillation (default: free)
     resume: bool = False  # continue a killed streamed run from its last finished layer
+    dist_timeout: float = 600.0  # torchrun: seconds a collective waits for the other ranks before failing
     extra: dict = field(default_factory=dict)  # how the run was invoked, for the record
 
 
@@ -256,8 +257,36 @@ def validate(opts: Options) -> Plan:
                 reconstruct=reconstruct, distill=distill)
     check_offload(opts, plan)
     check_search(opts, plan)
+    check_ranks(opts, plan)
     warn_unused(opts, plan)
     return plan
+
+
+def check_ranks(opts: Options, plan: Plan) -> None:
+    """What a launched run (torchrun, more than one rank) needs, refused before any work: every rank holds
+    the whole model on its own device, and gets at least one batch of every split role."""
+    ranks = dist.world()
+    if ranks == 1:
+        return
+    if opts.device_map is not None:
+        raise OptionError("device_map", f"spreads one model over several devices, and under torchrun each of "
+                          f"the {ranks} ranks holds the whole model on its own device: drop --device_map, or "
+                          "run one process")
+    batches = -(-opts.nsamples // opts.calib_batch_size)
+    if plan.needs_calibration and batches < ranks:
+        raise OptionError("nsamples", f"{opts.nsamples} windows make {batches} calibration batches of "
+                          f"--calib_batch_size {opts.calib_batch_size} for {ranks} ranks, and each rank "
+                          f"needs one: use --nsamples {ranks * opts.calib_batch_size} or more, or a smaller "
+                          "--calib_batch_size")
+    if plan.searches and opts.search_windows < ranks:
+        raise OptionError("search_windows", f"{opts.search_windows} scoring windows for {ranks} ranks, and "
+                          f"each rank needs one: use --search_windows {ranks} or more")
+    if plan.distill is not None and opts.distill_batch % ranks:
+        raise OptionError("distill_batch", f"{opts.distill_batch} windows per step do not split evenly over "
+                          f"{ranks} ranks (FSDP2 needs as many passes on each): use a multiple of {ranks}")
+    if plan.distill is not None and plan.distill.host and torch.cuda.is_available():
+        raise OptionError("distill_device", f"cpu keeps distillation on the host, and under torchrun the "
+                          f"{ranks} ranks shard it over their GPUs (FSDP2): drop --distill_device cpu")
 
 
 def check_method(opts: Options):

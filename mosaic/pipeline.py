@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mosaic import allocate as alloc
-from mosaic import fit, recover, report
+from mosaic import dist, fit, recover, report, sharded
 from mosaic.calibrate import Activations, Calibration, check_staged
 from mosaic.data import draw_windows, eval_texts
 from mosaic.errors import OptionError
@@ -73,7 +73,7 @@ def load(opts: Options, plan: Plan, timer: report.Timer) -> Setup:
     model = loaded.model
     if plan.distill is not None:  # refused before any work when even the dense student cannot distil
         recover.distill_device(model, recover.model_bytes(model), compute_device(model), opts.seqlen,
-                               plan.distill, host_budget(opts, model))
+                               plan.distill, host_budget(opts, model), ranks=dist.world())
     check_finite(model)
     n_layers = len(loaded.adapter.layers(model))
     if plan.allocation_file is not None:
@@ -154,7 +154,8 @@ def allocate_step(setup: Setup, plan: Plan, profile: Profile | None, opts: Optio
     else:
         sparsity = alloc.allocate(plan.allocation, replace(profile, params=params), n, target, plan.lamda)
     if opts.allocation_file:
-        alloc.write_file(opts.allocation_file, sparsity, nm, allocation_meta(opts, plan, target))
+        dist.from_writer(lambda: alloc.write_file(opts.allocation_file, sparsity, nm,
+                                                  allocation_meta(opts, plan, target)))
     return alloc.Allocation(sparsity, nm, plan.allocation, target, params, structure, composite,
                             found.to_json() if found else None)
 
@@ -225,7 +226,11 @@ def distill_step(setup: Setup, calib: Calibration | None, teacher: nn.Module | N
         return None
     with timer("distill"):
         device = recover.distill_device(setup.model, recover.model_bytes(teacher), setup.compute,
-                                        setup.seqlen, plan.distill, host_budget(opts, setup.model))
+                                        setup.seqlen, plan.distill, host_budget(opts, setup.model),
+                                        ranks=dist.world())
+        if dist.world() > 1:  # FSDP2: the shards, not the models, go to the device
+            return sharded.distill(setup.model, teacher, setup.adapter, calib.distill, calib.distill_held_out,
+                                   plan.distill, device)
         setup.model.to(device)
         teacher.to(device)
         return recover.distill(setup.model, teacher, setup.adapter, calib.distill, calib.distill_held_out,
@@ -254,8 +259,11 @@ def export(setup: Setup, results: dict, opts: Options, timer: report.Timer) -> r
         report.write_record(directory, results)
         report.write_plots(results, directory)
 
-    write_outputs(opts.save, opts.save_model, opts.overwrite, write_results, write_model)
-    return report.Saved.of(opts.save, opts.save_model)
+    # rank 0 writes; the others learn that it did (or its error), and keep no directory to update
+    dist.from_writer(lambda: write_outputs(opts.save, opts.save_model, opts.overwrite, write_results,
+                                           write_model))
+    saved = report.Saved.of(opts.save, opts.save_model)
+    return saved if dist.is_writer() else report.Saved(None, saved.checkpoint)  # the checkpoint to read
 
 
 def evaluate(setup: Setup, texts: dict[str, torch.Tensor], saved: report.Saved, results: dict, plan: Plan,
@@ -266,10 +274,12 @@ def evaluate(setup: Setup, texts: dict[str, torch.Tensor], saved: report.Saved, 
         kv, meter = kv_cache_step(setup, plan, opts, timer, results)
         with nullcontext() if kv is None else mustafar_attention(setup.model, kv, observe=meter):
             perplexities(setup, texts, saved, results, opts, timer)
-            zero_shot(setup, results, plan, opts, timer)
+            if dist.is_writer():  # lm-eval runs in one process: rank 0's
+                zero_shot(setup, results, plan, opts, timer)
         if kv is not None:  # what the evaluated caches really held
             results["kv_cache"] = {**results["kv_cache"], **kv_report(setup.model, kv, meter)}
-    print(report.summary_text(results), flush=True)
+    if dist.is_writer():
+        print(report.summary_text(results), flush=True)
     return results
 
 

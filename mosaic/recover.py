@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from mosaic import fit
+from mosaic import dist, fit
 from mosaic.adapter import ATTENTION, MLP, PROJECTIONS, Adapter
 from mosaic.errors import OptionError
 from mosaic.fit import FP32
@@ -58,17 +58,17 @@ class ReconstructSpec:
 
 
 def relative_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    """‖outputs − targets‖² / ‖targets‖², over all windows."""
+    """‖outputs − targets‖² / ‖targets‖², over all windows (every rank's, under torchrun)."""
     num = sum(float((o.double() - t.double()).pow(2).sum()) for o, t in zip(outputs, targets))
     den = sum(float(t.double().pow(2).sum()) for t in targets)
-    return num / max(den, 1e-30)
+    return dist.sum_float(num) / max(dist.sum_float(den), 1e-30)
 
 
-def _normalised_mse(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """MSE divided by the target's mean square: every layer's loss on the same scale, whatever the size of
-    the residual stream (SmolLM2's grows ~1000× with depth). Reduced in fp32 whatever the model's dtype."""
-    y, t = y.float(), t.float()
-    return (y - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
+def _squared_error(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Σ (y − t)², in fp32 whatever the model's dtype. Divided by the step's Σ t² (over all ranks) it is the
+    step's loss: every layer's loss on the same scale, whatever the size of the residual stream (SmolLM2's
+    grows ~1000× with depth)."""
+    return (y.float() - t.float()).pow(2).sum()
 
 
 def master_copies(params: list[nn.Parameter]) -> list[torch.Tensor]:
@@ -112,13 +112,39 @@ def _expand_kwargs(obj, rows: int, size: int):
     return obj
 
 
-def _windows(batches: list[torch.Tensor]) -> list[tuple[int, int]]:
-    return [(b, r) for b, h in enumerate(batches) for r in range(h.shape[0])]
+def _global_windows(batches: list[torch.Tensor]) -> tuple[list[tuple[int, int]], dict]:
+    """Every rank's calibration windows as (global batch, row), in the order one process holds them, and
+    those this rank holds: (global batch, row) -> (its batch, row). Batches are dealt round robin
+    (``dist.my_batches``); one process holds them all."""
+    sizes = dist.gathered([h.shape[0] for h in batches])  # per rank, its batches' sizes
+    world, me = len(sizes), dist.rank()
+    index, local = [], {}
+    for g in range(sum(len(s) for s in sizes)):
+        owner, j = g % world, g // world
+        for row in range(sizes[owner][j]):
+            index.append((g, row))
+            if owner == me:
+                local[(g, row)] = (j, row)
+    return index, local
 
 
-def _gather(batches: list[torch.Tensor], index: list[tuple[int, int]], pick: torch.Tensor, device, dtype):
-    return torch.cat([batches[index[k][0]][index[k][1]:index[k][1] + 1]
-                      for k in pick.tolist()]).to(device, dtype)
+def _gather(batches: list[torch.Tensor], rows: list[tuple[int, int]], device, dtype) -> torch.Tensor:
+    return torch.cat([batches[b][r:r + 1] for b, r in rows]).to(device, dtype)
+
+
+def _step_loss(forward, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs, rows, device,
+               dtype) -> float:
+    """This rank's part of one step's loss, Σ (y − t)² over its ``rows`` divided by the step's Σ t² over
+    all ranks, and its backward; the gradients are then summed over ranks (``_tune``)."""
+    t = _gather(targets, rows, device, dtype) if rows else None
+    scale = dist.sum_float(float(t.float().pow(2).sum()) if rows else 0.0)
+    if not rows:
+        return 0.0
+    x = _gather(inputs, rows, device, dtype)
+    kw = _expand_kwargs(kwargs[0], inputs[0].shape[0], len(rows))
+    loss = _squared_error(forward(x, kw), t) / max(scale, 1e-12)
+    loss.backward()
+    return float(loss.detach())
 
 
 def _tunable(adapter: Adapter, layer: nn.Module, names: tuple[str, ...], norms: bool) -> list[nn.Parameter]:
@@ -139,9 +165,10 @@ def _tune(adapter: Adapter, layer: nn.Module, names: tuple[str, ...], forward, i
     masks = [p != 0 for p in weights] + [None] * (len(params) - len(names))
     masters = master_copies(params)
     device, dtype = weights[0].device, weights[0].dtype
-    index = _windows(inputs)
+    # every step draws its windows from all ranks' (the draw one process makes); each rank runs those it
+    # holds, the loss is normalised by the step's Σ t² over all ranks, and the gradients are summed
+    index, local = _global_windows(inputs)
     size = min(spec.batch, len(index))
-    kw = _expand_kwargs(kwargs[0], inputs[0].shape[0], size)
     everything = list(layer.parameters())
     was = [p.requires_grad for p in everything]
     for p in everything:
@@ -153,17 +180,18 @@ def _tune(adapter: Adapter, layer: nn.Module, names: tuple[str, ...], forward, i
         with torch.enable_grad():
             for _ in range(spec.steps):
                 pick = torch.randperm(len(index), generator=generator)[:size]
-                x = _gather(inputs, index, pick, device, dtype)
-                t = _gather(targets, index, pick, device, dtype)
-                loss = _normalised_mse(forward(x, kw), t)
+                rows = [local[index[k]] for k in pick.tolist() if index[k] in local]
                 opt.zero_grad(set_to_none=True)
                 for p in params:
                     p.grad = None
-                loss.backward()
+                loss = _step_loss(forward, inputs, targets, kwargs, rows, device, dtype)
+                if dist.world() > 1:
+                    for p in params:
+                        p.grad = dist.sum_(p.grad if p.grad is not None else torch.zeros_like(p))
                 masked_step(opt, params, masters, masks)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
     finally:
         for p, w in zip(everything, was):
             p.requires_grad_(w)
@@ -416,7 +444,7 @@ def model_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def distill_need(student: nn.Module, teacher_bytes: int, seqlen: int, micro_batch: int = 1
+def distill_need(student: nn.Module, teacher_bytes: int, seqlen: int, micro_batch: int = 1, ranks: int = 1
                  ) -> dict[str, dict[str, int]]:
     """Bytes distillation holds beside the loaded student, by where they live. ``device`` (where the student
     computes): the teacher; for the projections' weights the gradients (and, for a half-precision model,
@@ -424,36 +452,47 @@ def distill_need(student: nn.Module, teacher_bytes: int, seqlen: int, micro_batc
     temporary of one moment's size its step builds, and the masks;
     one micro-batch's logits (teacher, student, their log-softmax and its gradient, fp32), the
     checkpointed layer inputs and one layer's attention scores. ``host``: the best state kept (the weights
-    in their own dtype)."""
+    in their own dtype).
+
+    With ``ranks`` > 1 (FSDP2, ``sharded.distill``) each rank's device holds a 1/ranks share of the fp32
+    student (its own masters), the teacher, the gradients, AdamW's moments and the masks, plus the whole
+    weights of the layers being gathered (two, of the student and of the teacher), and its share of the
+    best state on the host."""
     tuned = [p for n, p in student.named_parameters() if n.endswith("proj.weight")]
     numel = sum(p.numel() for p in tuned)
     size = tuned[0].element_size() if tuned else FP32
     half = size < FP32
     config = student.config
+    if ranks > 1:
+        layer_bytes = model_bytes(student) // max(config.num_hidden_layers, 1)
+        shares = {"student": model_bytes(student) * FP32 // size // ranks, "teacher": teacher_bytes // ranks,
+                  "gradients": numel * FP32 // ranks, "adam": 3 * numel * FP32 // ranks,
+                  "masks": numel // ranks, "gathered_layers": 2 * 2 * layer_bytes * FP32 // size}
+    else:
+        shares = {"teacher": teacher_bytes, "gradients": numel * (size + (FP32 if half else 0)),
+                  "masters": numel * FP32 if half else 0, "adam": 3 * numel * FP32, "masks": numel}
     device = {
-        "teacher": teacher_bytes,
-        "gradients": numel * (size + (FP32 if half else 0)),
-        "masters": numel * FP32 if half else 0,
-        "adam": 3 * numel * FP32,
-        "masks": numel,
+        **shares,
         "logits": micro_batch * seqlen * config.vocab_size * FP32 * 5,
         "checkpoints": micro_batch * seqlen * config.hidden_size * FP32 * (config.num_hidden_layers + 8),
         # one layer's attention scores and probabilities, when SDPA falls back to the math path (which kernel
         # runs depends on the CPU or GPU; the fused ones need far less)
         "attention": micro_batch * config.num_attention_heads * seqlen * seqlen * FP32 * 2,
     }
-    return {"device": device, "host": {"best_state": numel * size}}
+    return {"device": device, "host": {"best_state": numel * (FP32 if ranks > 1 else size) // ranks}}
 
 
 
 def distill_device(student: nn.Module, teacher_bytes: int, compute: torch.device, seqlen: int,
-                   spec: DistillSpec, host_budget: int, headroom: float = fit.HEADROOM) -> torch.device:
+                   spec: DistillSpec, host_budget: int, headroom: float = fit.HEADROOM, ranks: int = 1
+                   ) -> torch.device:
     """Where distillation runs: on the compute device when the student (if it is not there yet), the teacher
     and the training state fit in ``headroom`` of its free memory (as ``load.place`` decides), on the host
     when the run computes there or ``spec.host`` asks for it. Refuses in one line, naming the memory needed,
-    when the chosen place cannot hold it (``host_budget``: the host bytes the run may use)."""
+    when the chosen place cannot hold it (``host_budget``: the host bytes the run may use). With ``ranks``
+    > 1 each rank's share is counted (FSDP2), and the student never moves whole to the device."""
     context = int(getattr(student.config, "max_position_embeddings", seqlen) or seqlen)
-    need = distill_need(student, teacher_bytes, min(seqlen, context))
+    need = distill_need(student, teacher_bytes, min(seqlen, context), spec.micro_batch, ranks)
     on_device, on_host = sum(need["device"].values()), sum(need["host"].values())
     where = next(student.parameters()).device
     if compute.type == "cpu" or spec.host:
@@ -465,13 +504,15 @@ def distill_device(student: nn.Module, teacher_bytes: int, compute: torch.device
                               f"{host_budget / 2**30:.1f} GiB; use --reconstruct alone, a smaller --seqlen, "
                               "or a larger --max_memory")
         return torch.device("cpu")
-    device_total = on_device + (model_bytes(student) if where != compute else 0)
+    device_total = on_device + (model_bytes(student) if where != compute and ranks == 1 else 0)
     free = fit.device_free(compute)
     if device_total > headroom * free or on_host > host_budget:
+        per_rank = f" per rank ({ranks} ranks, FSDP2)" if ranks > 1 else ""
+        remedy = "more ranks, " if ranks > 1 else "--distill_device cpu to distil on the host (slow), "
         raise OptionError("distill_steps", f"distillation on {compute} needs about "
-                          f"{device_total / 2**30:.1f} GiB there (student, dense teacher, optimizer state, "
-                          f"logits) and {on_host / 2**30:.1f} GiB of host memory for the best state; "
+                          f"{device_total / 2**30:.1f} GiB there{per_rank} (student, dense teacher, "
+                          f"optimizer state, logits) and {on_host / 2**30:.1f} GiB of host memory for the "
+                          "best state; "
                           f"{headroom:.0%} of the {free / 2**30:.1f} GiB free on {compute} is too little; "
-                          "use --distill_device cpu to distil on the host (slow), --reconstruct alone, or a "
-                          "smaller --seqlen")
+                          f"use {remedy}--reconstruct alone, or a smaller --seqlen")
     return compute

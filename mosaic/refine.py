@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mosaic import dist
 from mosaic.adapter import GROUPS, PROJECTIONS, Adapter
 from mosaic.calibrate import capture, hidden_of
 from mosaic.prune import SparsityMap
@@ -45,23 +46,29 @@ class Fitness:
     kwargs: list[list[dict]]  # per batch, per layer
     inputs: list[list[torch.Tensor]]  # inputs[i][b]: batch b entering layer i (i = L: the final hidden)
     reference: list[Reference]  # per batch, the dense model's next-token distribution
+    # each batch's place among all ranks' batches (under torchrun a rank holds its share, round robin)
+    order: list[int] = field(default_factory=list)
 
     @torch.no_grad()
     def score(self, start: int = 0, batches: int | None = None, keep: bool = False):
         """Mean KL per predicted token over the first ``batches`` batches, re-running layers ``start``..;
         with ``keep`` also the new inputs of layers start+1.. (for ``commit``)."""
         layers = self.adapter.layers(self.model)
-        total, count, kept = 0.0, 0, [[] for _ in range(start + 1, len(layers) + 1)]
-        for b in range(batches or len(self.reference)):
+        kls, counts, kept = [], [], [[] for _ in range(start + 1, len(layers) + 1)]
+        for b, place in enumerate(self.order):
+            if batches is not None and place >= batches:
+                break
             h = self.inputs[start][b]
             for i in range(start, len(layers)):
                 h = hidden_of(layers[i](h, **self.kwargs[b][i]))
                 if keep:
                     kept[i - start].append(h)
             reference = self.reference[b]
-            total += reference.kl(_logits(self.model, self.adapter, h))
-            count += reference.probs.shape[0]
-        return (total / max(count, 1), kept) if keep else total / max(count, 1)
+            kls.append((place, reference.kl(_logits(self.model, self.adapter, h))))
+            counts.append((place, reference.probs.shape[0]))
+        # the sum one process adds, in the batches' order, whichever rank ran each
+        kl = dist.ordered_sum(kls) / max(dist.ordered_sum(counts), 1)
+        return (kl, kept) if keep else kl
 
     def commit(self, start: int, kept: list[list[torch.Tensor]]) -> None:
         self.inputs = self.inputs[:start + 1] + kept  # a new list: a caller may hold the old one
@@ -76,14 +83,16 @@ class Fitness:
 
 @torch.no_grad()
 def fitness(dense: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int) -> Fitness:
-    """The scorer on ``windows``, its reference taken from ``dense`` (which it then scores, at KL 0)."""
-    acts = capture(dense, adapter, windows, batch_size)
+    """The scorer on ``windows`` (this rank's batches of them), its reference taken from ``dense`` (which it
+    then scores, at KL 0)."""
+    order = dist.mine(-(-windows.shape[0] // batch_size))
+    acts = capture(dense, adapter, dist.my_batches(windows, batch_size), batch_size)
     kwargs = [acts.layer_kwargs[h.shape[0]] for h in acts.hidden]
     inputs = [acts.hidden]
     for i, layer in enumerate(adapter.layers(dense)):
         inputs.append([hidden_of(layer(h, **kw[i])) for h, kw in zip(inputs[-1], kwargs)])
     reference = [Reference.of(_logits(dense, adapter, h)) for h in inputs[-1]]
-    return Fitness(dense, adapter, kwargs, inputs, reference)
+    return Fitness(dense, adapter, kwargs, inputs, reference, order)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import mosaic
+from mosaic import dist
 from mosaic.errors import OptionError
 from mosaic.export import replace_file, write_json
 
@@ -148,17 +149,26 @@ def start(partial: Path, print_: str, resume: bool, overwrite: bool, n_layers: i
 def save(partial: Path, progress: Progress, hidden: list[torch.Tensor] | None,
          dense: list[torch.Tensor] | None = None) -> None:
     """The next layer's inputs (the pruned stream, and the dense one when reconstructing), then the record
-    that names them; the previous layer's files go once the record no longer does."""
+    that names them; the previous layer's files go once the record no longer does. Under torchrun each rank
+    saves its own share of the inputs (``dist.rank_file``), and rank 0 writes the record once all are on
+    disk."""
     state = partial / STATE
     old = [progress.inputs, progress.dense_inputs]
     progress.inputs = progress.dense_inputs = None
     for attr, stream, stem in (("inputs", hidden, "inputs"), ("dense_inputs", dense, "dense")):
         if stream is not None:
             name = f"{stem}-{progress.next_layer:05d}.pt"
-            replace_file(state / name, lambda tmp, xs=stream: torch.save([h.cpu() for h in xs], tmp),
-                         durable=True)
+            replace_file(state / dist.rank_file(name),
+                         lambda tmp, xs=stream: torch.save([h.cpu() for h in xs], tmp), durable=True)
             setattr(progress, attr, name)
-    replace_file(state / PROGRESS, lambda tmp: write_json(tmp, progress.__dict__), durable=True)
+    dist.barrier()
+    dist.from_writer(lambda: replace_file(state / PROGRESS, lambda tmp: write_json(tmp, progress.__dict__),
+                                          durable=True))
     for name in old:
         if name and name not in (progress.inputs, progress.dense_inputs):
-            (state / name).unlink(missing_ok=True)
+            (state / dist.rank_file(name)).unlink(missing_ok=True)
+
+
+def load_inputs(partial: Path, name: str) -> list[torch.Tensor]:
+    """A saved stream of layer inputs (this rank's share, under torchrun)."""
+    return torch.load(partial / STATE / dist.rank_file(name))

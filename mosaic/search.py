@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mosaic import refine
+from mosaic import dist, refine
 from mosaic.adapter import GROUPS, PROJECTIONS, Adapter
 from mosaic.calibrate import Activations, run_layers
 from mosaic.prune import SparsityMap
@@ -85,17 +85,18 @@ def dense_hessians(model: nn.Module, adapter: Adapter, acts: Activations, comput
 def fisher(model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int,
            seed: int) -> list[dict[str, torch.Tensor]]:
     """Per projection, the mean squared gradient of log p(ŷ) w.r.t. each output channel, with ŷ sampled
-    from the dense model itself (the Fisher of its predictive distribution)."""
+    from the dense model itself (the Fisher of its predictive distribution). Each batch samples ŷ with its
+    own generator and the sums are fp64, so under torchrun (each rank its share of the batches, the sums
+    added over ranks) the result is one process's."""
     layers = adapter.layers(model)
-    sums = [{p: None for p in PROJECTIONS} for _ in layers]
-    gen = torch.Generator().manual_seed(seed)
+    sums = [{p: torch.zeros(adapter.projection(layer, p).out_features, dtype=torch.float64)
+             for p in PROJECTIONS} for layer in layers]
     hooks, tokens = [], 0
 
     def save_grad(i, p):
         def hook(_module, _args, output):
             def on_grad(g):
-                sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
-                sums[i][p] = sq if sums[i][p] is None else sums[i][p] + sq
+                sums[i][p] += g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
             output.register_hook(on_grad)
         return hook
 
@@ -107,8 +108,10 @@ def fisher(model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size
     requires = [q.requires_grad for q in model.parameters()]
     model.requires_grad_(False)
     device = next(model.parameters()).device
+    batches = windows.split(batch_size)
     try:
-        for batch in windows.split(batch_size):
+        for b in dist.mine(len(batches)):
+            batch, gen = batches[b], torch.Generator().manual_seed(seed * 1_000_003 + b)
             with torch.enable_grad():
                 logits = model(batch.to(device)).logits[:, :-1].float()
                 probs = F.softmax(logits.detach(), -1).reshape(-1, logits.shape[-1]).cpu()
@@ -121,7 +124,8 @@ def fisher(model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size
             h.remove()
         for q, r in zip(model.parameters(), requires):
             q.requires_grad_(r)
-    return [{p: s / max(tokens, 1) for p, s in row.items()} for row in sums]
+    tokens = int(dist.sum_float(float(tokens)))
+    return [{p: (dist.sum_(s) / max(tokens, 1)).float() for p, s in row.items()} for row in sums]
 
 
 def curves(model: nn.Module, adapter: Adapter, kernel, stats, grads, levels: list[float],

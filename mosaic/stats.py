@@ -1,8 +1,12 @@
 """Activation statistics of one projection group's input, accumulated over calibration batches.
 
 q/k/v read the same input, and so do gate/up, so one accumulator serves a whole group: the
-reference code keeps a separate (identical) Hessian per projection. Everything is fp32 whatever the
-model dtype. Scale factors (per token vs per sequence, the 2 in H = 2XXᵀ) do not matter: Wanda ranks
+reference code keeps a separate (identical) Hessian per projection. Each batch's contribution is computed
+in fp32 and added to fp64 sums (``ACCUMULATOR``); ``reduced()`` sums them over the ranks of a launched run
+and rounds them to fp32, which kernels read. In fp64 the order of the additions (which batches a rank ran,
+in which order the ranks' partial sums meet) changes bits far below fp32's, so N ranks give one process's
+statistics (checked bit for bit in tests/test_distributed.py).
+Scale factors (per token vs per sequence, the 2 in H = 2XXᵀ) do not matter: Wanda ranks
 within rows, outlier ratios compare with a mean, SparseGPT damps relative to the mean diagonal.
 """
 
@@ -10,13 +14,17 @@ from __future__ import annotations
 
 import torch
 
+from mosaic import dist
+
+ACCUMULATOR = torch.float64  # the running sums; kernels read fp32 (``reduced``)
+
 
 class InputStats:
     def __init__(self, dim: int, device: torch.device, hessian: bool):
         self.tokens = 0
         # always: norms alike with or without H
-        self.sq = torch.zeros(dim, dtype=torch.float32, device=device)
-        self.xtx = torch.zeros(dim, dim, dtype=torch.float32, device=device) if hessian else None
+        self.sq = torch.zeros(dim, dtype=ACCUMULATOR, device=device)
+        self.xtx = torch.zeros(dim, dim, dtype=ACCUMULATOR, device=device) if hessian else None
         # what kernels derive from these statistics (SparseGPT's factor of H⁻¹, ALPS's eigendecomposition of
         # the normalised H), kept so that pruning the same group again (the search tries many sparsities)
         # skips it; cleared by ``add``
@@ -53,9 +61,21 @@ class InputStats:
             _add_upper_gram(self.xtx, x)
         self.tokens += x.shape[0]
 
+    def reduced(self) -> InputStats:
+        """These statistics summed over every rank's batches, then in fp32 (what kernels read). Called once,
+        after the last ``add``."""
+        counts = torch.tensor([float(self.tokens)], dtype=ACCUMULATOR, device=self.device)
+        for t in (self.sq, counts) + ((self.xtx,) if self.xtx is not None else ()):
+            dist.sum_(t)
+        self.tokens = int(counts.item())
+        self.sq = self.sq.float()
+        self.xtx = None if self.xtx is None else self.xtx.float()
+        self.derived.clear()
+        return self
+
     def mean_square(self) -> torch.Tensor:
         """Per input feature: mean over tokens of x_j² (Wanda's squared-norm statistic)."""
-        return self.sq / max(self.tokens, 1)
+        return (self.sq / max(self.tokens, 1)).float()
 
     def norms(self) -> torch.Tensor:
         """‖X_j‖ per input feature (up to a constant factor)."""
@@ -66,13 +86,18 @@ class InputStats:
         if self.xtx is None:
             raise ValueError("these statistics were collected without a Hessian")
         upper = self.xtx.triu()
-        return (upper + upper.triu(1).t()) / max(self.tokens, 1)
+        return ((upper + upper.triu(1).t()) / max(self.tokens, 1)).float()
 
 
 def _add_upper_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
     """gram += xᵀx on and above the diagonal only, by column blocks: about 30% less time than a full
-    matmul on CPU (there is no syrk in torch). The lower triangle is left unspecified."""
+    matmul on CPU (there is no syrk in torch). The lower triangle is left unspecified. Each block's product
+    is an fp32 matmul, added to ``gram`` in its own dtype (fp64)."""
     dim = x.shape[1]
     width = max(192, -(-dim // 8))
     for i0 in range(0, dim, width):
-        gram[i0:i0 + width, i0:].addmm_(x[:, i0:i0 + width].t(), x[:, i0:])
+        block = gram[i0:i0 + width, i0:]
+        if block.dtype == x.dtype:
+            block.addmm_(x[:, i0:i0 + width].t(), x[:, i0:])
+        else:
+            block += x[:, i0:i0 + width].t() @ x[:, i0:]

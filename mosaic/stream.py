@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mosaic import fit, resume
+from mosaic import dist, fit, resume
 from mosaic.adapter import GROUPS, adapter_for
 from mosaic.calibrate import on_device, run_layers
 from mosaic.errors import OptionError
@@ -37,7 +37,6 @@ from mosaic.options import check_streamable, parse_memory, workload
 from mosaic.prune import group_pruner, stats_for
 from mosaic.restructure import apply, reconfigure
 from mosaic.resume import (
-    STATE,
     Progress,
     check_leftover,
     fingerprint,
@@ -340,10 +339,11 @@ class StreamRun:
     def _open(self, job) -> Progress:
         """The resume record: continued (``--resume``, same fingerprint) or fresh."""
         identity = {**run_identity(self.streamed.source.directory, job.run_options.get("calib_dataset")),
-                    "resolved": resolved_settings(self.streamed.dtype, job.compute, job.calib_dtype)}
+                    "resolved": resolved_settings(self.streamed.dtype, job.compute, job.calib_dtype),
+                    "ranks": dist.world()}  # each rank saved its own share of the inputs
         print_ = fingerprint(job.run_options, job.sparsity, job.nm, identity)
-        self.progress, resumed = resume.start(self.partial, print_, self.resume, self.overwrite,
-                                              self.streamed.n_layers)
+        self.progress, resumed = dist.from_writer(lambda: resume.start(
+            self.partial, print_, self.resume, self.overwrite, self.streamed.n_layers))
         if resumed:
             self.resumed_from = self.progress.next_layer
         return self.progress
@@ -380,9 +380,9 @@ class StreamRun:
             return
         acts = self._walk = job.activations()
         if start > 0:
-            acts.hidden = torch.load(self.partial / STATE / progress.inputs)
+            acts.hidden = resume.load_inputs(self.partial, progress.inputs)
             if job.recovery is not None:
-                job.recovery.dense = torch.load(self.partial / STATE / progress.dense_inputs)
+                job.recovery.dense = resume.load_inputs(self.partial, progress.dense_inputs)
         elif job.check is not None:
             with s.held(0):
                 job.check(acts)
@@ -405,7 +405,7 @@ class StreamRun:
             if job.structure is not None:
                 apply(s.adapter, [s.modules[index][0]], [job.structure[index]])
             state = s.state(index)
-            write_shard(self.partial / self._shard(index), state)
+            dist.from_writer(lambda: write_shard(self.partial / self._shard(index), state))
             _add(progress.before, before)
             _add(progress.after, _counts(state))
             progress.rows.append(_measure(s.adapter, s.modules[index][0]))
@@ -423,7 +423,7 @@ class StreamRun:
         """Embedding or head: written unchanged."""
         s = self.streamed
         tensors = {n: t.contiguous() for n, t in s.source.read(s.saved_names(part), s.dtype).items()}
-        write_shard(self.partial / self._shard(part), tensors)
+        dist.from_writer(lambda: write_shard(self.partial / self._shard(part), tensors))
         counts = _counts(tensors)  # the embedding's go into the first layer's saved progress; the head's last
         _add(progress.before, counts)
         _add(progress.after, counts)

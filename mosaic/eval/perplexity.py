@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mosaic import dist
 from mosaic.adapter import Adapter
 from mosaic.calibrate import capture, hidden_of, layer_kwargs, on_device, working_copy
 
@@ -43,9 +44,24 @@ def perplexity(
     n = windows_available if max_windows is None else min(windows_available, max_windows)
     if n == 0:
         raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    windows = ids[: n * seqlen].view(n, seqlen)
+    # under torchrun each rank runs its share of the batches; the per-window losses are added in the
+    # windows' order, so the perplexity is the float one process computes
+    mine = set(dist.mine(-(-n // batch_size)))
+    batches = [(i, b) for i, b in enumerate(ids[: n * seqlen].view(n, seqlen).split(batch_size)) if i in mine]
+    windows = torch.cat([b for _, b in batches]) if batches else None
+    losses = _window_losses(model, adapter, windows, batch_size, compute, desc, dtype,
+                            scope or (lambda part: nullcontext())) if batches else []
+    index = [i * batch_size + r for i, b in batches for r in range(b.shape[0])]
+    mean_nll = dist.ordered_sum(list(zip(index, losses))) / n
+    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "windows": n, "windows_available": windows_available,
+            "seqlen": seqlen, "tokens": n * seqlen,
+            "dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", "")}
+
+
+def _window_losses(model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int, compute,
+                   desc: str, dtype, held: Callable) -> list[float]:
+    """Each window's mean next-token cross-entropy, in fp32, the model run layer by layer."""
     compute = compute or next(model.parameters()).device
-    held = scope or (lambda part: nullcontext())
     with held("embed"):
         acts = capture(model, adapter, windows, batch_size)
     cache: dict = {}
@@ -69,8 +85,4 @@ def perplexity(
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    reduction="none")
             losses.extend(loss.view(batch.shape[0], -1).mean(dim=1).tolist())
-    mean_nll = sum(losses) / len(losses)
-    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "windows": n, "windows_available": windows_available,
-            "seqlen": seqlen, "tokens": n * seqlen,
-            "dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", "")}
-
+    return losses

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mosaic import dist
 from mosaic.errors import OptionError
 from mosaic.kv.attention import attend, mustafar_attention
 from mosaic.kv.prune import KVSparsity, LayerSparsity, heads_of, prune_count
@@ -425,7 +426,7 @@ def allocate(model: nn.Module, spec: KVSparsity, granularity: str, windows: torc
         spec = solve(curves, spec)
         learned = {"source": granularity, "sensitivity_s": round(curves.seconds, 1),
                    "sensitivity_tokens": curves.tokens}
-        if path:
-            write(path, spec, heads, dim, {**(meta or {}), "granularity": granularity,
-                                           "curves": curves.to_json()})
+        if path:  # under torchrun every rank measures alike; rank 0 writes
+            meta = {**(meta or {}), "granularity": granularity, "curves": curves.to_json()}
+            dist.from_writer(lambda: write(path, spec, heads, dim, meta))
     return spec, {**learned, "learned": describe(spec, heads)} if spec.allocated else learned

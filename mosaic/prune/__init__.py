@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mosaic import dist
 from mosaic.adapter import GROUPS, PROJECTIONS, Adapter
 from mosaic.calibrate import Activations, on_device, run_layers
 from mosaic.prune import alps, magnitude, sparsegpt, wanda
@@ -177,14 +178,23 @@ def prune_from_stats(model: nn.Module, adapter: Adapter, kernel: Kernel, sparsit
 
 def group_pruner(adapter: Adapter, kernel: Kernel, sparsity: SparsityMap, nm: NMPlan, options: dict,
                  structure: list | None, notes: list[dict]):
-    """The engine callback that prunes one group as allocated, collecting the kernel's notes per layer."""
+    """The engine callback that prunes one group as allocated, collecting the kernel's notes per layer.
+    Under torchrun one owner rank (the least loaded by the kernel's cost) prunes the group and broadcasts
+    its weights byte for byte, with the kernel's notes, so every rank holds the same layer."""
     check_options(kernel, options)
+    owners = dist.Owners()
 
     def on_group(index: int, layer: nn.Module, group: tuple[str, ...], stats) -> None:
         plan = structure[index] if structure else None
-        for note in prune_group(adapter, layer, group, stats, kernel, sparsity[index], nm[index], options,
-                                plan):
-            notes.append({"layer": index, **note})
+        projections = [adapter.projection(layer, p) for p in group]
+        cost = sum(p.weight.numel() * (p.in_features if kernel.stats == "hessian" else 1)
+                   for p in projections)
+        owner = owners.owner(cost)
+        found = dist.run_on(owner, lambda: prune_group(adapter, layer, group, stats, kernel, sparsity[index],
+                                                       nm[index], options, plan))
+        for proj in projections:
+            dist.broadcast_(proj.weight.data, owner)
+        notes.extend({"layer": index, **note} for note in found)
 
     return on_group
 
