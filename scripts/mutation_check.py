@@ -1,5 +1,5 @@
 """Do the tests fail on broken code? Each mutation breaks one promised behaviour of the KV allocation, the
-recovery, resuming or the calibration windows in a scratch copy of HEAD; the tests named beside it must then
+recovery, resuming, the calibration windows or the reductions across ranks in a scratch copy of HEAD; the tests named beside it must then
 fail ("CAUGHT").
 
     .venv/bin/python scripts/mutation_check.py          # ~10 minutes on 2 cores; time nothing beside it
@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 KV, RECOVER = ["tests/test_kv_alloc.py", "tests/test_kv_run.py"], ["tests/test_recover.py"]
 PRECISION = ["tests/test_recover_precision.py"]
+DIST = "tests/test_distributed.py"
 # (what breaks, file, [(old, new), ...], tests that must catch it)
 MUTATIONS = [
     ("the KV solve ignores the measured curves (flat costs)", "mosaic/kv/allocate.py",
@@ -54,7 +55,7 @@ MUTATIONS = [
     ("--distill_batch above --distill_windows is accepted", "mosaic/options.py",
      [("if opts.distill_batch > opts.distill_windows:", "if False:")], RECOVER),
     ("--resume ignores what auto resolved to and the torch version", "mosaic/stream.py",
-     [('"resolved": resolved_settings(self.streamed.dtype, job.compute, job.calib_dtype)}', "}")],
+     [('"resolved": resolved_settings(self.streamed.dtype, job.compute, job.calib_dtype),', "")],
      ["tests/test_stream_faults.py::test_resume_refuses_when_auto_settings_resolve_otherwise_or_torch_changed"]),
     ("a KV file measured with another --kv_window is applied", "mosaic/kv/allocate.py",
      [('if "window" in f.meta and f.meta["window"] != spec.window:', "if False:")], KV),
@@ -63,6 +64,26 @@ MUTATIONS = [
     ("--calib_dtype auto is bf16 for fp32 models again", "mosaic/load.py",
      [('    if spec == "auto":\n        return model_dtype',
        '    if spec == "auto":\n        return torch.bfloat16')], ["tests/test_data.py"]),
+    ("the ranks' statistics are not summed before a kernel runs", "mosaic/stats.py",
+     [("            dist.sum_(t)", "            pass")], [f"{DIST}::test_two_ranks_prune_the_model_one_process_prunes"
+                                                           "[llama-sparsegpt]"]),
+    ("an owner's pruned weights are not broadcast", "mosaic/prune/__init__.py",
+     [("            dist.broadcast_(proj.weight.data, owner)", "            pass")],
+     [f"{DIST}::test_two_ranks_prune_the_model_one_process_prunes[llama-sparsegpt]"]),
+    ("scores are added in rank order, not the windows' order", "mosaic/dist.py",
+     [("return [v for _, v in sorted((p for part in gathered(pairs) for p in part), key=lambda p: p[0])]",
+       "return [v for part in gathered(pairs) for _, v in part]")],
+     [f"{DIST}::test_statistics_and_ordered_sums_do_not_depend_on_the_split"]),
+    ("statistics accumulate in fp32", "mosaic/stats.py",
+     [("ACCUMULATOR = torch.float64", "ACCUMULATOR = torch.float32")],
+     [f"{DIST}::test_statistics_and_ordered_sums_do_not_depend_on_the_split"]),
+    ("FSDP2 distillation steps without masking gradients or weights", "mosaic/sharded.py",
+     [("            masked_step(opt, params, params, masks)", "            opt.step()")],
+     [f"{DIST}::test_fsdp2_distillation_keeps_zeros_and_matches_one_process[float32]"]),
+    ("reconstruction steps on each rank's own gradients", "mosaic/recover.py",
+     [("p.grad = dist.sum_(p.grad if p.grad is not None else torch.zeros_like(p))",
+       "p.grad = p.grad if p.grad is not None else torch.zeros_like(p)")],
+     [f"{DIST}::test_reconstruction_sums_gradients_over_ranks"]),
 ]
 
 
