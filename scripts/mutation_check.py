@@ -1,6 +1,6 @@
 """Do the tests fail on broken code? Each mutation breaks one promised behaviour of the KV allocation, the
-recovery, resuming, the calibration windows or the reductions across ranks in a scratch copy of HEAD; the tests named beside it must then
-fail ("CAUGHT").
+recovery, resuming, the calibration windows or the reductions across ranks in a scratch copy of HEAD; the
+tests named beside it must then fail ("CAUGHT").
 
     .venv/bin/python scripts/mutation_check.py          # ~10 minutes on 2 cores; time nothing beside it
     .venv/bin/python scripts/mutation_check.py 7 9      # only those mutations
@@ -65,8 +65,8 @@ MUTATIONS = [
      [('    if spec == "auto":\n        return model_dtype',
        '    if spec == "auto":\n        return torch.bfloat16')], ["tests/test_data.py"]),
     ("the ranks' statistics are not summed before a kernel runs", "mosaic/stats.py",
-     [("            dist.sum_(t)", "            pass")], [f"{DIST}::test_two_ranks_prune_the_model_one_process_prunes"
-                                                           "[llama-sparsegpt]"]),
+     [("            dist.sum_(t)", "            pass")],
+     [f"{DIST}::test_two_ranks_prune_the_model_one_process_prunes[llama-sparsegpt]"]),
     ("an owner's pruned weights are not broadcast", "mosaic/prune/__init__.py",
      [("            dist.broadcast_(proj.weight.data, owner)", "            pass")],
      [f"{DIST}::test_two_ranks_prune_the_model_one_process_prunes[llama-sparsegpt]"]),
