@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mosaic import __version__, runconfig
+from mosaic import __version__, dist, runconfig
 from mosaic import allocate as alloc
 from mosaic.adapter import PROJECTIONS
 from mosaic.data import parse_mixture, source_counts
@@ -68,6 +68,8 @@ def summary_text(r: dict) -> str:
         head += f" · {r['settings']['calib_stats']} statistics"
     if r["settings"].get("calib_dtype"):
         head += f" · {r['settings']['calib_dtype']} calibration forwards"
+    if r["settings"].get("ranks", 1) > 1:
+        head += f" · {r['settings']['ranks']} ranks"
     lines = [head]
     if "structured" in s:
         lines.append(f"  removed      {s['achieved']:.4%} of decoder projection weights: "
@@ -274,7 +276,7 @@ def record(setup: Setup, plan: Plan, allocation: Allocation, profile: Profile | 
                      "calib_stats": opts.calib_stats if plan.mode else None, "mode": plan.mode,
                      "calib_dtype": _name(setup.calib_dtype) if plan.needs_calibration else None,
                      "allocation": allocation.source, "Lamda": plan.lamda, "Hyper_m": plan.hyper_m,
-                     "nm": nm if any(nm) else None},
+                     "nm": nm if any(nm) else None, "ranks": dist.world()},
         "sparsity": sparsity,
         "parameters": {"before": source.before, "after": source.after()},
         "perplexity": {},

@@ -103,6 +103,19 @@ def test_two_ranks_prune_the_model_one_process_prunes(tmp_path, tiny_dirs, calib
     assert out["stdout2"].count("Mosaic —") == 1
 
 
+def test_accelerate_launch_gives_the_same_model(tmp_path, tiny_dirs, calib_file):
+    args = [*base(tiny_dirs, calib_file), "--prune_method", "sparsegpt", "--sparsity_ratio", "0.5"]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run = subprocess.run([*accelerate, str(ROOT / "main.py"), *args, "--save_model", str(tmp_path / "m2")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=240, env=ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("Mosaic —") == 1
+    one = launch([*args, "--save_model", str(tmp_path / "m1")], 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert differences(weights(tmp_path / "m1"), weights(tmp_path / "m2")) == (0, 0.0, True)
+
+
 def test_search_gives_one_process_map_and_model(tmp_path, tiny_dirs, calib_file):
     args = [*base(tiny_dirs, calib_file), "--prune_method", "sparsegpt_search", "--sparsity_ratio", "0.5",
             "--search_windows", "2", "--search_budget", "2"]

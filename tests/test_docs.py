@@ -27,8 +27,10 @@ OPERATORS = ("&&", "||", ";", "|", "&")
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 INLINE = re.compile(r"`([^`\n]+)`")
 ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
-# a line that may hold a Mosaic command: python (any path to it) running main.py or -m mosaic
-MAYBE = re.compile(r"python3?\s+(?:\S*main\.py|-m\s+mosaic)\b")
+# a line that may hold a Mosaic command: python (any path to it) running main.py or -m mosaic, or a launcher
+# (torchrun, accelerate launch) running main.py
+MAYBE = re.compile(r"python3?\s+(?:\S*main\.py|-m\s+mosaic)\b|(?:torchrun|accelerate\s+launch)\s.*\bmain\.py")
+LAUNCHERS = (("torchrun",), ("accelerate", "launch"))
 README_MAX_LINES = 250
 # the README's "Two commands": CI runs the second, so these two lines never change
 TWO_COMMANDS = (
@@ -55,6 +57,10 @@ def _mosaic_argv(tokens: list[str]) -> list[str] | None:
     """The arguments after ``python main.py`` / ``python -m mosaic`` in one shell command, else None."""
     while tokens and ENV.match(tokens[0]):
         tokens = tokens[1:]
+    for launcher in LAUNCHERS:  # torchrun [options] main.py ..., accelerate launch [options] main.py ...
+        if tuple(Path(t).name for t in tokens[:len(launcher)]) == launcher:
+            entry = [i for i, t in enumerate(tokens) if Path(t).name == "main.py"]
+            return tokens[entry[0] + 1:] if entry else None
     if len(tokens) < 2 or Path(tokens[0]).name not in ("python", "python3"):
         return None
     if Path(tokens[1]).name == "main.py":
@@ -254,6 +260,8 @@ def test_commands_are_found_on_every_page():
     assert any(c.argv[:2] == ("--prune_method", "sparsegpt") for c in readme)
     assert _commands_in_line("A=1 python main.py --seed 1 # && python -m mosaic") == [["--seed", "1"]]
     assert _commands_in_line("x && .venv/bin/python main.py --save 'a b' | tee log") == [["--save", "a b"]]
+    assert _commands_in_line("torchrun --nproc_per_node 2 main.py --seed 1") == [["--seed", "1"]]
+    assert _commands_in_line("accelerate launch --num_processes 2 main.py --seed 2") == [["--seed", "2"]]
 
 
 def test_readme_is_short_and_keeps_the_two_commands():
