@@ -392,6 +392,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except dist.RankFailure as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a file that cannot be read or written (a full disk): what was finished stays
+        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+        return 1
     except MemoryError as e:  # torch.OutOfMemoryError (a device out of memory) is a RuntimeError
         print(f"{prog}: error: {out_of_memory(e)}", file=sys.stderr)
         return 1

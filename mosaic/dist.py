@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -176,16 +177,27 @@ def run_on(src: int, fn: Callable[[], T]) -> T:
     """``fn()`` on rank ``src``, its value (or its error) on every rank: no rank waits on a failed one."""
     if not active():
         return fn()
-    value, error = None, None
+    value, error, original = None, None, None
     if rank() == src:
         try:
             value = fn()
-        except Exception as err:  # re-raised on every rank, below
-            error = err
+        except Exception as err:  # raised on every rank, below
+            original, error = err, _portable(err)
     value, error = broadcast_object((value, error), src)
+    if original is not None:
+        raise original
     if error is not None:
         raise error
     return value
+
+
+def _portable(err: Exception) -> Exception:
+    """``err`` if it survives pickling (to reach the other ranks), else a RuntimeError saying what it was."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return RuntimeError(f"{type(err).__name__}: {err}")
 
 
 def from_writer(fn: Callable[[], T]) -> T:

@@ -11,6 +11,9 @@ class OptionError(ValueError):
         self.option = option
         self.message = message
 
+    def __reduce__(self):  # pickled as its arguments: it crosses ranks (``dist.run_on``)
+        return type(self), (self.option, self.message)
+
 
 class EvaluationError(RuntimeError):
     """Evaluation failed (``status`` "failed") or was interrupted after the pruned model and results.json
@@ -20,3 +23,6 @@ class EvaluationError(RuntimeError):
         super().__init__(f"evaluation {status} ({type(cause).__name__}: {cause}); "
                          f"saved: {', '.join(saved) or 'nothing'}")
         self.status, self.saved, self.cause = status, saved, cause
+
+    def __reduce__(self):
+        return type(self), (self.status, self.saved, self.cause)

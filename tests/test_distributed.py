@@ -234,6 +234,35 @@ def test_a_dead_or_hung_rank_ends_the_run_with_one_line(tmp_path, tiny_dirs, cal
     assert not (tmp_path / "r").exists()
 
 
+FULL_DISK = """
+import errno, os, sys
+sys.path.insert(0, {root!r})
+from mosaic import report
+from mosaic.cli import main
+
+def full(directory, results):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+if os.environ.get("RANK") == "0":
+    report.write_record = full  # the writer fails in the last step; rank 1 must not wait for it
+raise SystemExit(main(prog="main.py"))
+"""
+
+
+def test_a_failure_of_the_writer_reaches_every_rank(tmp_path, tiny_dirs, calib_file):
+    script = tmp_path / "full.py"
+    script.write_text(FULL_DISK.format(root=str(ROOT)))
+    args = [*base(tiny_dirs, calib_file), "--prune_method", "sparsegpt", "--sparsity_ratio", "0.5",
+            "--save", str(tmp_path / "r"), "--dist_timeout", "60"]
+    started = time.monotonic()
+    run = launch(args, 2, script, timeout=200)
+    assert run.returncode != 0 and time.monotonic() - started < 50  # far below the timeout: no rank waited
+    assert "No space left on device" in run.stderr
+    assert "rank 1" in run.stderr  # rank 1 stopped with rank 0's error, not a timeout
+    assert "timed out" not in run.stderr
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("extra, flag", [
     (["--nsamples", "2"], "--nsamples"),
     (["--distill_steps", "2", "--distill_batch", "3", "--distill_windows", "4"], "--distill_batch"),
