@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mosaic import dist
-from mosaic.adapter import GROUPS, Adapter
+from mosaic.adapter import GROUPS, PROJECTIONS, Adapter
 from mosaic.stats import InputStats
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,8 @@ def _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, c
 
         def on_work_group(i, _work, group, stats, layer=layer, work=work):
             on_group(i, layer, group, stats)
-            _sync(adapter, work, layer, group)
+            # outside sequential mode a group's weights may arrive with a later group's (``group_pruner``)
+            _sync(adapter, work, layer, group if mode == "sequential" else PROJECTIONS)
 
         kwargs = [layer_kwargs(acts, index, h, device, cache) for h in acts.hidden]
         host = device.type == "cuda" and acts.hidden[0].device.type == "cpu"  # a GPU computes, the host keeps

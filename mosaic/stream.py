@@ -353,7 +353,7 @@ class StreamRun:
         if job.kernel is None:
             return None
         on_group = group_pruner(self.streamed.adapter, job.kernel, job.sparsity, job.nm, job.options,
-                                job.structure, progress.notes)
+                                job.structure, progress.notes, together=job.mode in ("dense", "reference"))
         if job.recovery is not None:
             job.recovery.layers = progress.reconstructed  # a resumed run's record continues
             if job.stats is not None or job.kernel.stats == "none":  # the walk is for the reconstruction only

@@ -84,8 +84,9 @@ CASES = {
                                   "--sparsity_type", "composite", "--structured_ratio", "0.25"]),
     "llama-wanda-dense-stats": ("llama", ["--prune_method", "wanda_owl", "--sparsity_ratio", "0.5",
                                           "--calib_stats", "dense"]),
+    # reference mode: the owners prune a layer's four groups at once (bf16 forwards: a working copy to sync)
     "llama-reference-mode": ("llama", ["--prune_method", "sparsegpt", "--sparsity_ratio", "0.5",
-                                       "--no_true_sequential"]),
+                                       "--no_true_sequential", "--calib_dtype", "bfloat16"]),
 }
 
 

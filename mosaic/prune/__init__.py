@@ -137,7 +137,8 @@ def prune_model(
     if acts is None:
         raise ValueError(f"{kernel.name} needs calibration activations")
     notes: list[dict] = []
-    prune = group_pruner(adapter, kernel, sparsity, nm, options or {}, structure, notes)
+    prune = group_pruner(adapter, kernel, sparsity, nm, options or {}, structure, notes,
+                         together=mode != "sequential")
 
     def on_group(index, layer, group, seen) -> None:
         seen = stats_for(kernel, stats, index, group, seen)
@@ -168,7 +169,7 @@ def prune_from_stats(model: nn.Module, adapter: Adapter, kernel: Kernel, sparsit
     same statistics."""
     compute = compute or next(model.parameters()).device
     notes: list[dict] = []
-    on_group = group_pruner(adapter, kernel, sparsity, nm, options or {}, structure, notes)
+    on_group = group_pruner(adapter, kernel, sparsity, nm, options or {}, structure, notes, together=True)
     for index, layer in enumerate(tqdm(adapter.layers(model), desc=f"prune ({kernel.name})", leave=False)):
         with on_device(layer, compute) as device:
             for group in GROUPS:
@@ -177,26 +178,45 @@ def prune_from_stats(model: nn.Module, adapter: Adapter, kernel: Kernel, sparsit
 
 
 def group_pruner(adapter: Adapter, kernel: Kernel, sparsity: SparsityMap, nm: NMPlan, options: dict,
-                 structure: list | None, notes: list[dict]):
+                 structure: list | None, notes: list[dict], together: bool = False):
     """The engine callback that prunes one group as allocated, collecting the kernel's notes per layer.
     Under torchrun one owner rank (the least loaded by the kernel's cost) prunes the group and broadcasts
-    its weights byte for byte, with the kernel's notes, so every rank holds the same layer."""
+    its weights byte for byte, with the kernel's notes, so every rank holds the same layer. With
+    ``together`` (the engine calls all of a layer's groups before it uses any: dense and reference modes)
+    the owners prune their groups at once and the weights are broadcast after the layer's last group."""
     check_options(kernel, options)
     owners = dist.Owners()
+    pending: list = []  # (owner, projections, the owner's notes or error), until the layer's last group
 
     def on_group(index: int, layer: nn.Module, group: tuple[str, ...], stats) -> None:
         plan = structure[index] if structure else None
         projections = [adapter.projection(layer, p) for p in group]
         cost = sum(p.weight.numel() * (p.in_features if kernel.stats == "hessian" else 1)
                    for p in projections)
-        owner = owners.owner(cost)
-        found = dist.run_on(owner, lambda: prune_group(adapter, layer, group, stats, kernel, sparsity[index],
-                                                       nm[index], options, plan))
-        for proj in projections:
-            dist.broadcast_(proj.weight.data, owner)
-        notes.extend({"layer": index, **note} for note in found)
+        owner, outcome = owners.owner(cost), None
+        if owner == dist.rank():
+            try:
+                outcome = prune_group(adapter, layer, group, stats, kernel, sparsity[index], nm[index],
+                                      options, plan)
+            except Exception as err:  # raised on every rank when the layer's groups are shared
+                outcome = err
+        pending.append((owner, projections, outcome))
+        if together and dist.world() > 1 and group != GROUPS[-1]:
+            return
+        for owner, projections, outcome in pending:
+            found = dist.run_on(owner, lambda outcome=outcome: _result(outcome))
+            for proj in projections:
+                dist.broadcast_(proj.weight.data, owner)
+            notes.extend({"layer": index, **note} for note in found)
+        pending.clear()
 
     return on_group
+
+
+def _result(outcome):
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def measure(model: nn.Module, adapter: Adapter) -> dict:
