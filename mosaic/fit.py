@@ -168,7 +168,7 @@ def reconstruct_need(config, work: Workload, seqlen: int, tokens: int, calib: to
 
 def describe(need: dict[str, int]) -> str:
     parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in need.items() if v)
-    return f"{sum(need.values()) / 2**30:.2f} GiB ({parts})"
+    return f"{sum(need.values()) / 2**30:.2f} GiB{' per rank' if dist.world() > 1 else ''} ({parts})"
 
 
 HEADROOM = 0.8  # share of the available host memory the default budget allows

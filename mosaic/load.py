@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mosaic import fit
+from mosaic import dist, fit
 from mosaic.adapter import Adapter, adapter_for
 from mosaic.errors import OptionError
 from mosaic.export import atomic_dir, make_serializable
@@ -42,8 +42,9 @@ class Loaded:
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto``: this rank's GPU (``cuda:LOCAL_RANK`` under a launcher, ``cuda:0`` alone) or the CPU."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(spec)
     except RuntimeError as e:

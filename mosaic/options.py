@@ -586,17 +586,21 @@ def zero_shot_tasks(spec: str, offline: bool) -> list[str]:
 
 def workload(opts: Options, plan: Plan) -> fit.Workload | None:
     """The calibration knobs that decide whether the whole model fits the compute device with its working
-    set."""
+    set: under torchrun the largest rank's share of the batches and scoring windows (each rank holds its
+    own; the need is per rank)."""
     if not plan.needs_calibration:
         return None
     calib = None if opts.calib_dtype == "auto" else resolve_calib_dtype(opts.calib_dtype, torch.float32, None)
     searches = plan.searches  # as calibration() draws its windows
-    return fit.Workload(nsamples=opts.nsamples, seqlen=opts.seqlen, batch_size=opts.calib_batch_size,
+    ranks = dist.world()
+    batches = -(-opts.nsamples // opts.calib_batch_size)
+    nsamples = min(opts.nsamples, -(-batches // ranks) * opts.calib_batch_size)
+    return fit.Workload(nsamples=nsamples, seqlen=opts.seqlen, batch_size=opts.calib_batch_size,
                         calib_dtype=calib, kernel=plan.kernel.name if plan.kernel else None,
                         stats=plan.kernel.stats if plan.kernel else "none", mode=plan.mode,
                         reconstruct=None if opts.reconstruct == "none" else opts.reconstruct,
                         reconstruct_batch=opts.reconstruct_batch,
-                        search_windows=opts.search_windows if searches else 0,
+                        search_windows=-(-opts.search_windows // ranks) if searches else 0,
                         search_validation=searches and opts.search_budget > 0)
 
 

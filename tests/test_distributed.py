@@ -347,3 +347,16 @@ def test_the_launch_docs_name_what_the_tests_check():
     for words in ("torchrun", "FSDP2", "--dist_timeout", "bit for bit"):
         assert words in doc
     assert textwrap  # the scripts above are plain text run by real processes
+
+
+def test_the_fit_check_counts_the_largest_ranks_share(monkeypatch):
+    from mosaic import dist
+    from mosaic.options import Options, validate, workload
+
+    opts = Options(prune_method="sparsegpt_search", nsamples=20, calib_batch_size=4, search_windows=5)
+    plan = validate(opts)
+    one = workload(opts, plan)
+    monkeypatch.setattr(dist, "world", lambda: 2)
+    two = workload(opts, plan)
+    assert (one.nsamples, one.search_windows) == (20, 5)
+    assert (two.nsamples, two.search_windows) == (12, 3)  # 5 batches of 4: 3 on rank 0; 5 windows: 3
