@@ -311,6 +311,12 @@ def _lr_factor(step: int, spec: DistillSpec) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, spec.steps - warm)))
 
 
+def optimizer(masters: list[torch.Tensor], spec: DistillSpec):
+    """What distillation steps the fp32 ``masters`` with: AdamW (no weight decay), warm-up, cosine decay."""
+    opt = torch.optim.AdamW(masters, lr=spec.lr, weight_decay=0.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, spec))
+
+
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(teacher ‖ student) per token, averaged."""
     s = F.log_softmax(student_logits.float(), dim=-1)
@@ -369,8 +375,7 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
         p.requires_grad_(True)
     teacher.eval()
     masters = master_copies(params)
-    opt = torch.optim.AdamW(masters, lr=spec.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, spec))
+    opt, sched = optimizer(masters, spec)
     generator = torch.Generator().manual_seed(spec.seed)
     enable, disable = _checkpointing(student) if spec.checkpointing else (None, None)
     if enable is not None:

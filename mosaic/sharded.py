@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from mosaic import dist
 from mosaic.adapter import Adapter
-from mosaic.recover import DistillSpec, _checkpointing, _kl, _lr_factor, distilled_weights, masked_step
+from mosaic.recover import DistillSpec, _checkpointing, _kl, distilled_weights, masked_step, optimizer
 
 
 def shard(model: nn.Module, adapter: Adapter, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -77,8 +77,7 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, spec))
+    opt, sched = optimizer(params, spec)  # the fp32 shards are their own masters
     generator = torch.Generator().manual_seed(spec.seed)
     enable, disable = _checkpointing(work) if spec.checkpointing else (None, None)
     if enable is not None:
