@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mosaic import allocate as alloc
-from mosaic import fit, recover
+from mosaic import composite_search, fit, recover
 from mosaic.data import KNOWN, parse_mixture
 from mosaic.errors import OptionError
 from mosaic.eval import zeroshot as zs
@@ -297,9 +297,6 @@ def check_structure(opts: Options, kernel: str | None, nm, allocation: str) -> b
     elif opts.structured_ratio:
         raise OptionError("structured_ratio", "removes whole heads and channels: add --sparsity_type "
                           "composite")
-    if allocation == "search" and composite:
-        raise OptionError("allocation", "search does not plan composite widths yet; use mosaic or owl with "
-                          "--sparsity_type composite")
     if opts.uniform_widths and not composite:
         raise OptionError("uniform_widths", "applies to --sparsity_type composite only")
     return composite
@@ -356,6 +353,8 @@ def allocation_file(opts: Options, kernel: Kernel | None, nm) -> alloc.Allocatio
         return None
     file = alloc.read_file(opts.allocation_file)
     alloc.check_file(file, opts.allocation_file, None, opts.sparsity_ratio, nm, opts.structured_ratio)
+    composite_search.check_options(file.meta, opts.allocation_file, opts.round_to, opts.uniform_widths,
+                                   opts.sparsity_type == "composite")
     return file
 
 

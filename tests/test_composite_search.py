@@ -1,0 +1,157 @@
+"""Composite planned by search (--allocation search --sparsity_type composite): exact counts, a sensitive
+layer spared, the plan as a file, and a stock checkpoint with --uniform_widths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors.torch import load_file
+
+import mosaic.pipeline as pipeline
+from mosaic.cli import main
+from mosaic.composite_search import Option, knapsack
+from mosaic.pipeline import Options, run
+from mosaic.restructure import Geometry, LayerPlan, kept_params
+
+LAYERS = 4
+GEO = Geometry(heads=4, kv_heads=2, head_dim=16, hidden=64, intermediate=128)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """Tiny 4-layer models: LLaMA, Qwen2 (biases, GQA), Mistral; and a LLaMA whose layer-2 o_proj writes 6×
+    more into the residual stream (its heads matter most), and another LLaMA (another seed)."""
+    out = {}
+    for name, family, seed in (("llama", "llama", 0), ("qwen2", "qwen2", 0), ("mistral", "mistral", 0),
+                               ("sensitive", "llama", 0), ("other", "llama", 1)):
+        model = tiny_model(family, seed=seed, layers=LAYERS)
+        if name == "sensitive":
+            with torch.no_grad():
+                model.model.layers[2].self_attn.o_proj.weight.mul_(6.0)
+        d = tmp_path_factory.mktemp(f"cs-{name}")
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        out[name] = d
+    return out
+
+
+def opts(model: Path, calib: Path, **kw) -> Options:
+    base = dict(model=str(model), prune_method="sparsegpt", allocation="search", sparsity_type="composite",
+                sparsity_ratio=0.6, structured_ratio=0.4, nsamples=8, seqlen=64, calib_batch_size=4,
+                calib_dataset=str(calib), eval_datasets="none", search_windows=4, search_budget=0, seed=1)
+    return Options(**{**base, **kw})
+
+
+def argv(o: Options) -> list[str]:
+    out = []
+    for key in ("model", "prune_method", "allocation", "sparsity_type", "sparsity_ratio", "structured_ratio",
+                "nsamples", "seqlen", "calib_batch_size", "calib_dataset", "eval_datasets", "search_windows",
+                "search_budget", "seed", "round_to", "allocation_file", "save", "save_model"):
+        value = getattr(o, key)
+        if value is not None:
+            out += [f"--{key}", str(value)]
+    return out
+
+
+def removed(widths: list[dict]) -> int:
+    full = sum(kept_params(GEO, LayerPlan(list(range(4)), list(range(2)), list(range(128)))).values())
+    return sum(full - sum(kept_params(GEO, LayerPlan(list(range(w["heads"])), list(range(w["kv_heads"])),
+                                                      list(range(w["intermediate"])))).values())
+               for w in widths)
+
+
+def test_knapsack_is_exact_and_least():
+    parts = [[Option(0, (), 0.0), Option(4, (), 1.0), Option(8, (), 1.5)],
+             [Option(0, (), 0.0), Option(6, (), 0.2), Option(12, (), 3.0)]]
+    assert knapsack(parts, 10) == [1, 1]  # 4 + 6, KL 1.2 (8 + ... cannot make 10)
+    assert knapsack(parts, 14) == [2, 1]  # 8 + 6, KL 1.7 (not 2 + 12)
+    assert knapsack(parts, 3) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_searched_plan_removes_exactly_r_structurally_and_s_in_total(tmp_path, models, calib_file, family):
+    r = run(opts(models[family], calib_file, save_model=str(tmp_path / "ckpt")))
+    c = r["composite"]
+    s = c["search"]
+    assert set(s["kl"]) == {"rule", "search"} and s["chosen"] in ("rule", "search")
+    assert s["kl"][s["chosen"]] == min(s["kl"].values())  # the guard keeps the better on held-out KL
+    R = removed(s["widths"]["rule"])
+    assert removed(s["widths"]["search"]) == R == s["structured_params_removed"]  # exactly the rule's R
+    assert c["params_before"] - c["params_kept"] == R
+    chosen = s["widths"][s["chosen"]]
+    assert [{k: w[k] for k in ("heads", "kv_heads", "intermediate")} for w in c["layers"]] == chosen
+    assert all(w["heads"] % w["kv_heads"] == 0 for w in chosen)  # GQA integral
+    assert all(w["intermediate"] % 8 == 0 for w in chosen)  # --round_to
+    # S in total: removed + zeros in what is kept, within half a weight per projection of S·N
+    zeros = r["sparsity"]["zeros"]
+    assert abs(R + zeros - 0.6 * c["params_before"]) <= 0.5 * 7 * LAYERS + 1
+    tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
+    for i, w in enumerate(c["layers"]):
+        assert tensors[f"model.layers.{i}.mlp.up_proj.weight"].shape[0] == w["intermediate"]
+        assert tensors[f"model.layers.{i}.self_attn.q_proj.weight"].shape[0] == w["heads"] * 16
+
+
+def test_a_sensitive_layer_keeps_more_heads_under_the_search_than_under_the_uniform_rule(
+        tmp_path, models, calib_file):
+    uniform = run(opts(models["sensitive"], calib_file, allocation="uniform"))
+    searched = run(opts(models["sensitive"], calib_file))
+    assert searched["composite"]["search"]["chosen"] == "search"
+    heads = [w["heads"] for w in searched["composite"]["layers"]]
+    assert heads[2] > uniform["composite"]["layers"][2]["heads"]
+    assert heads[2] == max(heads)
+
+
+def test_the_written_plan_reapplies_bit_for_bit_and_another_models_is_refused(tmp_path, models, calib_file,
+                                                                              capsys):
+    plan = tmp_path / "plan.json"
+    first = opts(models["llama"], calib_file, allocation_file=str(plan), save_model=str(tmp_path / "a"))
+    assert main(argv(first)) == 0
+    doc = json.loads(plan.read_text())
+    assert doc["round_to"] == 8 and doc["uniform_widths"] is False and len(doc["structure"]) == LAYERS
+    assert doc["structured_params_removed"] > 0 and doc["fingerprint"]["family"] == "llama"
+    again = opts(models["llama"], calib_file, allocation_file=str(plan), save_model=str(tmp_path / "b"))
+    assert main(argv(again)) == 0
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    for kw, words in ((dict(model=str(models["other"])), "another model"),
+                      (dict(structured_ratio=0.3), "--structured_ratio 0.4"),
+                      (dict(round_to=16), "--round_to 8")):
+        out = tmp_path / "refused"
+        bad = opts(**{"model": models["llama"], "calib": calib_file, "allocation_file": str(plan),
+                      "save": str(out), **kw})
+        assert main(argv(bad)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "--allocation_file" in err and words in err, err
+        assert not out.exists()
+
+
+def test_uniform_widths_search_gives_a_stock_checkpoint_with_the_in_memory_logits(tmp_path, models,
+                                                                                  calib_file, monkeypatch):
+    kept = {}
+    export = pipeline.export
+
+    def capture(setup, *args):
+        kept["model"] = setup.model
+        return export(setup, *args)
+
+    monkeypatch.setattr(pipeline, "export", capture)
+    r = run(opts(models["qwen2"], calib_file, uniform_widths=True, save_model=str(tmp_path / "ckpt")))
+    widths = r["composite"]["search"]["widths"]
+    for plan in widths.values():
+        assert len({(w["heads"], w["kv_heads"], w["intermediate"]) for w in plan}) == 1
+    assert removed(widths["search"]) == removed(widths["rule"])
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and "auto_map" not in config
+    assert not (tmp_path / "ckpt" / "modeling_mosaic.py").exists()
+    from transformers import AutoModelForCausalLM
+
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert type(stock).__name__ == "Qwen2ForCausalLM"
+    x = torch.randint(2, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(stock(x).logits, kept["model"](x).logits)
