@@ -96,13 +96,19 @@ def test_searched_plan_removes_exactly_r_structurally_and_s_in_total(tmp_path, m
 
 
 def test_a_sensitive_layer_keeps_more_heads_under_the_search_than_under_the_uniform_rule(
-        tmp_path, models, calib_file):
+        tmp_path, models, calib_file, capsys):
     uniform = run(opts(models["sensitive"], calib_file, allocation="uniform"))
-    searched = run(opts(models["sensitive"], calib_file))
-    assert searched["composite"]["search"]["chosen"] == "search"
+    searched = run(opts(models["sensitive"], calib_file, save=str(tmp_path / "out")))
+    s = searched["composite"]["search"]
+    assert s["chosen"] == "search" and s["kl"]["search"] < s["kl"]["rule"]
     heads = [w["heads"] for w in searched["composite"]["layers"]]
     assert heads[2] > uniform["composite"]["layers"][2]["heads"]
     assert heads[2] == max(heads)
+    # what each layer gave up against the rule: the sensitive layer's attention gave up less
+    assert s["gave_up"][2]["attention"] < 0
+    assert sum(row["attention"] + row["mlp"] for row in s["gave_up"]) == 0  # the same R
+    assert (tmp_path / "out" / "widths.png").is_file()
+    assert "search plan kept: held-out KL" in capsys.readouterr().out
 
 
 def test_the_written_plan_reapplies_bit_for_bit_and_another_models_is_refused(tmp_path, models, calib_file,
@@ -155,3 +161,39 @@ def test_uniform_widths_search_gives_a_stock_checkpoint_with_the_in_memory_logit
     x = torch.randint(2, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(stock(x).logits, kept["model"](x).logits)
+
+
+def test_streaming_refuses_the_search_in_one_line_and_applies_its_plan_bit_for_bit(tmp_path, tokenizer,
+                                                                                   calib_file, capsys):
+    from test_stream import save_sharded, tensors
+
+    sharded = save_sharded(tmp_path / "sharded", "llama", tokenizer)
+    plan = tmp_path / "plan.json"
+    memory = opts(sharded, calib_file, allocation_file=str(plan), save_model=str(tmp_path / "memory"),
+                  offload="none")
+    run(memory)
+    assert "structure" in json.loads(plan.read_text())
+    streamed = opts(sharded, calib_file, allocation_file=str(plan), save_model=str(tmp_path / "streamed"),
+                    offload="disk")
+    r = run(streamed)
+    assert r["streaming"]["peak_layers_in_memory"] == 1
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("memory", "streamed")]
+    assert config[0] == config[1]
+    refused = opts(sharded, calib_file, save_model=str(tmp_path / "refused"))
+    capsys.readouterr()
+    assert main([*argv(refused), "--offload", "disk"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--allocation: search needs the whole model in memory" in err
+    assert not (tmp_path / "refused").exists()
+
+
+def test_recovery_and_kv_sparsity_run_after_a_searched_plan(tmp_path, models, calib_file):
+    r = run(opts(models["qwen2"], calib_file, reconstruct="layer", reconstruct_steps=2, distill_steps=2,
+                 distill_windows=4, distill_batch=2, eval_datasets=str(calib_file), eval_windows=2,
+                 eval_seqlen=64, kv_sparsity=0.5))
+    assert "search" in r["composite"]
+    rec = r["recovery"]
+    assert rec["reconstruct"]["tuned_layers"] > 0 and rec["distill"]["steps"] == 2
+    assert r["kv_cache"] and r["perplexity"]
