@@ -103,14 +103,15 @@ def _pruning_flags(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--allocation", default=None,
                    help="uniform, owl, mosaic, mosaic_ref or search (default: implied by the method name)")
     g.add_argument("--allocation_file", default=None,
-                   help="JSON sparsity map: written after profiling; if it exists, applied instead of "
-                        "profiling (default: none)")
+                   help="JSON sparsity map (composite: with the kept heads and channels per layer): "
+                        "written after profiling; if it exists, applied instead of profiling (default: none)")
     g.add_argument("--search_windows", type=int, default=d.search_windows,
                    help="allocation search: windows for the Fisher, and as many held-out ones that score "
                         f"allocations ({d.search_windows})")
     g.add_argument("--search_budget", type=int, default=d.search_budget,
                    help="allocation search: generations of evolutionary refinement by true KL, ~25 s each "
-                        f"for SmolLM2 on 2 CPU cores ({d.search_budget}; 0: the curve solve only)")
+                        f"for SmolLM2 on 2 CPU cores ({d.search_budget}; 0: the curve solve only; unused by "
+                        "the composite search)")
     g.add_argument("--Hyper_m", type=float, default=None,
                    help="outlier threshold M: scores above M × mean (default: 5; 6 for wanda_owl_structure, "
                         "as OWL's N:M)")
