@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 KV, RECOVER = ["tests/test_kv_alloc.py", "tests/test_kv_run.py"], ["tests/test_recover.py"]
 PRECISION = ["tests/test_recover_precision.py"]
+CS = "tests/test_composite_search.py"
 # (what breaks, file, [(old, new), ...], tests that must catch it)
 MUTATIONS = [
     ("the KV solve ignores the measured curves (flat costs)", "mosaic/kv/allocate.py",
@@ -63,6 +64,37 @@ MUTATIONS = [
     ("--calib_dtype auto is bf16 for fp32 models again", "mosaic/load.py",
      [('    if spec == "auto":\n        return model_dtype',
        '    if spec == "auto":\n        return torch.bfloat16')], ["tests/test_data.py"]),
+    ("the composite search's knapsack maximises the predicted KL", "mosaic/composite_search.py",
+     [("cand = best[:cap + 1 - w] + x.kl", "cand = best[:cap + 1 - w] - x.kl")],
+     [f"{CS}::test_knapsack_is_exact_and_least"]),
+    ("the composite search removes one MLP step less than the rule's R", "mosaic/composite_search.py",
+     [("att, mm = solve(attention, mlp, total, uniform_widths)",
+       "att, mm = solve(attention, mlp, total - 8 * 3 * geos[0].hidden, uniform_widths)"),
+      ("    assert sum(removed_params(g, p) for g, p in zip(geos, searched)) == total\n", "")],
+     [f"{CS}::test_searched_plan_removes_exactly_r_structurally_and_s_in_total"]),
+    ("the composite search's curves are flat (no predicted KL)", "mosaic/composite_search.py",
+     [("    return float(0.5 * (g * (d @ H) * d).sum())", "    return 0.0")],
+     [f"{CS}::test_a_sensitive_layer_keeps_more_heads_under_the_search_than_under_the_uniform_rule"]),
+    ("the composite guard keeps the worse plan", "mosaic/composite_search.py",
+     [('chosen = "search" if kl["search"] < kl["rule"] else "rule"',
+       'chosen = "search" if kl["search"] > kl["rule"] else "rule"')],
+     [f"{CS}::test_a_sensitive_layer_keeps_more_heads_under_the_search_than_under_the_uniform_rule"]),
+    ("a composite plan file's structure is ignored (the rule re-plans)", "mosaic/pipeline.py",
+     [("held=setup.source.held, structure=given)", "held=setup.source.held, structure=None)")],
+     [f"{CS}::test_the_written_plan_reapplies_bit_for_bit_and_another_models_is_refused"]),
+    ("a composite plan for another model is applied", "mosaic/composite_search.py",
+     [("    if theirs != mine:", "    if False:")],
+     [f"{CS}::test_the_written_plan_reapplies_bit_for_bit_and_another_models_is_refused"]),
+    ("a composite plan for another --round_to is applied", "mosaic/composite_search.py",
+     [('    if meta.get("round_to") != round_to:', "    if False:")],
+     [f"{CS}::test_the_written_plan_reapplies_bit_for_bit_and_another_models_is_refused"]),
+    ("--uniform_widths is ignored by the composite search", "mosaic/composite_search.py",
+     [("    if not uniform:\n        parts", "    if True:\n        parts")],
+     [f"{CS}::test_uniform_widths_search_gives_a_stock_checkpoint_with_the_in_memory_logits"]),
+    ("a streamed run re-plans instead of applying the plan file", "mosaic/composite_search.py",
+     [('    rows = meta.get("structure")\n    if rows is None:',
+       '    rows = meta.get("structure")\n    if True:')],
+     [f"{CS}::test_streaming_refuses_the_search_in_one_line_and_applies_its_plan_bit_for_bit"]),
 ]
 
 

@@ -65,11 +65,12 @@ def removed(widths: list[dict]) -> int:
 
 
 def test_knapsack_is_exact_and_least():
-    parts = [[Option(0, (), 0.0), Option(4, (), 1.0), Option(8, (), 1.5)],
-             [Option(0, (), 0.0), Option(6, (), 0.2), Option(12, (), 3.0)]]
-    assert knapsack(parts, 10) == [1, 1]  # 4 + 6, KL 1.2 (8 + ... cannot make 10)
-    assert knapsack(parts, 14) == [2, 1]  # 8 + 6, KL 1.7 (not 2 + 12)
-    assert knapsack(parts, 3) is None
+    parts = [[Option(0, (), 0.0), Option(6, (), 0.5), Option(12, (), 3.0)],
+             [Option(0, (), 0.0), Option(6, (), 0.2), Option(12, (), 1.0)]]
+    assert knapsack(parts, 12) == [1, 1]  # 6 + 6 (KL 0.7), not 0 + 12 (1.0) or 12 + 0 (3.0)
+    assert knapsack(parts, 18) == [1, 2]  # 6 + 12 (1.5), not 12 + 6 (3.2)
+    assert knapsack(parts, 24) == [2, 2]
+    assert knapsack(parts, 9) is None  # no exact solution
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
