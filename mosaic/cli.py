@@ -109,9 +109,8 @@ def _pruning_flags(p: argparse.ArgumentParser, d) -> None:
                    help="allocation search: windows for the Fisher, and as many held-out ones that score "
                         f"allocations ({d.search_windows})")
     g.add_argument("--search_budget", type=int, default=d.search_budget,
-                   help="allocation search: generations of evolutionary refinement by true KL (not by the "
-                        "composite search), ~25 s each for SmolLM2 on 2 CPU cores "
-                        f"({d.search_budget}; 0: the curve solve only)")
+                   help="allocation search: generations of evolutionary refinement by true KL, ~25 s each "
+                        f"for SmolLM2 on 2 CPU cores ({d.search_budget}; 0: the curve solve only)")
     g.add_argument("--Hyper_m", type=float, default=None,
                    help="outlier threshold M: scores above M × mean (default: 5; 6 for wanda_owl_structure, "
                         "as OWL's N:M)")

@@ -77,12 +77,13 @@ class Option:
 @dataclass
 class CompositeSearch:
     structure: list[LayerPlan]
-    chosen: str  # "search" or "rule"
+    chosen: str  # "search", "rule" or "evolved"
     kl: dict[str, float]  # true held-out KL of each plan (from the dense statistics)
     predicted: dict[str, float]  # summed predicted KL of each plan
     removed: int  # R: projection parameters both plans remove
     rule: list[LayerPlan] = field(default_factory=list)
     tokens: int = 0
+    evolution: dict | None = None
 
     def to_json(self, geos: list[Geometry]) -> dict:
         def widths(plans):
@@ -99,7 +100,7 @@ class CompositeSearch:
         searched = [removed(g, p) for g, p in zip(geos, self.structure)]
         ruled = [removed(g, p) for g, p in zip(geos, self.rule)]
         return {"chosen": self.chosen, "kl": self.kl, "predicted_kl": self.predicted,
-                "structured_params_removed": self.removed, "tokens": self.tokens,
+                "structured_params_removed": self.removed, "tokens": self.tokens, "evolution": self.evolution,
                 "widths": {"rule": widths(self.rule), "search": widths(self.structure)},
                 # per layer, parameters the search removed beyond the rule's (negative: it kept more)
                 "gave_up": [{part: s[part] - r[part] for part in s} for s, r in zip(searched, ruled)]}
@@ -229,11 +230,14 @@ def solve(attention: list[list[Option]], mlp: list[list[Option]], total: int,
 def search_composite(model: nn.Module, adapter: Adapter, kernel, stats: list[dict], scores: list[dict],
                      rule: list[LayerPlan], fisher_windows: torch.Tensor, held_out: torch.Tensor, *,
                      round_to: int, uniform_widths: bool, batch_size: int, seed: int, options: dict,
-                     build) -> CompositeSearch:
+                     build, plan_map=None, generations: int = 0,
+                     validation: torch.Tensor | None = None) -> CompositeSearch:
     """The searched composite plan (see the module's docstring). ``stats``: every group's dense statistics
     with Hessians; ``scores``: the rule's unit scores per layer; ``rule``: the rule's plan;
     ``build(structure) -> model``: a copy of the model pruned with ``structure`` as the run will prune it
-    (S − R included), from the dense statistics."""
+    (S − R included), from the dense statistics; ``plan_map(structure)``: the unstructured map it prunes
+    with. With ``generations`` > 0 (per-layer widths only) the kept plan is refined (``refine_structure``)
+    and the refined plan kept only if it beats its start on ``validation``."""
     layers = list(adapter.layers(model))
     geos = [geometry(adapter, layer) for layer in layers]
     total = sum(removed_params(g, p) for g, p in zip(geos, rule))
@@ -251,15 +255,167 @@ def search_composite(model: nn.Module, adapter: Adapter, kernel, stats: list[dic
     predicted = {"rule": sum(next(x for x in row if x.rule).kl for part in (attention, mlp) for row in part),
                  "search": sum(x.kl for x in att + mm)}
     scorer = refine.fitness(model, adapter, held_out, 1)
-    kl = {}
+    kl, built = {}, {}
     for name, plan in (("rule", rule), ("search", searched)):
-        kl[name] = scorer.reset(build(plan))
-        scorer.model = None
+        built[name] = build(plan)
+        kl[name] = scorer.reset(built[name])
+        built[name] = (built[name], scorer.inputs)
     chosen = "search" if kl["search"] < kl["rule"] else "rule"
     log.info("composite search: held-out KL rule %.4f, search %.4f (predicted %.4f, %.4f); %s kept",
              kl["rule"], kl["search"], predicted["rule"], predicted["search"], chosen)
-    return CompositeSearch(searched if chosen == "search" else rule, chosen, kl, predicted, total, rule,
-                           held_out.shape[0] * (held_out.shape[1] - 1))
+    structure = searched if chosen == "search" else rule
+    evolution = None
+    if generations > 0 and not uniform_widths and validation is not None and plan_map is not None:
+        scorer.model, scorer.inputs = built[chosen]
+        built = None
+        evolved = refine_structure(model, scorer, kernel, stats, scores, structure, plan_map(structure),
+                                   kl[chosen], generations, seed=seed, options=options, round_to=round_to)
+        evolution = {"from": chosen, **evolved.to_json()}
+        scorer = None
+        if evolved.accepted:  # it fits the held-out windows: judge it against its start on unseen ones
+            check = refine.fitness(model, adapter, validation, 1)
+            judged = {chosen: check.reset(build(structure))}
+            judged["evolved"] = check.reset(build(evolved.structure))
+            check = None
+            evolution["validation_kl"] = judged
+            if judged["evolved"] < judged[chosen]:
+                structure, chosen = evolved.structure, "evolved"
+                kl["evolved"] = evolved.fitness
+        assert sum(removed_params(g, p) for g, p in zip(geos, structure)) == total
+    return CompositeSearch(structure, chosen, kl, predicted, total, rule,
+                           held_out.shape[0] * (held_out.shape[1] - 1), evolution)
+
+
+# --- evolutionary refinement ---------------------------------------------------------------------------
+
+@dataclass
+class Refined:
+    structure: list[LayerPlan]
+    fitness: float
+    start_fitness: float
+    history: list[float] = field(default_factory=list)
+    accepted: int = 0
+
+    def to_json(self) -> dict:
+        return {"generations": len(self.history), "accepted": self.accepted, "start_kl": self.start_fitness,
+                "kl": self.fitness, "history": self.history}
+
+
+def with_width(g: Geometry, scores: dict, plan: LayerPlan, width: int) -> LayerPlan:
+    order = scores["channels"].argsort(descending=True)
+    return LayerPlan(plan.heads, plan.kv_heads, sorted(order[:width].tolist()))
+
+
+def with_shape(g: Geometry, scores: dict, plan: LayerPlan, groups: int, r: int) -> LayerPlan:
+    heads, kv = choose_heads(g, scores["heads"], groups, r)
+    return LayerPlan(heads, kv, plan.channels)
+
+
+def mutate_structure(parent: list[LayerPlan], geos: list[Geometry], scores: list[dict], round_to: int,
+                     gen: torch.Generator) -> tuple[list[LayerPlan], set[int]]:
+    """One exact-count move between two layers: ``round_to`` MLP channels from one layer to another, or an
+    attention shape traded for one that removes exactly as many more parameters in another layer. A move
+    that does not fit is redrawn, up to 20 times; the changed layers come back empty when none fitted."""
+    n = len(parent)
+    for _ in range(20):
+        i, j = (int(k) for k in torch.randperm(n, generator=gen)[:2])
+        gi, gj = geos[i], geos[j]
+        if int(torch.randint(2, (1,), generator=gen)) == 0:  # MLP channels: i keeps more, j fewer
+            wi, wj = len(parent[i].channels) + round_to, len(parent[j].channels) - round_to
+            if wi <= gi.intermediate and wj >= round_to and gi.hidden == gj.hidden:
+                child = list(parent)
+                child[i], child[j] = with_width(gi, scores[i], parent[i], wi), with_width(gj, scores[j],
+                                                                                       parent[j], wj)
+                return child, {i, j}
+            continue
+        now_i, now_j = removed_params(gi, parent[i]), removed_params(gj, parent[j])
+        mlp_i = removed_params(gi, LayerPlan(list(range(gi.heads)), list(range(gi.kv_heads)),
+                                             parent[i].channels))
+        mlp_j = removed_params(gj, LayerPlan(list(range(gj.heads)), list(range(gj.kv_heads)),
+                                             parent[j].channels))
+        moves = []
+        for ga, ra, removed_a in attention_options(gi):
+            delta = now_i - (removed_a + mlp_i)  # > 0: i keeps delta more
+            if delta <= 0:
+                continue
+            for gb, rb, removed_b in attention_options(gj):
+                if removed_b + mlp_j - now_j == delta:
+                    moves.append((ga, ra, gb, rb))
+        if moves:
+            ga, ra, gb, rb = moves[int(torch.randint(len(moves), (1,), generator=gen))]
+            child = list(parent)
+            child[i], child[j] = with_shape(gi, scores[i], parent[i], ga, ra), with_shape(gj, scores[j],
+                                                                                       parent[j], gb, rb)
+            return child, {i, j}
+    return parent, set()
+
+
+def refine_structure(dense: nn.Module, scorer: refine.Fitness, kernel, stats: list[dict], scores: list[dict],
+                     start: list[LayerPlan], sparsity, start_fitness: float, generations: int, *, seed: int,
+                     options: dict, round_to: int, offspring: int = 8) -> Refined:
+    """A (1 + λ) search over per-layer widths with exact-count moves (``mutate_structure``), scored by the
+    true KL of ``scorer`` (whose model is ``start`` pruned as the run prunes it, from the dense statistics).
+    A changed layer is re-pruned from the dense weights and statistics with the start's unstructured map
+    ``sparsity``. Two-stage selection as in refine.evolve; never worse than the start on its windows."""
+    from mosaic.adapter import GROUPS, PROJECTIONS
+    from mosaic.prune import prune_group
+
+    adapter, model = scorer.adapter, scorer.model
+    dense_layers, layers = adapter.layers(dense), adapter.layers(model)
+    geos = [geometry(adapter, layer) for layer in dense_layers]
+    gen = torch.Generator().manual_seed(seed)
+    parent, best = start, Refined(start, start_fitness, start_fitness)
+
+    def snapshot(changed):
+        return {i: [adapter.projection(layers[i], p).weight.data.clone() for p in PROJECTIONS]
+                for i in sorted(changed)}
+
+    def restore(weights):
+        for i, tensors in weights.items():
+            for p, w in zip(PROJECTIONS, tensors):
+                adapter.projection(layers[i], p).weight.data.copy_(w)
+
+    def apply(structure, changed):
+        before = snapshot(changed)
+        for i in sorted(changed):
+            for p in PROJECTIONS:
+                adapter.projection(layers[i], p).weight.data.copy_(
+                    adapter.projection(dense_layers[i], p).weight.data)
+            device = adapter.projection(layers[i], "q").weight.device
+            for group in GROUPS:
+                prune_group(adapter, layers[i], group, stats[i][group].to(device), kernel, sparsity[i], None,
+                            options, structure[i])
+        return before
+
+    bar = tqdm(range(generations), desc="search: evolve widths", leave=False)
+    for _ in bar:
+        quick = None
+        children = (mutate_structure(parent, geos, scores, round_to, gen) for _ in range(offspring))
+        for child, changed in children:
+            if not changed:
+                continue
+            before = apply(child, changed)
+            score = scorer.score(min(changed), batches=1)
+            if quick is None or score < quick[0]:
+                quick = (score, child, changed, snapshot(changed))
+            restore(before)
+        if quick is None:
+            best.history.append(best.fitness)
+            continue
+        _, child, changed, pruned = quick
+        first = min(changed)
+        before = snapshot(changed)
+        restore(pruned)
+        kl, kept = scorer.score(first, keep=True)
+        if kl < best.fitness:
+            scorer.commit(first, kept)
+            parent, best.structure, best.fitness = child, child, kl
+            best.accepted += 1
+        else:
+            restore(before)
+        best.history.append(best.fitness)
+        bar.set_postfix(kl=f"{best.fitness:.4f}", accepted=best.accepted)
+    return best
 
 
 # --- the plan as a file ------------------------------------------------------------------------------

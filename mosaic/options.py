@@ -378,15 +378,16 @@ def warn_unused(opts: Options, plan: Plan) -> None:
     """One warning line for each option set away from its default that this run does not use."""
     kernel = plan.kernel.name if plan.kernel else None
     searches = kernel is not None and plan.searches
-    used = {"search_budget": searches and not plan.composite, "search_windows": searches,
+    used = {"search_budget": searches and not (plan.composite and opts.uniform_widths),
+            "search_windows": searches,
             "blocksize": kernel == "sparsegpt",
             "percdamp": kernel in ("sparsegpt", "alps"), "alps_rho0": kernel == "alps",
             "alps_max_iter": kernel == "alps", "alps_cg_iters": kernel == "alps",
             "max_memory": opts.offload == "auto" or opts.distill_steps > 0, "kv_window": plan.kv is not None,
             "kv_method": plan.kv is not None, "kv_reference": plan.kv is not None,
             "kv_allocation": plan.kv is not None, "kv_allocation_file": plan.kv is not None}
-    why = {"search_budget": "the allocation is not a search" if not searches else "the composite search has "
-           "no evolutionary refinement",
+    why = {"search_budget": "the allocation is not a search" if not searches else "the composite search "
+           "refines per-layer widths only, not --uniform_widths",
            "search_windows": "the allocation is not a search",
            "blocksize": "only SparseGPT reads it", "percdamp": "only SparseGPT and ALPS read it",
            "alps_rho0": "only ALPS reads it", "alps_max_iter": "only ALPS reads it",
@@ -569,7 +570,8 @@ def workload(opts: Options, plan: Plan) -> fit.Workload | None:
                         reconstruct=None if opts.reconstruct == "none" else opts.reconstruct,
                         reconstruct_batch=opts.reconstruct_batch,
                         search_windows=opts.search_windows if searches else 0,
-                        search_validation=searches and opts.search_budget > 0 and not plan.composite)
+                        search_validation=searches and opts.search_budget > 0
+                        and not (plan.composite and opts.uniform_widths))
 
 
 def distill_split(opts: Options) -> tuple[int, int]:
@@ -581,7 +583,8 @@ def window_counts(opts: Options, plan: Plan) -> dict[str, int]:
     """How many calibration windows each role of this run draws (``data.ROLES``)."""
     k = opts.search_windows if plan.searches else 0
     train, held = distill_split(opts) if plan.distill is not None else (0, 0)
-    refines = opts.search_budget > 0 and not plan.composite  # the composite search does not refine
+    # the composite search refines per-layer widths, not --uniform_widths
+    refines = opts.search_budget > 0 and not (plan.composite and opts.uniform_widths)
     return {"statistics": opts.nsamples, "search": k, "validation": k if refines else 0,
             "distill": train, "distill_held_out": held}
 

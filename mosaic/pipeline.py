@@ -181,23 +181,27 @@ def composite_search_step(setup: Setup, plan: Plan, profile: Profile, opts: Opti
     adapter, model, n = setup.adapter, setup.model, setup.n_layers
     options = kernel_options(opts, plan.kernel)
 
-    def build(structure: list) -> nn.Module:
-        """A copy of the model pruned with ``structure`` as the run prunes it, from the dense statistics."""
+    def plan_map(structure: list) -> SparsityMap:
+        """The unstructured map (S − R by the `mosaic` rule over the kept weights) the run prunes with."""
         report_ = describe(adapter, model, structure, profile.params, opts.structured_ratio,
                            opts.sparsity_ratio, opts.round_to)
         kept = kept_projection_params(adapter, model, structure)
-        sparsity = alloc.allocate("mosaic", replace(profile, params=kept), n, report_["unstructured_target"],
-                                  plan.lamda)
+        return alloc.allocate("mosaic", replace(profile, params=kept), n, report_["unstructured_target"],
+                              plan.lamda)
+
+    def build(structure: list) -> nn.Module:
+        """A copy of the model pruned with ``structure`` as the run prunes it, from the dense statistics."""
         pruned = copy.deepcopy(model)
-        prune_from_stats(pruned, adapter, plan.kernel, sparsity, [None] * n, profile.stats, setup.compute,
-                         structure, options)
+        prune_from_stats(pruned, adapter, plan.kernel, plan_map(structure), [None] * n, profile.stats,
+                         setup.compute, structure, options)
         return pruned
 
     found = composite_search.search_composite(
         model, adapter, plan.kernel, profile.stats, layer_scores(adapter, model, profile), rule,
         calib.windows[:opts.search_windows], calib.held_out, round_to=opts.round_to,
         uniform_widths=opts.uniform_widths, batch_size=min(opts.calib_batch_size, 2), seed=opts.seed,
-        options=options, build=build)
+        options=options, build=build, plan_map=plan_map, generations=int(opts.search_budget),
+        validation=calib.validation)
     profile.drop_hessians()
     composite = describe(adapter, model, found.structure, profile.params, opts.structured_ratio,
                          opts.sparsity_ratio, opts.round_to)

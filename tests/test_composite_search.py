@@ -83,7 +83,9 @@ def test_searched_plan_removes_exactly_r_structurally_and_s_in_total(tmp_path, m
     R = removed(s["widths"]["rule"])
     assert removed(s["widths"]["search"]) == R == s["structured_params_removed"]  # exactly the rule's R
     assert c["params_before"] - c["params_kept"] == R
-    chosen = s["widths"][s["chosen"]]
+    chosen = s["widths"]["search"]  # the plan the search kept (the rule's, if the guard kept that)
+    if s["chosen"] == "rule":
+        assert chosen == s["widths"]["rule"]
     assert [{k: w[k] for k in ("heads", "kv_heads", "intermediate")} for w in c["layers"]] == chosen
     assert all(w["heads"] % w["kv_heads"] == 0 for w in chosen)  # GQA integral
     assert all(w["intermediate"] % 8 == 0 for w in chosen)  # --round_to
@@ -198,3 +200,21 @@ def test_recovery_and_kv_sparsity_run_after_a_searched_plan(tmp_path, models, ca
     rec = r["recovery"]
     assert rec["reconstruct"]["tuned_layers"] > 0 and rec["distill"]["steps"] == 2
     assert r["kv_cache"] and r["perplexity"]
+
+
+def test_the_refinement_keeps_r_exact_and_is_kept_only_if_it_beats_its_start_on_validation(
+        tmp_path, models, calib_file):
+    r = run(opts(models["llama"], calib_file, search_budget=6, save_model=str(tmp_path / "ckpt")))
+    s = r["composite"]["search"]
+    evolution = s["evolution"]
+    assert evolution["from"] in ("search", "rule") and evolution["generations"] == 6
+    assert evolution["kl"] <= evolution["start_kl"]  # never worse than its start on its own windows
+    assert evolution["history"] == sorted(evolution["history"], reverse=True)
+    if evolution["accepted"]:
+        judged = evolution["validation_kl"]
+        assert (s["chosen"] == "evolved") == (judged["evolved"] < judged[evolution["from"]])
+    else:
+        assert "validation_kl" not in evolution and s["chosen"] == evolution["from"]
+    assert removed(s["widths"]["search"]) == removed(s["widths"]["rule"]) == s["structured_params_removed"]
+    assert [{k: w[k] for k in ("heads", "kv_heads", "intermediate")} for w in r["composite"]["layers"]] \
+        == s["widths"]["search"]
