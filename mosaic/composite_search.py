@@ -270,7 +270,9 @@ def search_composite(model: nn.Module, adapter: Adapter, kernel, stats: list[dic
         built = None
         evolved = refine_structure(model, scorer, kernel, stats, scores, structure, plan_map(structure),
                                    kl[chosen], generations, seed=seed, options=options, round_to=round_to)
-        evolution = {"from": chosen, **evolved.to_json()}
+        evolution = {"from": chosen, **evolved.to_json(),
+                     "structured_params_removed": sum(removed_params(g, p)
+                                                      for g, p in zip(geos, evolved.structure))}
         scorer = None
         if evolved.accepted:  # it fits the held-out windows: judge it against its start on unseen ones
             check = refine.fitness(model, adapter, validation, 1)

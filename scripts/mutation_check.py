@@ -95,6 +95,15 @@ MUTATIONS = [
      [('    rows = meta.get("structure")\n    if rows is None:',
        '    rows = meta.get("structure")\n    if True:')],
      [f"{CS}::test_streaming_refuses_the_search_in_one_line_and_applies_its_plan_bit_for_bit"]),
+    ("the refined widths are kept without beating their start on validation", "mosaic/composite_search.py",
+     [('            if judged["evolved"] < judged[chosen]:', "            if True:")],
+     [f"{CS}::test_the_refinement_keeps_r_exact_and_is_kept_only_if_it_beats_its_start_on_validation"]),
+    ("the refinement's MLP move is not exact (one layer gains 8 channels, another loses 16)",
+     "mosaic/composite_search.py",
+     [("wi, wj = len(parent[i].channels) + round_to, len(parent[j].channels) - round_to",
+       "wi, wj = len(parent[i].channels) + round_to, len(parent[j].channels) - 2 * round_to"),
+      ("        assert sum(removed_params(g, p) for g, p in zip(geos, structure)) == total\n", "")],
+     [f"{CS}::test_the_refinement_keeps_r_exact_and_is_kept_only_if_it_beats_its_start_on_validation"]),
 ]
 
 

@@ -209,6 +209,8 @@ def test_the_refinement_keeps_r_exact_and_is_kept_only_if_it_beats_its_start_on_
     evolution = s["evolution"]
     assert evolution["from"] in ("search", "rule") and evolution["generations"] == 6
     assert evolution["kl"] <= evolution["start_kl"]  # never worse than its start on its own windows
+    assert evolution["accepted"] > 0  # (on this model and seed: the refinement moves ...)
+    assert evolution["structured_params_removed"] == s["structured_params_removed"]  # ... by exact counts
     assert evolution["history"] == sorted(evolution["history"], reverse=True)
     if evolution["accepted"]:
         judged = evolution["validation_kl"]
