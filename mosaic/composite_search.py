@@ -21,6 +21,10 @@ model's own output, removing exactly the rule's structured parameter count R.
    the `mosaic` rule over the kept weights), from the dense statistics, and scored by the true KL on the
    held-out search windows (drawn after the statistics windows, sharing no token with them); the better is
    kept, so the search never does worse than the rule on held-out KL.
+6. Refine (``generations`` > 0, per-layer widths only): ``refine_structure`` moves parameters between layers
+   by exact counts (MLP channels, or attention shapes traded for exactly as many parameters), scored by the
+   true KL on the held-out windows; the refined plan is kept only if it beats its start on validation
+   windows (drawn after the held-out ones), both pruned as the run prunes them.
 
 The plan is a file: with --allocation_file the per-layer kept heads and channels are written beside the
 unstructured map, with --round_to, --uniform_widths, R and a fingerprint of the model, and re-applied bit for
