@@ -159,7 +159,7 @@ def searched() -> None:
             "calib_dtype": r["settings"]["calib_dtype"], "time_s": r["time_s"],
             "widths": [[w["heads"], w["kv_heads"], w["intermediate"]] for w in c["layers"]],
             "search": {k: v for k, v in c.get("search", {}).items()
-                       if k in ("chosen", "kl", "predicted_kl")}})
+                       if k in ("chosen", "kl", "predicted_kl", "evolution")}})
     rows = finished(SEARCHED_RUNS, lambda r: r["label"])
     section = ["## Searched widths", ""]
     if len(rows) < len(SEARCHED):
@@ -177,7 +177,8 @@ def searched() -> None:
             "forwards). Held "
             "fixed: the kernel, the calibration and the statistics; only the plan differs: the `mosaic` "
             "rule's widths (`sparsegpt_mosaic`) against the searched ones (`sparsegpt --allocation search`, "
-            "8 Fisher windows and 8 held-out windows, no refinement). Produced by `python "
+            "8 Fisher windows, 8 held-out and 8 validation windows, 16 generations of refinement: the "
+            "defaults). Produced by `python "
             "benchmark/bench_composite.py --searched`.", "",
             "| plan | params | structured removed | ppl | held-out KL (search windows) | search (s) | "
             "whole job (s) |", "|---|---|---|---|---|---|---|"]
