@@ -21,6 +21,16 @@ LAYERS = 4
 GEO = Geometry(heads=4, kv_heads=2, head_dim=16, hidden=64, intermediate=128)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per op
+    made this file ~5x slower (oversubscription); the previous count is restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer) -> dict[str, Path]:
     """Tiny 4-layer models: LLaMA, Qwen2 (biases, GQA), Mistral; and a LLaMA whose layer-2 o_proj writes 6×
