@@ -131,8 +131,8 @@ def _structured_kl(kernel, weight: torch.Tensor, stats, kept_columns: torch.Tens
                    options: dict) -> float:
     """Predicted KL increase of removing every input column of ``weight`` outside ``kept_columns`` with the
     kernel's compensation onto the kept ones (no unstructured pruning)."""
-    forced = torch.ones(weight.shape[1], dtype=torch.bool)
-    forced[kept_columns] = False
+    forced = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+    forced[kept_columns.to(weight.device)] = False
     if not bool(forced.any()):
         return 0.0
     w = weight.float()
@@ -151,6 +151,7 @@ def layer_options(adapter: Adapter, layer: nn.Module, scores: dict, rule: LayerP
     g = geometry(adapter, layer)
     o = adapter.projection(layer, "o").weight.data
     down = adapter.projection(layer, "down").weight.data
+    o_stats, down_stats = stats[("o",)].to(o.device), stats[("down",)].to(down.device)  # kept on CPU
     attention = []
     rule_shape = (len(rule.kv_heads), len(rule.heads) // len(rule.kv_heads))
     shapes = attention_options(g, uniform)
@@ -159,14 +160,14 @@ def layer_options(adapter: Adapter, layer: nn.Module, scores: dict, rule: LayerP
     for groups, r, _ in shapes:
         heads, kv = choose_heads(g, scores["heads"], groups, r)
         plan = LayerPlan(heads, kv, list(range(g.intermediate)))
-        kl = _structured_kl(kernel, o, stats[("o",)], head_rows(heads, g.head_dim), grads["o"], options)
+        kl = _structured_kl(kernel, o, o_stats, head_rows(heads, g.head_dim), grads["o"], options)
         attention.append(Option(removed_params(g, plan), (heads, kv), kl, (groups, r) == rule_shape))
     mlp = []
     order = scores["channels"].argsort(descending=True)
     for width in mlp_widths(g, len(rule.channels), round_to):
         channels = sorted(order[:width].tolist())
         plan = LayerPlan(list(range(g.heads)), list(range(g.kv_heads)), channels)
-        kl = _structured_kl(kernel, down, stats[("down",)], torch.tensor(channels, dtype=torch.long),
+        kl = _structured_kl(kernel, down, down_stats, torch.tensor(channels, dtype=torch.long),
                             grads["down"], options)
         mlp.append(Option(removed_params(g, plan), (channels,), kl, width == len(rule.channels)))
     for part in (attention, mlp):  # the rule's own choice first: it wins ties
