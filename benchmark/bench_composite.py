@@ -203,8 +203,9 @@ def searched() -> None:
                     "", f"Issue 40's quality target (≥ 30% lower perplexity than the rule's before recovery) "
                     f"is {'met' if change <= -0.30 else 'MISSED'} on this run ({change:+.1%}). The searched "
                     f"plan keeps the most query heads ({most}) in layers {full} and MLP widths from "
-                    f"{min(widths)} to {max(widths)} channels (the rule's: {min(w[2] for w in rule['widths'])} to "
-                    f"{max(w[2] for w in rule['widths'])}). Not measured here: "
+                    f"{min(widths)} to {max(widths)} channels (the rule's: "
+                    f"{min(w[2] for w in rule['widths'])} to {max(w[2] for w in rule['widths'])}). "
+                    "Not measured here: "
                     "the refinement (16 generations would not fit the shared machine's time), ALPS, S = 0.5 "
                     "with R = 0.35, batch-1/8 decode speed of the searched checkpoint (same parameter count, "
                     "other per-layer widths), recovery after the searched plan, and an idle search time."]
