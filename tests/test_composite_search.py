@@ -230,3 +230,13 @@ def test_the_refinement_keeps_r_exact_and_is_kept_only_if_it_beats_its_start_on_
     assert removed(s["widths"]["search"]) == removed(s["widths"]["rule"]) == s["structured_params_removed"]
     assert [{k: w[k] for k in ("heads", "kv_heads", "intermediate")} for w in r["composite"]["layers"]] \
         == s["widths"]["search"]
+
+
+@pytest.mark.parametrize("method", ["wanda", "alps"])
+def test_wanda_and_alps_plan_searched_widths_with_their_own_structured_step(tmp_path, models, calib_file,
+                                                                            method):
+    r = run(opts(models["qwen2"], calib_file, prune_method=method, alps_max_iter=20))
+    s = r["composite"]["search"]
+    assert removed(s["widths"]["search"]) == removed(s["widths"]["rule"]) == s["structured_params_removed"]
+    assert s["kl"][s["chosen"]] == min(s["kl"].values())
+    assert r["sparsity"]["achieved"] == pytest.approx(0.6, abs=2e-3)
