@@ -78,7 +78,7 @@ MUTATIONS = [
     ("the composite guard keeps the worse plan", "mosaic/composite_search.py",
      [('chosen = "search" if kl["search"] < kl["rule"] else "rule"',
        'chosen = "search" if kl["search"] > kl["rule"] else "rule"')],
-     [f"{CS}::test_a_sensitive_layer_keeps_more_heads_under_the_search_than_under_the_uniform_rule"]),
+     [f"{CS}::test_the_guard_keeps_the_rules_plan_when_the_curves_mislead"]),
     ("a composite plan file's structure is ignored (the rule re-plans)", "mosaic/pipeline.py",
      [("held=setup.source.held, structure=given)", "held=setup.source.held, structure=None)")],
      [f"{CS}::test_the_written_plan_reapplies_bit_for_bit_and_another_models_is_refused"]),

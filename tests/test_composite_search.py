@@ -240,3 +240,17 @@ def test_wanda_and_alps_plan_searched_widths_with_their_own_structured_step(tmp_
     assert removed(s["widths"]["search"]) == removed(s["widths"]["rule"]) == s["structured_params_removed"]
     assert s["kl"][s["chosen"]] == min(s["kl"].values())
     assert r["sparsity"]["achieved"] == pytest.approx(0.6, abs=2e-3)
+
+
+def test_the_guard_keeps_the_rules_plan_when_the_curves_mislead(tmp_path, models, calib_file, monkeypatch):
+    import mosaic.composite_search as cs
+
+    true_kl = cs._structured_kl
+    monkeypatch.setattr(cs, "_structured_kl", lambda *a, **k: -true_kl(*a, **k))  # the worst plan looks best
+    r = run(opts(models["sensitive"], calib_file))
+    s = r["composite"]["search"]
+    assert s["kl"]["search"] > s["kl"]["rule"] and s["chosen"] == "rule"
+    assert s["widths"]["search"] == s["widths"]["rule"]
+    assert [{k: w[k] for k in ("heads", "kv_heads", "intermediate")} for w in r["composite"]["layers"]] \
+        == s["widths"]["rule"]
+    assert all(row == {"attention": 0, "mlp": 0} for row in s["gave_up"])
