@@ -107,8 +107,8 @@ def _pruning_flags(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--allocation", default=None,
                    help="uniform, owl, mosaic, mosaic_ref or search (default: implied by the method name)")
     g.add_argument("--allocation_file", default=None,
-                   help="JSON sparsity map: written after profiling; if it exists, applied instead of "
-                        "profiling (default: none)")
+                   help="JSON sparsity map (composite: with the kept heads and channels per layer): "
+                        "written after profiling; if it exists, applied instead of profiling (default: none)")
     g.add_argument("--search_windows", type=int, default=d.search_windows,
                    help="allocation search: windows for the Fisher, and as many held-out ones that score "
                         f"allocations ({d.search_windows})")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mosaic import allocate as alloc
-from mosaic import dist, fit, recover
+from mosaic import composite_search, dist, fit, recover
 from mosaic.data import KNOWN, parse_mixture
 from mosaic.errors import OptionError
 from mosaic.eval import zeroshot as zs
@@ -326,9 +326,6 @@ def check_structure(opts: Options, kernel: str | None, nm, allocation: str) -> b
     elif opts.structured_ratio:
         raise OptionError("structured_ratio", "removes whole heads and channels: add --sparsity_type "
                           "composite")
-    if allocation == "search" and composite:
-        raise OptionError("allocation", "search does not plan composite widths yet; use mosaic or owl with "
-                          "--sparsity_type composite")
     if opts.uniform_widths and not composite:
         raise OptionError("uniform_widths", "applies to --sparsity_type composite only")
     return composite
@@ -385,6 +382,8 @@ def allocation_file(opts: Options, kernel: Kernel | None, nm) -> alloc.Allocatio
         return None
     file = alloc.read_file(opts.allocation_file)
     alloc.check_file(file, opts.allocation_file, None, opts.sparsity_ratio, nm, opts.structured_ratio)
+    composite_search.check_options(file.meta, opts.allocation_file, opts.round_to, opts.uniform_widths,
+                                   opts.sparsity_type == "composite")
     return file
 
 
@@ -408,13 +407,16 @@ def warn_unused(opts: Options, plan: Plan) -> None:
     """One warning line for each option set away from its default that this run does not use."""
     kernel = plan.kernel.name if plan.kernel else None
     searches = kernel is not None and plan.searches
-    used = {"search_budget": searches, "search_windows": searches, "blocksize": kernel == "sparsegpt",
+    used = {"search_budget": searches and not (plan.composite and opts.uniform_widths),
+            "search_windows": searches,
+            "blocksize": kernel == "sparsegpt",
             "percdamp": kernel in ("sparsegpt", "alps"), "alps_rho0": kernel == "alps",
             "alps_max_iter": kernel == "alps", "alps_cg_iters": kernel == "alps",
             "max_memory": opts.offload == "auto" or opts.distill_steps > 0, "kv_window": plan.kv is not None,
             "kv_method": plan.kv is not None, "kv_reference": plan.kv is not None,
             "kv_allocation": plan.kv is not None, "kv_allocation_file": plan.kv is not None}
-    why = {"search_budget": "the allocation is not a search",
+    why = {"search_budget": "the allocation is not a search" if not searches else "the composite search "
+           "refines per-layer widths only, not --uniform_widths",
            "search_windows": "the allocation is not a search",
            "blocksize": "only SparseGPT reads it", "percdamp": "only SparseGPT and ALPS read it",
            "alps_rho0": "only ALPS reads it", "alps_max_iter": "only ALPS reads it",
@@ -601,7 +603,8 @@ def workload(opts: Options, plan: Plan) -> fit.Workload | None:
                         reconstruct=None if opts.reconstruct == "none" else opts.reconstruct,
                         reconstruct_batch=opts.reconstruct_batch,
                         search_windows=-(-opts.search_windows // ranks) if searches else 0,
-                        search_validation=searches and opts.search_budget > 0)
+                        search_validation=searches and opts.search_budget > 0
+                        and not (plan.composite and opts.uniform_widths))
 
 
 def distill_split(opts: Options) -> tuple[int, int]:
@@ -613,7 +616,9 @@ def window_counts(opts: Options, plan: Plan) -> dict[str, int]:
     """How many calibration windows each role of this run draws (``data.ROLES``)."""
     k = opts.search_windows if plan.searches else 0
     train, held = distill_split(opts) if plan.distill is not None else (0, 0)
-    return {"statistics": opts.nsamples, "search": k, "validation": k if opts.search_budget > 0 else 0,
+    # the composite search refines per-layer widths, not --uniform_widths
+    refines = opts.search_budget > 0 and not (plan.composite and opts.uniform_widths)
+    return {"statistics": opts.nsamples, "search": k, "validation": k if refines else 0,
             "distill": train, "distill_held_out": held}
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mosaic import allocate as alloc
-from mosaic import dist, fit, recover, report, sharded
+from mosaic import composite_search, dist, fit, recover, report, sharded
 from mosaic.calibrate import Activations, Calibration, check_staged
 from mosaic.data import draw_windows, eval_texts
 from mosaic.errors import OptionError
@@ -41,8 +41,8 @@ from mosaic.options import (
     window_counts,
 )
 from mosaic.profile import Profile, profile_model
-from mosaic.prune import NMPlan, SparsityMap, nm_map, projection_params, uniform_map
-from mosaic.restructure import kept_projection_params, plan_composite
+from mosaic.prune import NMPlan, SparsityMap, nm_map, projection_params, prune_from_stats, uniform_map
+from mosaic.restructure import describe, geometry, kept_projection_params, layer_scores, plan_composite
 from mosaic.search import search
 from mosaic.source import PruneJob, Setup, prune_in_memory
 from mosaic.stream import open_source
@@ -78,6 +78,8 @@ def load(opts: Options, plan: Plan, timer: report.Timer) -> Setup:
     n_layers = len(loaded.adapter.layers(model))
     if plan.allocation_file is not None:
         alloc.check_layers(plan.allocation_file, opts.allocation_file, n_layers)
+        composite_search.check_plan(plan.allocation_file.meta, opts.allocation_file, model, loaded.adapter,
+                                    source.held)
     if plan.kv_file is not None and not plan.composite:  # composite: after pruning, which changes KV heads
         kvalloc.check_model(plan.kv_file, opts.kv_allocation_file, plan.kv, model)
     compute = compute_device(model)
@@ -128,11 +130,18 @@ def allocate_step(setup: Setup, plan: Plan, profile: Profile | None, opts: Optio
         return alloc.Allocation(None, [None] * n, None, opts.sparsity_ratio, None)
     params = profile.params if profile else projection_params(setup.adapter, setup.model)
     target, structure, composite, found = opts.sparsity_ratio, None, None, None
+    # a composite run's S − R: the rule, or under the search the outlier-based `mosaic` rule (as its seed)
+    rule = "mosaic" if plan.allocation == "search" else plan.allocation
     if plan.composite:
+        given = (composite_search.read_plan(plan.allocation_file.meta, opts.allocation_file)
+                 if plan.allocation_file is not None else None)
         structure, composite = plan_composite(
-            setup.adapter, setup.model, profile, plan.allocation, plan.lamda, opts.structured_ratio,
+            setup.adapter, setup.model, profile, rule, plan.lamda, opts.structured_ratio,
             opts.sparsity_ratio, round_to=opts.round_to, uniform_widths=opts.uniform_widths,
-            held=setup.source.held)
+            held=setup.source.held, structure=given)
+        if plan.searches:
+            with timer("search") if timer else nullcontext():
+                structure, composite = composite_search_step(setup, plan, profile, opts, calib, structure)
         params = kept_projection_params(setup.adapter, setup.model, structure)
         target = composite["unstructured_target"]
     nm: NMPlan = [plan.nm] * n
@@ -147,17 +156,58 @@ def allocate_step(setup: Setup, plan: Plan, profile: Profile | None, opts: Optio
         sparsity = nm_map(nm)
     elif plan.allocation == "uniform":
         sparsity = uniform_map(n, target)
-    elif plan.allocation == "search":
+    elif plan.allocation == "search" and not plan.composite:
         with timer("search") if timer else nullcontext():
             found = search_step(setup, plan, profile, opts, calib, params, target)
         sparsity = found.sparsity
     else:
-        sparsity = alloc.allocate(plan.allocation, replace(profile, params=params), n, target, plan.lamda)
+        sparsity = alloc.allocate(rule, replace(profile, params=params), n, target, plan.lamda)
     if opts.allocation_file:
-        dist.from_writer(lambda: alloc.write_file(opts.allocation_file, sparsity, nm,
-                                                  allocation_meta(opts, plan, target)))
+        meta = allocation_meta(opts, plan, target)
+        if plan.composite:
+            removed = composite["params_before"] - composite["params_kept"]
+            meta |= composite_search.plan_meta(
+                structure, removed, opts.round_to, opts.uniform_widths,
+                composite_search.fingerprint(setup.model, setup.adapter, setup.source.held))
+        dist.from_writer(lambda: alloc.write_file(opts.allocation_file, sparsity, nm, meta))
     return alloc.Allocation(sparsity, nm, plan.allocation, target, params, structure, composite,
                             found.to_json() if found else None)
+
+
+def composite_search_step(setup: Setup, plan: Plan, profile: Profile, opts: Options, calib: Calibration,
+                          rule: list) -> tuple[list, dict]:
+    """The searched composite plan (mosaic/composite_search.py) against the `mosaic` rule's ``rule``: the
+    structure kept and results.json's ``composite`` section, with its ``search``."""
+    adapter, model, n = setup.adapter, setup.model, setup.n_layers
+    options = kernel_options(opts, plan.kernel)
+
+    def plan_map(structure: list) -> SparsityMap:
+        """The unstructured map (S − R by the `mosaic` rule over the kept weights) the run prunes with."""
+        report_ = describe(adapter, model, structure, profile.params, opts.structured_ratio,
+                           opts.sparsity_ratio, opts.round_to)
+        kept = kept_projection_params(adapter, model, structure)
+        return alloc.allocate("mosaic", replace(profile, params=kept), n, report_["unstructured_target"],
+                              plan.lamda)
+
+    def build(structure: list) -> nn.Module:
+        """A copy of the model pruned with ``structure`` as the run prunes it, from the dense statistics."""
+        pruned = copy.deepcopy(model)
+        prune_from_stats(pruned, adapter, plan.kernel, plan_map(structure), [None] * n, profile.stats,
+                         setup.compute, structure, options)
+        return pruned
+
+    found = composite_search.search_composite(
+        model, adapter, plan.kernel, profile.stats, layer_scores(adapter, model, profile), rule,
+        calib.windows[:opts.search_windows], calib.held_out, round_to=opts.round_to,
+        uniform_widths=opts.uniform_widths, batch_size=min(opts.calib_batch_size, 2), seed=opts.seed,
+        options=options, build=build, plan_map=plan_map, generations=int(opts.search_budget),
+        validation=calib.validation)
+    profile.drop_hessians()
+    composite = describe(adapter, model, found.structure, profile.params, opts.structured_ratio,
+                         opts.sparsity_ratio, opts.round_to)
+    geos = [geometry(adapter, layer) for layer in adapter.layers(model)]
+    composite["search"] = found.to_json(geos)
+    return found.structure, composite
 
 
 def search_step(setup: Setup, plan: Plan, profile: Profile, opts: Options, calib: Calibration, params,

@@ -93,6 +93,13 @@ def summary_text(r: dict) -> str:
         lines.append(f"  widths       heads {min(w['heads'] for w in widths)}–"
                      f"{max(w['heads'] for w in widths)}, MLP {min(w['intermediate'] for w in widths)}–"
                      f"{max(w['intermediate'] for w in widths)} per layer")
+        cs = r["composite"].get("search")
+        if cs:
+            changed = sum(a != b for a, b in zip(cs["widths"]["rule"], cs["widths"]["search"]))
+            lines.append(f"  search       {cs['chosen']} plan kept: held-out KL {cs['kl']['search']:.4f} "
+                         f"searched vs {cs['kl']['rule']:.4f} rule (both remove "
+                         f"{cs['structured_params_removed']:,} parameters; {changed} of {len(widths)} layers "
+                         "reshaped)")
     if after["bytes"] == before["bytes"] and s["achieved"] > 0:
         lines.append("               (unstructured zeros are stored dense: no size or speed gain by "
                      "themselves)")
@@ -159,7 +166,33 @@ def summary_text(r: dict) -> str:
 def write_plots(r: dict, directory: Path) -> list[Path]:
     """Heat-map of allocated sparsity (layers × projections) and outlier ratios by depth; the
     reconstruction's layer output error by depth."""
-    return allocation_plots(r, directory) + reconstruction_plot(r, directory)
+    return allocation_plots(r, directory) + reconstruction_plot(r, directory) + widths_plot(r, directory)
+
+
+def widths_plot(r: dict, directory: Path) -> list[Path]:
+    """Composite planned by search: kept query heads and MLP channels per layer, the rule's against the
+    search's."""
+    cs = (r.get("composite") or {}).get("search")
+    if not cs:
+        return []
+    plt = _pyplot()
+    rule, searched = cs["widths"]["rule"], cs["widths"]["search"]
+    depth = range(len(rule))
+    fig, axes = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    for ax, key, label in ((axes[0], "heads", "kept query heads"),
+                           (axes[1], "intermediate", "kept MLP channels")):
+        ax.plot(depth, [w[key] for w in rule], marker=".", label="rule")
+        ax.plot(depth, [w[key] for w in searched], marker=".", label="search")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    axes[1].set_xlabel("layer")
+    axes[0].set_title(f"composite widths per layer · {cs['chosen']} plan kept (held-out KL "
+                      f"{cs['kl']['search']:.4f} search, {cs['kl']['rule']:.4f} rule)", fontsize=9)
+    fig.tight_layout()
+    path = directory / "widths.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
 
 
 def _pyplot():

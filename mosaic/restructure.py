@@ -274,31 +274,50 @@ def summary(plans: list[LayerPlan], before: list[dict[str, int]], geos: list[Geo
             "layers": [p.to_json() for p in plans]}
 
 
-def plan_composite(adapter: Adapter, model: nn.Module, profile, rule: str, lamda: float,
-                   structured_ratio: float, sparsity_ratio: float, *, round_to: int, uniform_widths: bool,
-                   held=None) -> tuple[list, dict]:
-    """Choose the heads and channels to remove (about ``structured_ratio`` of the projection weights,
-    spread over the layers by the allocation ``rule``), and the unstructured sparsity the kept weights
-    need so that both together make ``sparsity_ratio`` of the original weights. ``held(i)``: a scope
-    holding layer ``i``."""
-    layers = list(adapter.layers(model))
-    n_layers = len(layers)
-    if rule in ("uniform", "owl_nm") or structured_ratio == 0:  # N:M plans spread structure uniformly
-        budget_map = alloc.uniform_map(n_layers, structured_ratio)
-    else:
-        budget_map = alloc.allocate(rule, profile, n_layers, structured_ratio, lamda)
+def layer_scores(adapter: Adapter, model: nn.Module, profile, held=None) -> list[dict]:
+    """Every layer's unit scores (``unit_scores``) from the profile's o/down input norms."""
     scores = []
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(adapter.layers(model)):
         with held(i) if held else nullcontext():
             scores.append(unit_scores(adapter, layer, profile.norms(i, ("o",)), profile.norms(i, ("down",))))
-    structure = plan_structure(adapter, layers, scores, budgets_from_allocation(budget_map, profile.params),
-                               round_to=round_to, uniform_widths=uniform_widths)
-    report = summary(structure, profile.params, [geometry(adapter, layer) for layer in layers])
+    return scores
+
+
+def describe(adapter: Adapter, model: nn.Module, structure: list[LayerPlan], before: list[dict[str, int]],
+             structured_ratio: float, sparsity_ratio: float, round_to: int, held=None) -> dict:
+    """results.json's ``composite`` section for ``structure``, with the unstructured target the kept weights
+    need so that both together make ``sparsity_ratio`` of the original weights."""
+    geos = []
+    for i, layer in enumerate(adapter.layers(model)):
+        with held(i) if held else nullcontext():
+            geos.append(geometry(adapter, layer))
+    report = summary(structure, before, geos)
     total, kept = report["params_before"], report["params_kept"]
     report["unstructured_target"] = max(0.0, (sparsity_ratio * total - (total - kept)) / kept)
     report["requested_structured_ratio"] = structured_ratio
     if report["structured_ratio"] > sparsity_ratio + 1e-9:
         log.warning("structured removal %.4f exceeds --sparsity_ratio %.4f after rounding widths to "
                     "multiples of %d", report["structured_ratio"], sparsity_ratio, round_to)
-    return structure, report
+    return report
 
+
+def plan_composite(adapter: Adapter, model: nn.Module, profile, rule: str, lamda: float,
+                   structured_ratio: float, sparsity_ratio: float, *, round_to: int, uniform_widths: bool,
+                   held=None, structure: list[LayerPlan] | None = None) -> tuple[list, dict]:
+    """Choose the heads and channels to remove (about ``structured_ratio`` of the projection weights,
+    spread over the layers by the allocation ``rule``), and the unstructured sparsity the kept weights
+    need so that both together make ``sparsity_ratio`` of the original weights. ``held(i)``: a scope
+    holding layer ``i``. A ``structure`` given (a plan file's) is taken as it is."""
+    layers = list(adapter.layers(model))
+    n_layers = len(layers)
+    if structure is None:
+        if rule in ("uniform", "owl_nm") or structured_ratio == 0:  # N:M plans spread structure uniformly
+            budget_map = alloc.uniform_map(n_layers, structured_ratio)
+        else:
+            budget_map = alloc.allocate(rule, profile, n_layers, structured_ratio, lamda)
+        scores = layer_scores(adapter, model, profile, held)
+        structure = plan_structure(adapter, layers, scores,
+                                   budgets_from_allocation(budget_map, profile.params),
+                                   round_to=round_to, uniform_widths=uniform_widths)
+    return structure, describe(adapter, model, structure, profile.params, structured_ratio, sparsity_ratio,
+                               round_to)

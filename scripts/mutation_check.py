@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KV, RECOVER = ["tests/test_kv_alloc.py", "tests/test_kv_run.py"], ["tests/test_recover.py"]
 PRECISION = ["tests/test_recover_precision.py"]
 DIST = "tests/test_distributed.py"
+CS = "tests/test_composite_search.py"
 # (what breaks, file, [(old, new), ...], tests that must catch it)
 MUTATIONS = [
     ("the KV solve ignores the measured curves (flat costs)", "mosaic/kv/allocate.py",
@@ -84,6 +85,46 @@ MUTATIONS = [
      [("p.grad = dist.sum_(p.grad if p.grad is not None else torch.zeros_like(p))",
        "p.grad = p.grad if p.grad is not None else torch.zeros_like(p)")],
      [f"{DIST}::test_reconstruction_sums_gradients_over_ranks"]),
+    ("the composite search's knapsack maximises the predicted KL", "mosaic/composite_search.py",
+     [("cand = best[:cap + 1 - w] + x.kl", "cand = best[:cap + 1 - w] - x.kl")],
+     [f"{CS}::test_knapsack_is_exact_and_least"]),
+    ("the composite search removes one MLP step less than the rule's R", "mosaic/composite_search.py",
+     [("att, mm = solve(attention, mlp, total, uniform_widths)",
+       "att, mm = solve(attention, mlp, total - 8 * 3 * geos[0].hidden, uniform_widths)"),
+      ("    assert sum(removed_params(g, p) for g, p in zip(geos, searched)) == total\n", "")],
+     [f"{CS}::test_searched_plan_removes_exactly_r_structurally_and_s_in_total"]),
+    ("the composite search's curves are flat (no predicted KL)", "mosaic/composite_search.py",
+     [("    return float(0.5 * (g * (d @ H) * d).sum())", "    return 0.0")],
+     [f"{CS}::test_a_sensitive_layer_keeps_more_heads_under_the_search_than_under_the_uniform_rule"]),
+    ("the composite guard keeps the worse plan", "mosaic/composite_search.py",
+     [('chosen = "search" if kl["search"] < kl["rule"] else "rule"',
+       'chosen = "search" if kl["search"] > kl["rule"] else "rule"')],
+     [f"{CS}::test_the_guard_keeps_the_rules_plan_when_the_curves_mislead"]),
+    ("a composite plan file's structure is ignored (the rule re-plans)", "mosaic/pipeline.py",
+     [("held=setup.source.held, structure=given)", "held=setup.source.held, structure=None)")],
+     [f"{CS}::test_the_written_plan_reapplies_bit_for_bit_and_another_models_is_refused"]),
+    ("a composite plan for another model is applied", "mosaic/composite_search.py",
+     [("    if theirs != mine:", "    if False:")],
+     [f"{CS}::test_the_written_plan_reapplies_bit_for_bit_and_another_models_is_refused"]),
+    ("a composite plan for another --round_to is applied", "mosaic/composite_search.py",
+     [('    if meta.get("round_to") != round_to:', "    if False:")],
+     [f"{CS}::test_the_written_plan_reapplies_bit_for_bit_and_another_models_is_refused"]),
+    ("--uniform_widths is ignored by the composite search", "mosaic/composite_search.py",
+     [("    if not uniform:\n        parts", "    if True:\n        parts")],
+     [f"{CS}::test_uniform_widths_search_gives_a_stock_checkpoint_with_the_in_memory_logits"]),
+    ("a streamed run re-plans instead of applying the plan file", "mosaic/composite_search.py",
+     [('    rows = meta.get("structure")\n    if rows is None:',
+       '    rows = meta.get("structure")\n    if True:')],
+     [f"{CS}::test_streaming_refuses_the_search_in_one_line_and_applies_its_plan_bit_for_bit"]),
+    ("the refined widths are kept without beating their start on validation", "mosaic/composite_search.py",
+     [('            if judged["evolved"] < judged[chosen]:', "            if True:")],
+     [f"{CS}::test_the_refinement_keeps_r_exact_and_is_kept_only_if_it_beats_its_start_on_validation"]),
+    ("the refinement's MLP move is not exact (one layer gains 8 channels, another loses 16)",
+     "mosaic/composite_search.py",
+     [("wi, wj = len(parent[i].channels) + round_to, len(parent[j].channels) - round_to",
+       "wi, wj = len(parent[i].channels) + round_to, len(parent[j].channels) - 2 * round_to"),
+      ("        assert sum(removed_params(g, p) for g, p in zip(geos, structure)) == total\n", "")],
+     [f"{CS}::test_the_refinement_keeps_r_exact_and_is_kept_only_if_it_beats_its_start_on_validation"]),
 ]
 
 
