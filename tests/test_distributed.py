@@ -82,6 +82,9 @@ CASES = {
                             "--sparsity_type", "2:4"]),
     "qwen2-composite": ("qwen2", ["--prune_method", "sparsegpt_mosaic", "--sparsity_ratio", "0.5",
                                   "--sparsity_type", "composite", "--structured_ratio", "0.25"]),
+    "qwen2-composite-search": ("qwen2", ["--prune_method", "sparsegpt_search", "--sparsity_ratio", "0.5",
+                                         "--sparsity_type", "composite", "--structured_ratio", "0.25",
+                                         "--search_windows", "2", "--search_budget", "2"]),
     "llama-wanda-dense-stats": ("llama", ["--prune_method", "wanda_owl", "--sparsity_ratio", "0.5",
                                           "--calib_stats", "dense"]),
     # reference mode: the owners prune a layer's four groups at once (bf16 forwards: a working copy to sync)
