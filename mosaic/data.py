@@ -143,7 +143,7 @@ def load_text(name: str, split: str) -> Text:
         return Text(name, _wiki_offline(split))
     if name == "wiki-heldout":
         corpora.refuse_calibration(name, split, option)
-        return Text(name, _wiki_offline(split, corpora.QUOTED_BY_BOOLQ))
+        return Text(name, _wiki_offline(split, corpora.WIKI_LEFT_OUT))
     if name in corpora.NAMES:
         return Text(name, corpora.load(name, split, option))
     if name in HUB:
