@@ -1,7 +1,8 @@
 """What the calibration text costs on other kinds of text: SmolLM2-135M, SparseGPT 70%, 32 × 512 calibration
 windows (seed 0, bf16 calibration forwards), scored on the first 8 windows × 2048 tokens of each text of
 ``--eval_datasets suite`` (fp32 evaluation). Rows differ only in the calibration text (Wikipedia alone, or
-70% Wikipedia + 30% code from another corpus than the code scored on) and in ``--reconstruct layer``.
+70% or 90% Wikipedia + 30% or 10% code from another corpus than the code scored on) and in
+``--reconstruct layer``.
 
     python benchmark/bench_domains.py            # the grid (resumes from results/domains_runs.jsonl)
     python benchmark/bench_domains.py --report   # only rebuild results/domains.md
@@ -10,6 +11,7 @@ windows (seed 0, bf16 calibration forwards), scored on the first 8 windows × 20
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -34,7 +36,8 @@ NAME = "domains"
 RUNS = RESULTS / f"{NAME}_runs.jsonl"
 SETTINGS = dict(nsamples=32, seqlen=512, seed=0, eval_datasets="suite", eval_windows=8, eval_seqlen=2048,
                 calib_dtype="bfloat16", eval_dtype="float32")
-CALIBRATIONS = {"wiki": "wiki-offline", "wiki+code": "wiki-offline:0.7,code:0.3"}
+CALIBRATIONS = {"wiki": "wiki-offline", "wiki+code": "wiki-offline:0.7,code:0.3",
+                "wiki+code10": "wiki-offline:0.9,code:0.1"}
 ROWS = {
     "dense": dict(prune_method="dense"),
     "sparsegpt-0.7/wiki": dict(prune_method="sparsegpt", sparsity_ratio=0.7,
@@ -45,6 +48,11 @@ ROWS = {
                                      calib_dataset=CALIBRATIONS["wiki"]),
     "sparsegpt-0.7+recon/wiki+code": dict(prune_method="sparsegpt", sparsity_ratio=0.7, reconstruct="layer",
                                           calib_dataset=CALIBRATIONS["wiki+code"]),
+    # a smaller code share, after the rows above
+    "sparsegpt-0.7/wiki+code10": dict(prune_method="sparsegpt", sparsity_ratio=0.7,
+                                      calib_dataset=CALIBRATIONS["wiki+code10"]),
+    "sparsegpt-0.7+recon/wiki+code10": dict(prune_method="sparsegpt", sparsity_ratio=0.7, reconstruct="layer",
+                                            calib_dataset=CALIBRATIONS["wiki+code10"]),
 }
 LABELS = {"wiki-heldout": "Wikipedia", "science": "science", "exams": "exams", "code": "code"}
 
@@ -80,14 +88,15 @@ def change(a: float, b: float) -> str:
 def target_lines(rows: dict) -> list[str]:
     """The issue's target: code in the mixture lowers held-out code ppl ≥ 30% at ≤ 15% Wikipedia cost."""
     lines = []
-    for recon in ("", "+recon"):
-        a, b = rows.get(f"sparsegpt-0.7{recon}/wiki"), rows.get(f"sparsegpt-0.7{recon}/wiki+code")
+    for mixture, recon in itertools.product(("wiki+code", "wiki+code10"), ("", "+recon")):
+        a, b = rows.get(f"sparsegpt-0.7{recon}/wiki"), rows.get(f"sparsegpt-0.7{recon}/{mixture}")
         if a is None or b is None:
             continue
         code = b["ppl"]["code"] / a["ppl"]["code"] - 1
         wiki = b["ppl"]["wiki-heldout"] / a["ppl"]["wiki-heldout"] - 1
         met = "met" if code <= -0.30 and wiki <= 0.15 else "missed"
-        lines.append(f"- SparseGPT 70%{' + reconstruct' if recon else ''}: code {a['ppl']['code']:.1f} → "
+        pruning = f"SparseGPT 70%{' + reconstruct' if recon else ''}, `{CALIBRATIONS[mixture]}`"
+        lines.append(f"- {pruning}: code {a['ppl']['code']:.1f} → "
                      f"{b['ppl']['code']:.1f} ({100 * code:+.1f}%, target ≤ −30%), Wikipedia "
                      f"{a['ppl']['wiki-heldout']:.1f} → {b['ppl']['wiki-heldout']:.1f} ({100 * wiki:+.1f}%, "
                      f"target ≤ +15%): **{met}**.")
@@ -103,7 +112,8 @@ def report() -> None:
         "SmolLM2-135M (fp32 weights), SparseGPT 70% unstructured, uniform allocation; 32 × 512 calibration "
         "windows, seed 0, sequential statistics, **bf16 calibration forwards** (`--calib_dtype bfloat16`); "
         "perplexity on the first 8 windows × 2048 tokens of each suite text, fp32 evaluation. "
-        "`wiki` calibrates on wiki-offline (the default); `wiki+code` on `wiki-offline:0.7,code:0.3`, "
+        "`wiki` calibrates on wiki-offline (the default); `wiki+code` on `wiki-offline:0.7,code:0.3` "
+        "(`wiki+code10`: `wiki-offline:0.9,code:0.1`), "
         "whose code is transformers' `modeling_*.py` files, another corpus than the standard-library code "
         "scored on. "
         "The Wikipedia column is `wiki-heldout` (wiki-offline's held-out split less 37 lead sections that "
