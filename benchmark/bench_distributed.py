@@ -9,6 +9,7 @@ tensor: zero-pattern differences and the largest weight difference.
     python benchmark/bench_distributed.py              # the grid (resumes from distributed_runs.jsonl)
     python benchmark/bench_distributed.py --report     # only rebuild results/distributed.md
     python benchmark/bench_distributed.py --shared-machine   # mark rows timed beside other work
+    python benchmark/bench_distributed.py --only=sparsegpt-0.5   # one job
 """
 
 from __future__ import annotations
@@ -24,7 +25,18 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, YARDSTICK, append, cpu_label, finished, machine, notes, write  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    ROOT,
+    YARDSTICK,
+    append,
+    cpu_label,
+    finished,
+    machine,
+    notes,
+    parse_only,
+    write,
+)
 
 RUNS = RESULTS / "distributed_runs.jsonl"
 JOBS = {
@@ -80,16 +92,17 @@ def run_one(job: str, layout: str) -> dict:
             "shared_machine": "--shared-machine" in sys.argv}
 
 
-def key(row: dict) -> tuple[str, str, str]:
-    return row["job"], row["layout"], row["machine"]
+def key(row: dict) -> tuple[str, str, str, bool]:
+    """A cell: timed on a shared machine or not are two cells (an idle rerun keeps the shared row)."""
+    return row["job"], row["layout"], row["machine"], row["shared_machine"]
 
 
 def sweep() -> None:
-    here = cpu_label(machine())
-    done = finished(RUNS, key)
+    here, shared = cpu_label(machine()), "--shared-machine" in sys.argv
+    done, only = finished(RUNS, key), parse_only(sys.argv)
     for job in JOBS:
         for layout in LAYOUTS:
-            if (job, layout, here) in done:
+            if (job, layout, here, shared) in done or (only is not None and job not in only):
                 continue
             row = run_one(job, layout)
             if layout in COMPARE and checkpoint(job, COMPARE[layout]).exists():
@@ -113,10 +126,9 @@ def report() -> None:
                   "| zero-pattern diffs | max weight diff | timed idle |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for job in JOBS:
-            for layout in LAYOUTS:
-                r = rows.get((job, layout, cpu))
+            for layout, shared in ((layout, shared) for shared in (False, True) for layout in LAYOUTS):
+                r = rows.get((job, layout, cpu, shared))
                 if r is None:
-                    lines.append(f"| {job} | {layout} | (not measured) | | | | | | |")
                     continue
                 diffs = (f"{r['zero_pattern_diffs']:,} ({100 * r['zero_pattern_diffs'] / r['of']:.1f}%) | "
                          f"{r['max_weight_diff']:.3g}") if "compared_with" in r else " | "
