@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -349,7 +348,6 @@ def test_the_launch_docs_name_what_the_tests_check():
     doc = (ROOT / "docs" / "distributed.md").read_text()
     for words in ("torchrun", "FSDP2", "--dist_timeout", "bit for bit"):
         assert words in doc
-    assert textwrap  # the scripts above are plain text run by real processes
 
 
 def test_the_fit_check_counts_the_largest_ranks_share(monkeypatch):
