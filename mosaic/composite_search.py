@@ -363,7 +363,8 @@ def refine_structure(dense: nn.Module, scorer: refine.Fitness, kernel, stats: li
     """A (1 + λ) search over per-layer widths with exact-count moves (``mutate_structure``), scored by the
     true KL of ``scorer`` (whose model is ``start`` pruned as the run prunes it, from the dense statistics).
     A changed layer is re-pruned from the dense weights and statistics with the start's unstructured map
-    ``sparsity``. Two-stage selection as in refine.evolve; never worse than the start on its windows."""
+    ``sparsity``. Each generation is ``refine.generation`` (two-stage selection, as in refine.evolve);
+    never worse than the start on its windows."""
     from mosaic.adapter import GROUPS, PROJECTIONS
     from mosaic.prune import prune_group
 
@@ -396,30 +397,12 @@ def refine_structure(dense: nn.Module, scorer: refine.Fitness, kernel, stats: li
 
     bar = tqdm(range(generations), desc="search: evolve widths", leave=False)
     for _ in bar:
-        quick = None
         children = (mutate_structure(parent, geos, scores, round_to, gen) for _ in range(offspring))
-        for child, changed in children:
-            if not changed:
-                continue
-            before = apply(child, changed)
-            score = scorer.score(min(changed), batches=1)
-            if quick is None or score < quick[0]:
-                quick = (score, child, changed, snapshot(changed))
-            restore(before)
-        if quick is None:
-            best.history.append(best.fitness)
-            continue
-        _, child, changed, pruned = quick
-        first = min(changed)
-        before = snapshot(changed)
-        restore(pruned)
-        kl, kept = scorer.score(first, keep=True)
-        if kl < best.fitness:
-            scorer.commit(first, kept)
-            parent, best.structure, best.fitness = child, child, kl
+        won = refine.generation(scorer, children, apply, snapshot, restore, min, best.fitness)
+        if won:
+            child, best.fitness = won
+            parent = best.structure = child
             best.accepted += 1
-        else:
-            restore(before)
         best.history.append(best.fitness)
         bar.set_postfix(kl=f"{best.fitness:.4f}", accepted=best.accepted)
     return best

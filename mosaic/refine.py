@@ -158,6 +158,36 @@ def mutate(parent: SparsityMap, params: list[dict[str, int]], gen: torch.Generat
     return child, changed
 
 
+def generation(scorer: Fitness, children, apply, snapshot, restore, first_layer, fitness: float):
+    """One generation of the (1 + λ) refinement, in two stages: every offspring ``(child, changed)`` is
+    applied and scored on the first batch of windows; the best of them on all windows against ``fitness``
+    (the parent's). Returns ``(child, kl)`` when it wins (its weights stay in the model, the scorer's cache
+    is committed), else None (the parent's weights are back). ``apply`` prunes the changed parts and returns
+    their previous weights; ``snapshot``/``restore`` read and write them; ``first_layer`` is the first
+    changed layer (the scorer replays from there)."""
+    quick = None  # stage 1: every offspring on the first batch; the best one's pruned weights
+    for child, changed in children:
+        if not changed:  # no move fitted: nothing to score
+            continue
+        before = apply(child, changed)
+        score = scorer.score(first_layer(changed), batches=1)
+        if quick is None or score < quick[0]:
+            quick = (score, child, changed, snapshot(changed))
+        restore(before)
+    if quick is None:  # no offspring at all: the parent stands
+        return None
+    _, child, changed, pruned = quick
+    first = first_layer(changed)
+    before = snapshot(changed)  # stage 2: the best on all windows, against the parent
+    restore(pruned)
+    kl, kept = scorer.score(first, keep=True)
+    if kl < fitness:
+        scorer.commit(first, kept)
+        return child, kl
+    restore(before)
+    return None
+
+
 def evolve(dense: nn.Module, scorer: Fitness, kernel, stats, start: SparsityMap, start_fitness: float,
            params: list[dict[str, int]], generations: int, *, seed: int, options: dict, offspring: int = 8,
            step: float = 0.05) -> Evolution:
@@ -190,31 +220,17 @@ def evolve(dense: nn.Module, scorer: Fitness, kernel, stats, start: SparsityMap,
             prune_group(adapter, layers[i], group, stats[i][group], kernel, sparsity[i], None, options)
         return before
 
+    def first_layer(changed):
+        return min(i for i, _ in changed)
+
     bar = tqdm(range(generations), desc="search: evolve", leave=False)
     for _ in bar:
-        quick = None  # stage 1: every offspring on the first batch of windows; the best one's pruned weights
-        for child, changed in (mutate(parent, params, gen, step) for _ in range(offspring)):
-            if not changed:  # no switch fitted (sparsities near 0 or the cap): nothing to score
-                continue
-            before = apply(child, changed)
-            score = scorer.score(min(i for i, _ in changed), batches=1)
-            if quick is None or score < quick[0]:
-                quick = (score, child, changed, snapshot(changed))
-            restore(before)
-        if quick is None:  # no offspring at all: the parent stands
-            best.history.append(best.fitness)
-            continue
-        _, child, changed, pruned = quick
-        first = min(i for i, _ in changed)
-        before = snapshot(changed)  # stage 2: the best on all windows, against the parent
-        restore(pruned)
-        kl, kept = scorer.score(first, keep=True)
-        if kl < best.fitness:
-            scorer.commit(first, kept)
-            parent, best.sparsity, best.fitness = child, child, kl
+        children = (mutate(parent, params, gen, step) for _ in range(offspring))
+        won = generation(scorer, children, apply, snapshot, restore, first_layer, best.fitness)
+        if won:
+            child, best.fitness = won
+            parent = best.sparsity = child
             best.accepted += 1
-        else:
-            restore(before)
         best.history.append(best.fitness)
         bar.set_postfix(kl=f"{best.fitness:.4f}", accepted=best.accepted)
     return best

@@ -125,6 +125,14 @@ MUTATIONS = [
        "wi, wj = len(parent[i].channels) + round_to, len(parent[j].channels) - 2 * round_to"),
       ("        assert sum(removed_params(g, p) for g, p in zip(geos, structure)) == total\n", "")],
      [f"{CS}::test_the_refinement_keeps_r_exact_and_is_kept_only_if_it_beats_its_start_on_validation"]),
+    ("a refinement generation keeps a child that does not beat its parent", "mosaic/refine.py",
+     [("    if kl < fitness:\n        scorer.commit(first, kept)",
+       "    if True:\n        scorer.commit(first, kept)")],
+     ["tests/test_refine.py::test_evolution_never_loses_to_its_start_and_is_reproducible"]),
+    ("a losing child's weights stay in the model (the parent's are not restored)", "mosaic/refine.py",
+     [("        return child, kl\n    restore(before)\n", "        return child, kl\n")],
+     ["tests/test_refine.py::test_evolution_never_loses_to_its_start_and_is_reproducible",
+      f"{CS}::test_the_refinement_keeps_r_exact_and_is_kept_only_if_it_beats_its_start_on_validation"]),
 ]
 
 
