@@ -7,6 +7,13 @@ batch 1 and 8 (128 new tokens) and peak RSS, in fp32 and bf16 on the CPU.
 
     python benchmark/bench_composite.py       # ~25 min on 2 cores; run on an otherwise idle machine
     python benchmark/bench_composite.py --searched   # the "Searched widths" section only (rule vs search)
+    python benchmark/bench_composite.py --chain      # rule vs search vs search + recovery, on the suite
+
+``--chain`` (the "Searched plan: speed, recovery and other text" section) runs three jobs one after the
+other, each kept in ``results/composite_chain_runs.jsonl``: the search, which writes its plan
+(``--allocation_file``) and checkpoint to /tmp; the rule's widths, saved too; and the written plan
+re-applied with the recovery recipe of ``recover.md``'s composite row. Saved checkpoints go through
+``latency.py`` (batch-1 and batch-8 decode); every job is scored on wiki-offline and on ``suite``.
 
 ``--searched`` holds the kernel (SparseGPT), the calibration and the statistics fixed and changes only the
 plan: the `mosaic` rule's widths against the searched ones (``--allocation search``) at S = R = 0.5. Each
@@ -17,6 +24,7 @@ rewritten in ``results/composite.md`` (the rest of the page is left as it is).
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -31,6 +39,7 @@ from common import (  # noqa: E402
     finished,
     machine,
     machine_line,
+    parse_only,
     run_main,
     write,
 )
@@ -216,5 +225,192 @@ def searched() -> None:
     print("\n".join(section))
 
 
+CHAIN_RUNS = RESULTS / "composite_chain_runs.jsonl"
+SCRATCH = Path("/tmp/mosaic-bench-composite")  # plans and checkpoints: never committed
+# recover.md's composite S = R = 0.5 recipe (34.58 after the rule's widths): reconstruction at lr 1e-3, then
+# 200 distillation steps x 2 windows on 128 windows at lr 1e-4
+RECIPE = ["--reconstruct", "layer", "--reconstruct_steps", "20", "--reconstruct_lr", "1e-3",
+          "--distill_steps", "200", "--distill_batch", "2", "--distill_windows", "128",
+          "--distill_lr", "1e-4"]
+
+
+def plan(name: str) -> Path:
+    return SCRATCH / f"{name}.json"
+
+
+def search(kernel: str, name: str, budget: int = 0, *extra: str) -> list[str]:
+    """A searched plan, written to (or, once it exists, re-applied from) ``plan(name)``."""
+    return ["--prune_method", kernel, "--allocation", "search", "--search_budget", str(budget), *extra,
+            "--allocation_file", str(plan(name))]
+
+
+# label, kernel, S, R, flags, time the saved checkpoint; in the order they run (most informative first).
+# A "+ recovery" row re-applies the plan its search row wrote, so only the recovery differs between them.
+CHAIN = [
+    ("search", "sparsegpt", 0.5, 0.5, search("sparsegpt", "sparsegpt-composite-search-0.5-0.5"), True),
+    ("rule (mosaic)", "sparsegpt", 0.5, 0.5, ["--prune_method", "sparsegpt_mosaic"], True),
+    ("search + recovery", "sparsegpt", 0.5, 0.5,
+     [*search("sparsegpt", "sparsegpt-composite-search-0.5-0.5"), *RECIPE], False),
+    ("dense", "dense", 0.0, 0.0, ["--prune_method", "dense"], True),
+    ("rule (mosaic) + recovery", "sparsegpt", 0.5, 0.5, ["--prune_method", "sparsegpt_mosaic", *RECIPE],
+     False),
+    ("search refined (16 generations)", "sparsegpt", 0.5, 0.5,
+     search("sparsegpt", "sparsegpt-refined", 16), True),
+    ("rule (uniform widths)", "sparsegpt", 0.5, 0.5, ["--prune_method", "sparsegpt", "--uniform_widths"],
+     True),
+    ("search (uniform widths)", "sparsegpt", 0.5, 0.5,
+     search("sparsegpt", "sparsegpt-uniform-widths", 0, "--uniform_widths"), True),
+    ("rule (mosaic) R=0.35", "sparsegpt", 0.5, 0.35, ["--prune_method", "sparsegpt_mosaic"], True),
+    ("search R=0.35", "sparsegpt", 0.5, 0.35, search("sparsegpt", "sparsegpt-composite-search-0.5-0.35"),
+     True),
+    ("ALPS rule (mosaic)", "alps", 0.5, 0.5, ["--prune_method", "alps_mosaic"], True),
+    ("ALPS search", "alps", 0.5, 0.5, search("alps", "alps-composite-search-0.5-0.5"), True),
+    ("search R=0.35 + recovery", "sparsegpt", 0.5, 0.35,
+     [*search("sparsegpt", "sparsegpt-composite-search-0.5-0.35"), *RECIPE], False),
+    ("ALPS search + recovery", "alps", 0.5, 0.5, [*search("alps", "alps-composite-search-0.5-0.5"), *RECIPE],
+     False),
+]
+
+
+def chain(only: set[str] | None = None) -> None:
+    """The searched plan against the rule's: decode speed, the recovery recipe, and every kind of text."""
+    m = machine()
+    done = finished(CHAIN_RUNS, lambda r: r["label"])
+    SCRATCH.mkdir(exist_ok=True)
+    for label, kernel, s, r_, flags, timed in CHAIN:
+        if label in done or (only and label not in only):
+            continue
+        ckpt = SCRATCH / label.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
+        save = ["--save_model", str(ckpt), "--overwrite"] if timed else []
+        shape = [] if kernel == "dense" else ["--sparsity_type", "composite", "--sparsity_ratio", str(s),
+                                              "--structured_ratio", str(r_)]
+        r = run_main([*flags, *shape, *YARDSTICK, "--eval_dtype", "bfloat16", "--eval_datasets",
+                      "wiki-offline,suite", *save], timeout=3 * 3600)
+        c = r.get("composite", {})
+        row = {"label": label, "kernel": kernel, "S": s, "R": r_, "machine": m,
+               "ppl": {k: v["ppl"] for k, v in r["perplexity"].items()},
+               "params": r["parameters"]["after"]["total"], "achieved": r["sparsity"]["achieved"],
+               "structured": r["sparsity"].get("structured", 0.0),
+               "removed": c["params_before"] - c["params_kept"] if c else 0,
+               "calib_dtype": r["settings"]["calib_dtype"], "time_s": r["time_s"],
+               "widths": [[w["heads"], w["kv_heads"], w["intermediate"]] for w in c.get("layers", [])],
+               "recovery": {k: {f: x for f, x in v.items() if f != "layers"}
+                            for k, v in (r.get("recovery") or {}).items() if v},
+               "search": {k: v for k, v in c.get("search", {}).items()
+                          if k in ("chosen", "kl", "predicted_kl", "evolution")}}
+        if timed:
+            row["disk_bytes"] = r["checkpoint"]["safetensors_bytes"]
+            row["latency"] = {dtype: latency(ckpt, dtype) for dtype in ("float32", "bfloat16")}
+            for f in ckpt.glob("*.safetensors"):  # keep the disk free
+                f.unlink()
+        append(CHAIN_RUNS, row)
+    chain_report()
+
+
+SUITE_COLUMNS = ["wiki-offline", "wiki-heldout", "science", "exams", "code"]
+
+
+def chain_report() -> None:
+    """The "Searched plan" section of composite.md, from the chain's finished jobs."""
+    rows = finished(CHAIN_RUNS, lambda r: r["label"])
+    if not rows:
+        return
+    order = [c[0] for c in CHAIN]
+    rows = {k: rows[k] for k in sorted(rows, key=lambda k: order.index(k) if k in order else len(order))}
+    meta = {c[0]: c for c in CHAIN}
+    first = next(iter(rows.values()))
+    section = ["## Searched plan: decode speed, recovery and other kinds of text", "",
+               f"Machine: {machine_line(first['machine'])}; idle (nothing else ran beside these jobs).", "",
+               "Held fixed in every row: calibration 32 × 512 tokens of wiki-offline (seed 0), "
+               f"{first['calib_dtype']} calibration forwards, sequential statistics, `--round_to 8`; "
+               "perplexity on the first 16 windows × 2048 tokens of each text (bf16 forwards): "
+               "`wiki-offline`'s held-out split (the yardstick of every table here) and the offline suite "
+               "(`--eval_datasets suite`: `wiki-heldout`, `science`, `exams`, `code`; docs/evaluation.md). "
+               "A `search` row is `--allocation search` (`--search_budget 0` unless it says refined) writing "
+               "its plan (`--allocation_file`); its `+ recovery` row re-applies that plan and adds "
+               "recover.md's composite recipe (`--reconstruct layer --reconstruct_lr 1e-3`, then "
+               "`--distill_steps 200 --distill_batch 2 --distill_windows 128 --distill_lr 1e-4`), so only "
+               "the recovery differs; a `rule` row is the same kernel with the rule's widths (`mosaic` "
+               "allocation, or uniform). Decode: each saved checkpoint in a fresh process "
+               "(`benchmark/latency.py`, 128 new tokens after a 32-token prompt, batch 1 median of 2, "
+               "batch 8 one run). Produced by `python benchmark/bench_composite.py --chain`.", ""]
+
+    def spec(r):
+        _, kernel, s, r_, _, _ = meta.get(r["label"], (None, "sparsegpt", 0.5, 0.5, None, None))
+        return kernel, s, r_
+
+    dense = rows.get("dense")
+    timed = [r for r in rows.values() if "latency" in r]
+    if timed:
+        section += ["| plan | kernel | S | R | params | disk (MB) | wiki-offline ppl | fp32 prefill (ms) | "
+                    "fp32 decode b1 (tok/s) | fp32 decode b8 | bf16 decode b1 | bf16 decode b8 |",
+                    "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in timed:
+            f, b = r["latency"]["float32"], r["latency"]["bfloat16"]
+            kernel, s, r_ = spec(r)
+
+            def x(d, key, dtype):
+                return f" ({d[key] / dense['latency'][dtype][key]:.2f}×)" if dense else ""
+            section.append(f"| {r['label']} | {kernel} | {s} | {r_} | {r['params'] / 1e6:.1f}M | "
+                           f"{r['disk_bytes'] / 1e6:.0f} | {r['ppl']['wiki-offline']:.2f} | "
+                           f"{f['prefill_512_ms']:.0f} | {f['decode_b1_tok_s']:.1f}"
+                           f"{x(f, 'decode_b1_tok_s', 'float32')} | {f['decode_b8_tok_s']:.1f}"
+                           f"{x(f, 'decode_b8_tok_s', 'float32')} | {b['decode_b1_tok_s']:.1f}"
+                           f"{x(b, 'decode_b1_tok_s', 'bfloat16')} | {b['decode_b8_tok_s']:.1f}"
+                           f"{x(b, 'decode_b8_tok_s', 'bfloat16')} |")
+        section.append("")
+    section += ["| plan | kernel | S | R | recovery | " + " | ".join(SUITE_COLUMNS) + " | suite geomean | "
+                "held-out KL rule → search | search (s) | recovery (s) | whole job (s) |",
+                "|---|---|---|---|---|" + "---|" * (len(SUITE_COLUMNS) + 5)]
+    for label, r in rows.items():
+        kernel, s, r_ = spec(r)
+        suite = [r["ppl"][k] for k in SUITE_COLUMNS[1:]]
+        geo = math.exp(sum(math.log(x) for x in suite) / len(suite))
+        t = r["time_s"]
+        rec = r.get("recovery") or {}
+        recovery = " + ".join(f"{k} {v['steps']} steps" for k, v in rec.items()) or "none"
+        rec_s = sum(v.get("seconds", 0) for v in rec.values())  # reconstruction runs inside "prune"
+        kl = (r.get("search") or {}).get("kl")
+        kl_s = f"{kl['rule']:.4f} → {kl['search']:.4f}" if kl else "—"
+        search_s = f"{t['search']:.0f}" if "search" in t else "—"
+        section.append(f"| {label} | {kernel} | {s} | {r_} | {recovery} | "
+                       + " | ".join(f"{r['ppl'][k]:.2f}" for k in SUITE_COLUMNS)
+                       + f" | {geo:.2f} | {kl_s} | {search_s} | {rec_s:.0f} | {sum(t.values()):.0f} |")
+    section += ["", *chain_targets(rows)]
+    path = RESULTS / "composite.md"
+    text = path.read_text()
+    marker = "\n" + section[0] + "\n"
+    head = text.split(marker)[0].rstrip("\n")
+    path.write_text(head + "\n\n" + "\n".join(section) + "\n")
+    print("\n".join(section))
+
+
+def chain_targets(rows: dict) -> list[str]:
+    """Issue 40's targets, each on the rows it needs (skipped while they are missing)."""
+    out = ["Targets (issue 40):"]
+    rule, found = rows.get("rule (mosaic)"), rows.get("search")
+    if rule and found:
+        change = found["ppl"]["wiki-offline"] / rule["ppl"]["wiki-offline"] - 1
+        out.append(f"- S = R = 0.5 searched ≥ 30% lower perplexity than the rule's before recovery: "
+                   f"{rule['ppl']['wiki-offline']:.2f} → {found['ppl']['wiki-offline']:.2f} ({change:+.1%}): "
+                   f"**{'met' if change <= -0.30 else 'missed'}**")
+        for dtype in ("float32", "bfloat16"):
+            for b in ("b1", "b8"):
+                key = f"decode_{b}_tok_s"
+                ratio = found["latency"][dtype][key] / rule["latency"][dtype][key] - 1
+                out.append(f"- the same decode speed (±5%), {dtype} batch {b[1:]}: search {ratio:+.1%} "
+                           f"against the rule: **{'met' if abs(ratio) <= 0.05 else 'missed'}**")
+        out.append(f"- search time ≤ the unstructured search's (~1400 s): {found['time_s']['search']:.0f} s: "
+                   f"**{'met' if found['time_s']['search'] <= 1400 else 'missed'}**")
+    recovered = rows.get("search + recovery")
+    if recovered:
+        ppl = recovered["ppl"]["wiki-offline"]
+        out.append(f"- ≤ 30 after the recovery recipe: {ppl:.2f}: **{'met' if ppl <= 30 else 'missed'}**")
+    return out
+
+
 if __name__ == "__main__":
-    searched() if "--searched" in sys.argv[1:] else main()
+    if "--chain" in sys.argv[1:]:
+        chain_report() if "--report" in sys.argv[1:] else chain(parse_only(sys.argv[1:]))
+    else:
+        searched() if "--searched" in sys.argv[1:] else main()
