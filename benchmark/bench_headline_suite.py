@@ -1,0 +1,165 @@
+"""The README's headline pipelines scored on every kind of text and with zero-shot that can rank.
+
+Each job is one of ``bench_recover.py``'s (same kernel, map, calibration, statistics and recovery options;
+``pruning/variant`` names it there), run again with ``--eval_datasets wiki-offline,suite`` (wiki-offline's
+held-out split, the yardstick of every table, beside the offline suite's four texts) and lm-eval's
+``arc_easy, hellaswag, piqa, winogrande`` at 1,000 items per task (``--zs_limit 1000``; each of the four
+has more: 2,376 / 10,042 / 1,838 / 1,267), each accuracy with its standard error. ``@MIX`` jobs calibrate (and
+reconstruct and distil) on a mixture instead of wiki-offline alone; only the calibration text differs
+from the job without it. ``selection`` perplexity: 8 × 512 windows of the job's own calibration text that no
+step trained on or took statistics from (drawn after every role's windows), the only number a knob may be
+chosen on.
+
+    python benchmark/bench_headline_suite.py               # every job not yet finished
+    python benchmark/bench_headline_suite.py --only=A,B    # some jobs
+    python benchmark/bench_headline_suite.py --report      # only rebuild results/headline_suite.md
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_recover import SETTINGS, ZS_TASKS, job_options  # noqa: E402
+from common import RESULTS, append, cpu_label, finished, machine, machine_line, parse_only, write  # noqa: E402
+
+RUNS = RESULTS / "headline_suite_runs.jsonl"
+ZS_LIMIT = 1000
+MIXTURES = {"wiki+code10": "wiki-offline:0.9,code:0.1"}
+# in the order they run: the recovery headline (best 70%: ALPS + searched map, and best 50%), then the
+# search headline (searched map against uniform, both kernels), SparseGPT 70%'s recovery, and the mixture
+JOBS = ["dense",
+        "alps-search-0.7/none", "alps-search-0.7/recon", "alps-search-0.7/recon+distill",
+        "sparsegpt-uniform-0.7/none", "sparsegpt-uniform-0.7/recon", "sparsegpt-uniform-0.7/recon+distill",
+        "alps-sgmap-0.5/none", "alps-sgmap-0.5/recon+distill100-lr1e-4",
+        "sparsegpt-search-0.7/none", "alps-uniform-0.7/none",
+        "alps-search-0.7/none@wiki+code10", "alps-search-0.7/recon@wiki+code10",
+        "alps-search-0.7/recon+distill@wiki+code10"]
+TEXTS = ["wiki-offline", "wiki-heldout", "science", "exams", "code"]
+
+
+def options(job: str) -> dict:
+    name, _, mix = job.partition("@")
+    opts = dict(prune_method="dense") if name == "dense" else job_options(name)
+    if mix:
+        opts["calib_dataset"] = MIXTURES[mix]
+    return {**opts, "eval_datasets": "wiki-offline,suite", "eval_zero_shot": ZS_TASKS, "zs_limit": ZS_LIMIT}
+
+
+def selection_ppl(model_dir: Path, calib: str) -> float:
+    """Perplexity on 8 × 512 ``selection`` windows of the calibration text ``calib``, drawn after the
+    statistics, distillation and held-out windows of any job here (so disjoint from all of them)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mosaic.data import draw_windows
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    windows = draw_windows(tok, calib, SETTINGS["seqlen"], SETTINGS["seed"],
+                           {"statistics": SETTINGS["nsamples"], "distill": 128, "distill_held_out": 16,
+                            "selection": 8})["selection"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        nll = sum(float(model(input_ids=w[None], labels=w[None]).loss) for w in windows)
+    return math.exp(nll / len(windows))
+
+
+def run_one(job: str) -> dict:
+    from mosaic.pipeline import Options, run
+
+    opts, start, m = options(job), time.perf_counter(), machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        r = run(Options(**SETTINGS, **opts, save_model=str(Path(tmp) / "model")))
+        selection = selection_ppl(Path(tmp) / "model", opts.get("calib_dataset", "wiki-offline"))
+    z = r["zero_shot"]
+    rec = r.get("recovery") or {}
+    return {"name": job, "options": opts, "machine": cpu_label(m), "date": m["date"], "machine_full": m,
+            "calib_dtype": r["settings"]["calib_dtype"], "achieved": r["sparsity"]["achieved"],
+            "ppl": {k: v["ppl"] for k, v in r["perplexity"].items()}, "selection_ppl": selection,
+            "zero_shot": {"tasks": z["tasks"], "mean_acc": z["mean_acc"], "limit": z["limit"]},
+            "recovery": {k: {f: x for f, x in v.items() if f != "layers"} for k, v in rec.items() if v},
+            "time_s": {k: round(v, 1) for k, v in r["time_s"].items()},
+            "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def mean_with_stderr(tasks: dict) -> tuple[float, float]:
+    """The mean accuracy over tasks and its standard error (tasks independent: √Σse² / n)."""
+    accs = [t["acc"] for t in tasks.values()]
+    se = math.sqrt(sum(t["acc_stderr"] ** 2 for t in tasks.values())) / len(accs)
+    return sum(accs) / len(accs), se
+
+
+def base_of(job: str) -> str | None:
+    """The job without recovery that ``job`` recovers from (None: it is one)."""
+    name, at, mix = job.partition("@")
+    pruning, _, variant = name.partition("/")
+    return None if variant in ("", "none") else f"{pruning}/none{at}{mix}"
+
+
+def report() -> None:
+    rows = finished(RUNS, lambda r: r["name"])
+    if not rows:
+        return
+    ordered = [rows[j] for j in JOBS if j in rows]
+    first = ordered[0]
+    tasks = list(first["zero_shot"]["tasks"])
+    lines = ["# Headline pipelines on every kind of text, and zero-shot that can rank", "",
+             f"Machine: {machine_line(first['machine_full'])}; idle. Calibration forwards: "
+             f"{first['calib_dtype']}.", "",
+             "Each row is `bench_recover.py`'s job of that name (kernel, map, 32 × 512 calibration windows, "
+             "seed 0, sequential statistics and recovery options as there), run again with `--eval_datasets "
+             "wiki-offline,suite` and zero-shot at `--zs_limit 1000`; `@wiki+code10` rows calibrate, "
+             "reconstruct and distil on `wiki-offline:0.9,code:0.1` instead (only the calibration text "
+             "differs). Perplexity: the first 16 windows × 2048 tokens of each text (the model's fp32); "
+             "`selection`: 8 × 512 windows of the row's own calibration text that no step trained on or took "
+             "statistics from. Produced by `python benchmark/bench_headline_suite.py`.", "",
+             "## Perplexity per kind of text", "",
+             "| job | " + " | ".join(TEXTS) + " | suite geomean | selection |",
+             "|---|" + "---|" * (len(TEXTS) + 2)]
+    for r in ordered:
+        suite = [r["ppl"][t] for t in TEXTS[1:]]
+        lines.append(f"| {r['name']} | " + " | ".join(f"{r['ppl'][t]:.2f}" for t in TEXTS)
+                     + f" | {geomean(suite):.2f} | {r['selection_ppl']:.2f} |")
+    lines += ["", "## Does recovery make any kind of text worse? (change against the same pruning without "
+              "recovery; the issue allows +2%)", "",
+              "| job | " + " | ".join(TEXTS) + " | geomean | worst | within 2% |",
+              "|---|" + "---|" * (len(TEXTS) + 3)]
+    for r in ordered:
+        base = rows.get(base_of(r["name"]) or "")
+        if not base:
+            continue
+        change = {t: r["ppl"][t] / base["ppl"][t] - 1 for t in TEXTS}
+        geo = geomean([r["ppl"][t] for t in TEXTS[1:]]) / geomean([base["ppl"][t] for t in TEXTS[1:]]) - 1
+        worst = max(change, key=change.get)
+        lines.append(f"| {r['name']} | " + " | ".join(f"{change[t]:+.1%}" for t in TEXTS)
+                     + f" | {geo:+.1%} | {worst} | {'yes' if change[worst] <= 0.02 else '**no**'} |")
+    lines += ["", f"## Zero-shot at up to {ZS_LIMIT} items per task (accuracy ± standard error)", "",
+              "| job | " + " | ".join(f"{t} (n)" for t in tasks) + " | mean acc ± se |",
+              "|---|" + "---|" * (len(tasks) + 1)]
+    for r in ordered:
+        z = r["zero_shot"]["tasks"]
+        mean, se = mean_with_stderr(z)
+        lines.append(f"| {r['name']} | " + " | ".join(
+            f"{z[t]['acc']:.3f} ± {z[t]['acc_stderr']:.3f} ({z[t].get('n', '?')})" for t in tasks)
+            + f" | {mean:.3f} ± {se:.3f} |")
+    notes = RESULTS / "headline_suite_notes.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    write("headline_suite", "\n".join(lines) + "\n", {"rows": ordered})
+
+
+if __name__ == "__main__":
+    if "--report" not in sys.argv:
+        only, done = parse_only(sys.argv), finished(RUNS, lambda r: r["name"])
+        for job in JOBS:
+            if job not in done and (not only or job in only):
+                append(RUNS, run_one(job))
+    report()
