@@ -270,6 +270,8 @@ CHAIN = [
      True),
     ("ALPS rule (mosaic)", "alps", 0.5, 0.5, ["--prune_method", "alps_mosaic"], True),
     ("ALPS search", "alps", 0.5, 0.5, search("alps", "alps-composite-search-0.5-0.5"), True),
+    ("ALPS rule (mosaic) R=0.35", "alps", 0.5, 0.35, ["--prune_method", "alps_mosaic"], True),
+    ("ALPS search R=0.35", "alps", 0.5, 0.35, search("alps", "alps-composite-search-0.5-0.35"), True),
     ("search R=0.35 + recovery", "sparsegpt", 0.5, 0.35,
      [*search("sparsegpt", "sparsegpt-composite-search-0.5-0.35"), *RECIPE], False),
     ("ALPS search + recovery", "alps", 0.5, 0.5, [*search("alps", "alps-composite-search-0.5-0.5"), *RECIPE],
