@@ -42,12 +42,16 @@ JOBS = ["dense",
 TEXTS = ["wiki-offline", "wiki-heldout", "science", "exams", "code"]
 
 
+NO_ZERO_SHOT = "--no-zero-shot" in sys.argv  # perplexity only (a row's zero-shot cell then reads "—")
+
+
 def options(job: str) -> dict:
     name, _, mix = job.partition("@")
     opts = dict(prune_method="dense") if name == "dense" else job_options(name)
     if mix:
         opts["calib_dataset"] = MIXTURES[mix]
-    return {**opts, "eval_datasets": "wiki-offline,suite", "eval_zero_shot": ZS_TASKS, "zs_limit": ZS_LIMIT}
+    zero_shot = {} if NO_ZERO_SHOT else {"eval_zero_shot": ZS_TASKS, "zs_limit": ZS_LIMIT}
+    return {**opts, "eval_datasets": "wiki-offline,suite", **zero_shot}
 
 
 def selection_ppl(model_dir: Path, calib: str) -> float:
@@ -75,12 +79,12 @@ def run_one(job: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         r = run(Options(**SETTINGS, **opts, save_model=str(Path(tmp) / "model")))
         selection = selection_ppl(Path(tmp) / "model", opts.get("calib_dataset", "wiki-offline"))
-    z = r["zero_shot"]
+    z = r.get("zero_shot")
     rec = r.get("recovery") or {}
     return {"name": job, "options": opts, "machine": cpu_label(m), "date": m["date"], "machine_full": m,
             "calib_dtype": r["settings"]["calib_dtype"], "achieved": r["sparsity"]["achieved"],
             "ppl": {k: v["ppl"] for k, v in r["perplexity"].items()}, "selection_ppl": selection,
-            "zero_shot": {"tasks": z["tasks"], "mean_acc": z["mean_acc"], "limit": z["limit"]},
+            "zero_shot": {"tasks": z["tasks"], "mean_acc": z["mean_acc"], "limit": z["limit"]} if z else None,
             "recovery": {k: {f: x for f, x in v.items() if f != "layers"} for k, v in rec.items() if v},
             "time_s": {k: round(v, 1) for k, v in r["time_s"].items()},
             "wall_s": round(time.perf_counter() - start, 1)}
@@ -145,6 +149,8 @@ def report() -> None:
               "| job | " + " | ".join(f"{t} (n)" for t in tasks) + " | mean acc ± se |",
               "|---|" + "---|" * (len(tasks) + 1)]
     for r in ordered:
+        if not r["zero_shot"]:
+            continue
         z = r["zero_shot"]["tasks"]
         mean, se = mean_with_stderr(z)
         lines.append(f"| {r['name']} | " + " | ".join(
