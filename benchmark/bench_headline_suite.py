@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_recover import SETTINGS, ZS_TASKS, job_options  # noqa: E402
+from bench_recover import SETTINGS, ZS_TASKS, job_options, selection_ppl  # noqa: E402
 from common import RESULTS, append, cpu_label, finished, machine, machine_line, parse_only, write  # noqa: E402
 
 RUNS = RESULTS / "headline_suite_runs.jsonl"
@@ -52,24 +52,6 @@ def options(job: str) -> dict:
         opts["calib_dataset"] = MIXTURES[mix]
     zero_shot = {} if NO_ZERO_SHOT else {"eval_zero_shot": ZS_TASKS, "zs_limit": ZS_LIMIT}
     return {**opts, "eval_datasets": "wiki-offline,suite", **zero_shot}
-
-
-def selection_ppl(model_dir: Path, calib: str) -> float:
-    """Perplexity on 8 × 512 ``selection`` windows of the calibration text ``calib``, drawn after the
-    statistics, distillation and held-out windows of any job here (so disjoint from all of them)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mosaic.data import draw_windows
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    windows = draw_windows(tok, calib, SETTINGS["seqlen"], SETTINGS["seed"],
-                           {"statistics": SETTINGS["nsamples"], "distill": 128, "distill_held_out": 16,
-                            "selection": 8})["selection"]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        nll = sum(float(model(input_ids=w[None], labels=w[None]).loss) for w in windows)
-    return math.exp(nll / len(windows))
 
 
 def run_one(job: str) -> dict:

@@ -159,18 +159,19 @@ TUNE = {
 }
 
 
-def selection_ppl(model_dir: Path) -> float:
-    """Perplexity on 8 × 512 calibration-split ``selection`` windows: drawn (``data.draw_windows``) after the
-    statistics windows and the largest distillation any job here runs (128 + 16), so no job trained on them
-    or took statistics from them. (Until 2026-12-04 this read the 8 windows right after the statistics
-    windows, the first 8 that distillation trains on: the rows' ``calib_ppl``.)"""
+def selection_ppl(model_dir: Path, calib: str = "wiki-offline") -> float:
+    """Perplexity on 8 × 512 ``selection`` windows of ``calib`` (a text or a mixture): drawn
+    (``data.draw_windows``) after the statistics windows and the largest distillation any job here runs
+    (128 + 16), so no job trained on them or took statistics from them. (Until 2026-12-04 this read the 8
+    windows right after the statistics windows, the first 8 that distillation trains on: the rows'
+    ``calib_ppl``.)"""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mosaic.data import draw_windows
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    windows = draw_windows(tok, "wiki-offline", SETTINGS["seqlen"], SETTINGS["seed"],
+    windows = draw_windows(tok, calib, SETTINGS["seqlen"], SETTINGS["seed"],
                            {"statistics": SETTINGS["nsamples"], "distill": 128, "distill_held_out": 16,
                             "selection": 8})["selection"]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
