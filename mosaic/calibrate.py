@@ -370,6 +370,7 @@ class Calibration:
     validation: torch.Tensor | None = None  # ... and after those, to judge the refined map on unseen tokens
     distill: torch.Tensor | None = None  # distillation: training windows, none of them in the statistics
     distill_held_out: torch.Tensor | None = None  # ... and the ones that choose the state to keep
+    guard: dict[str, torch.Tensor] | None = None  # per text: held-out windows recovery must not make worse
 
     def activations(self, model: nn.Module, adapter: Adapter, held: Callable) -> Activations:
         """Fresh layer-0 inputs (each pass over the layers consumes its own) of this rank's batches (all of

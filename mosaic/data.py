@@ -210,8 +210,9 @@ def calibration_windows(tokenizer, name: str, nsamples: int, seqlen: int, seed: 
 # every role a calibration window can play, in the order they are drawn: the statistics windows first (as
 # the reference code draws them; they may overlap each other), then each held-out role, every window of which
 # shares no token with any window drawn before it, so that the roles are pairwise disjoint
-ROLES = ("statistics", "search", "validation", "distill", "distill_held_out", "selection")
+ROLES = ("statistics", "search", "validation", "distill", "distill_held_out", "selection", "guard")
 DISTILL_ROLES = ("distill", "distill_held_out")  # from --distill_dataset when it names another mixture
+GUARD_ROLE = "guard"  # not split by weight: each guard text gets the whole count (``guard_sources``)
 
 
 @dataclass(frozen=True)
@@ -257,9 +258,21 @@ def split_count(total: int, weights: list[float]) -> list[int]:
     return counts
 
 
-def source_counts(spec: str, counts: dict[str, int], distill: str | None = None) -> dict[str, dict[str, int]]:
+def guard_sources(spec: str) -> list[str]:
+    """The texts of a recovery guard (``NAME,NAME,...``): names only, each checked on its own."""
+    sources = parse_mixture(spec, "recovery_guard")
+    weighted = [s.name for s in sources if s.weight != 1.0]
+    if weighted:
+        raise OptionError("recovery_guard", f"'{weighted[0]}' has a weight; the guard checks every text on "
+                          "its own: list names only")
+    return [s.name for s in sources]
+
+
+def source_counts(spec: str, counts: dict[str, int], distill: str | None = None,
+                  guard: str | None = None) -> dict[str, dict[str, int]]:
     """Windows per source and role: every role's count split over the calibration mixture ``spec`` by
-    ``split_count``, the distillation roles over ``distill`` when it is given."""
+    ``split_count``, the distillation roles over ``distill`` when it is given; each source of ``guard``
+    gets the guard role's whole count."""
     unknown = set(counts) - set(ROLES)
     if unknown:
         raise ValueError(f"unknown window roles {sorted(unknown)}; use {ROLES}")
@@ -267,16 +280,20 @@ def source_counts(spec: str, counts: dict[str, int], distill: str | None = None)
     other = parse_mixture(distill, "distill_dataset") if distill else calib
     per: dict[str, dict[str, int]] = {}
     for role in ROLES:
+        if role == GUARD_ROLE:
+            continue
         mixture = other if role in DISTILL_ROLES else calib
         for source, n in zip(mixture, split_count(counts.get(role, 0), [s.weight for s in mixture])):
             per.setdefault(source.name, dict.fromkeys(ROLES, 0))[role] += n
     for source in calib + (other if distill else []):
         per.setdefault(source.name, dict.fromkeys(ROLES, 0))
+    for name in guard_sources(guard) if guard and counts.get(GUARD_ROLE) else []:
+        per.setdefault(name, dict.fromkeys(ROLES, 0))[GUARD_ROLE] += counts[GUARD_ROLE]
     return per
 
 
 def draw_windows(tokenizer, spec: str, seqlen: int, seed: int, counts: dict[str, int],
-                 distill: str | None = None) -> dict[str, torch.Tensor]:
+                 distill: str | None = None, guard: str | None = None) -> dict[str, torch.Tensor]:
     """The windows of every role a run (or a benchmark choosing its knobs) needs, drawn in one place:
     ``counts`` maps roles (``ROLES``) to window counts, the result maps every role to its windows
     [count, seqlen]. The search scores allocations on ``search`` and refines them on ``validation``;
@@ -287,8 +304,10 @@ def draw_windows(tokenizer, spec: str, seqlen: int, seed: int, counts: dict[str,
     ``spec`` is one text or a weighted mixture (``parse_mixture``); each source's share of every role
     (``source_counts``) is drawn from that source alone, the first source with ``seed`` as a single text
     is, so that a one-source mixture is exactly that text. ``distill`` names another mixture for the
-    distillation roles; a source both name is drawn once, so its windows stay disjoint across roles."""
-    per = source_counts(spec, counts, distill)
+    distillation roles; a source both name is drawn once, so its windows stay disjoint across roles.
+    ``guard`` names the texts recovery must not make worse: each gets ``counts["guard"]`` windows, drawn
+    after every other role of that text (``guard_windows`` splits them by text)."""
+    per = source_counts(spec, counts, distill, guard)
     drawn = {}
     for i, (name, roles) in enumerate(per.items()):
         if not any(roles.values()):
@@ -298,6 +317,15 @@ def draw_windows(tokenizer, spec: str, seqlen: int, seed: int, counts: dict[str,
     return {role: torch.cat([d[role] for d in drawn.values()]) if drawn else torch.empty(0, seqlen,
                                                                                          dtype=torch.long)
             for role in ROLES}
+
+
+def guard_windows(spec: str, counts: dict[str, int], distill: str | None, guard: str,
+                  windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The guard role's windows of ``draw_windows`` split into {text: windows}, in the guard's order."""
+    per = source_counts(spec, counts, distill, guard)
+    order = [name for name, roles in per.items() if roles[GUARD_ROLE]]
+    split = dict(zip(order, windows.split(counts[GUARD_ROLE])))
+    return {name: split[name] for name in guard_sources(guard)}
 
 
 def _draw_source(tokenizer, name: str, seqlen: int, seed: int,

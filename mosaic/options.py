@@ -15,7 +15,7 @@ import torch
 
 from mosaic import allocate as alloc
 from mosaic import composite_search, corpora, dist, fit, recover
-from mosaic.data import KNOWN, parse_mixture
+from mosaic.data import KNOWN, guard_sources, parse_mixture
 from mosaic.errors import OptionError
 from mosaic.eval import zeroshot as zs
 from mosaic.export import check_writable
@@ -80,6 +80,7 @@ class Options:
     distill_windows: int = 64  # calibration windows to distil on, none of them used for statistics
     distill_device: str = "auto"  # auto: the compute device when all fits there; cpu: the host
     distill_dataset: str | None = None  # another text or mixture to distil on (default: --calib_dataset)
+    recovery_guard: str = "none"  # texts recovery must not make worse: none, auto or NAME,NAME,...
     eval_datasets: str = "wiki-offline"
     eval_windows: int | None = None
     eval_seqlen: int = 2048
@@ -125,6 +126,7 @@ class Plan:
     kv_file: kvalloc.KVAllocationFile | None = None  # an existing --kv_allocation_file, applied instead
     reconstruct: recover.ReconstructSpec | None = None  # recovery: layer-wise reconstruction
     distill: recover.DistillSpec | None = None  # recovery: end-to-end distillation
+    guard: str | None = None  # the texts recovery must not make worse (``guard_spec``)
 
     @property
     def needs_profile(self) -> bool:
@@ -257,7 +259,9 @@ def validate(opts: Options) -> Plan:
                 hyper_m=hyper_m if opts.Hyper_m is None else opts.Hyper_m,
                 eval_names=names, zs_tasks=tasks, offline=offline,
                 kv=kv, kv_file=kv_allocation_file(opts, kv),
-                reconstruct=reconstruct, distill=distill)
+                reconstruct=reconstruct, distill=distill,
+                guard=guard_spec(opts, reconstruct is not None or distill is not None,
+                                 composite and reconstruct is not None))
     check_offload(opts, plan)
     check_search(opts, plan)
     check_ranks(opts, plan)
@@ -431,6 +435,8 @@ def warn_unused(opts: Options, plan: Plan) -> None:
            "kv_allocation_file": "no KV-cache sparsity is set"}
     for option in ("reconstruct_steps", "reconstruct_lr", "reconstruct_batch", "reconstruct_norms"):
         used[option], why[option] = opts.reconstruct != "none", "--reconstruct is none"
+    used["recovery_guard"] = opts.reconstruct != "none" or opts.distill_steps > 0
+    why["recovery_guard"] = "neither --reconstruct nor --distill_steps is set"
     for option in ("distill_lr", "distill_batch", "distill_windows", "distill_device", "distill_dataset"):
         used[option], why[option] = opts.distill_steps > 0, "--distill_steps is 0"
     defaults = Options()
@@ -522,10 +528,38 @@ def check_streamable(opts: Options, plan: Plan) -> None:
         raise OptionError("allocation", "search needs the whole model in memory, and this run streams it "
                           "(--offload); use --offload none, or apply a map found on a larger machine with "
                           "--allocation_file")
+    if plan.guard is not None:
+        raise OptionError("recovery_guard", "evaluates the whole pruned model on the guard's texts, and this "
+                          "run streams it from disk; use --recovery_guard none, or --offload none")
     if plan.distill is not None:
         raise OptionError("distill_steps", "needs the dense teacher and the pruned student in memory "
                           "together, and this run streams the model from disk; use --offload none on a "
                           "machine where both fit, or --reconstruct alone")
+
+
+GUARD_AUTO = ("code", "exams")  # added to the calibration texts by --recovery_guard auto: other kinds of text
+
+
+def guard_spec(opts: Options, recovers: bool, composite: bool) -> str | None:
+    """The texts recovery must not make worse (``recover.guard`` shrinks the reconstruction, distillation
+    keeps no state that is worse on them), as ``NAME,NAME,...``; None for none. ``auto``: every calibration
+    text, then code and exam questions (their calibration-side splits)."""
+    if opts.recovery_guard == "none" or not recovers:
+        return None
+    if opts.recovery_guard == "auto":
+        names = [s.name for s in parse_mixture(opts.calib_dataset)]
+        names += [n for n in GUARD_AUTO if n not in names]
+    else:
+        names = guard_sources(opts.recovery_guard)
+    for name in names:
+        _dataset(name, "recovery_guard")
+        if name in corpora.EVAL_ONLY:
+            corpora.refuse_calibration(name, "calib", "recovery_guard")
+    if composite:  # with reconstruction
+        raise OptionError("recovery_guard", "shrinks the reconstruction toward the kernel's weights, which "
+                          "composite pruning reshapes; use --recovery_guard none with --sparsity_type "
+                          "composite")
+    return ",".join(names)
 
 
 def kv_spec(opts: Options, evaluates: bool) -> KVSparsity | None:
@@ -622,7 +656,7 @@ def window_counts(opts: Options, plan: Plan) -> dict[str, int]:
     # the composite search refines per-layer widths, not --uniform_widths
     refines = opts.search_budget > 0 and not (plan.composite and opts.uniform_widths)
     return {"statistics": opts.nsamples, "search": k, "validation": k if refines else 0,
-            "distill": train, "distill_held_out": held}
+            "distill": train, "distill_held_out": held, "guard": recover.GUARD_WINDOWS if plan.guard else 0}
 
 
 def kernel_options(opts: Options, kernel: Kernel | None) -> dict:

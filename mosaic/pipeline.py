@@ -22,7 +22,7 @@ from torch import nn
 from mosaic import allocate as alloc
 from mosaic import composite_search, dist, fit, recover, report, sharded
 from mosaic.calibrate import Activations, Calibration, check_staged
-from mosaic.data import draw_windows, eval_texts
+from mosaic.data import draw_windows, eval_texts, guard_windows
 from mosaic.errors import OptionError
 from mosaic.eval import zeroshot as zs
 from mosaic.eval.perplexity import perplexity
@@ -59,10 +59,11 @@ def run(opts: Options) -> dict:
     allocation = allocate_step(setup, plan, profile, opts, calib, timer)
     teacher = teacher_step(setup, plan)
     notes, reconstruction = prune_step(setup, calib, allocation, profile, plan, opts, timer)
+    guarded = guard_step(setup, calib, reconstruction, timer)
     distilled = distill_step(setup, calib, teacher, plan, opts, timer)
     del teacher  # the dense copy is freed before export, evaluation and zero-shot
     results = report.record(setup, plan, allocation, profile, notes, opts,
-                            report.recovery_report(reconstruction, distilled))
+                            report.recovery_report(reconstruction, distilled, guarded))
     saved = export(setup, results, opts, timer)
     return evaluate(setup, texts, saved, results, plan, opts, timer)
 
@@ -106,10 +107,12 @@ def calibration(setup: Setup, plan: Plan, opts: Options, timer: report.Timer) ->
     counts = window_counts(opts, plan)
     distill = opts.distill_dataset if plan.distill is not None else None
     with timer("calibration_data"):
-        w = draw_windows(setup.loaded.tokenizer, opts.calib_dataset, setup.seqlen, opts.seed, counts, distill)
+        w = draw_windows(setup.loaded.tokenizer, opts.calib_dataset, setup.seqlen, opts.seed, counts, distill,
+                         plan.guard)
+    guard = guard_windows(opts.calib_dataset, counts, distill, plan.guard, w["guard"]) if plan.guard else None
     return Calibration(w["statistics"], opts.calib_batch_size,
                        *(w[role] if counts[role] else None
-                         for role in ("search", "validation", "distill", "distill_held_out")))
+                         for role in ("search", "validation", "distill", "distill_held_out")), guard=guard)
 
 
 def profile_step(setup: Setup, calib: Calibration | None, plan: Plan, timer: report.Timer) -> Profile | None:
@@ -236,7 +239,8 @@ def prune_step(setup: Setup, calib: Calibration | None, allocation: alloc.Alloca
                timer: report.Timer) -> tuple[list[dict], recover.Reconstruction | None]:
     """Prune every projection as allocated (each layer then reconstructed, if asked), and remove the
     planned heads and channels (composite). Returns the kernel's notes and the reconstruction."""
-    recovery = recover.Reconstruction(setup.adapter, plan.reconstruct) if plan.reconstruct else None
+    recovery = recover.Reconstruction(setup.adapter, plan.reconstruct, keep_kernel=plan.guard is not None) \
+        if plan.reconstruct else None
     job = prune_job(setup, calib, allocation.sparsity, allocation.nm, profile, plan, opts,
                     allocation.structure, recovery)
     return setup.source.prune(job, timer), recovery
@@ -262,6 +266,16 @@ def prune_job(setup: Setup, calib: Calibration | None, sparsity: SparsityMap | N
                     recovery=recovery, run_options=asdict(opts))
 
 
+def guard_step(setup: Setup, calib: Calibration | None, reconstruction: recover.Reconstruction | None,
+               timer: report.Timer) -> dict | None:
+    """The reconstruction shrunk toward the kernel's weights until no guard text is worse
+    (``recover.guard``)."""
+    if reconstruction is None or calib is None or calib.guard is None:
+        return None
+    with timer("recovery_guard"):
+        return recover.guard(setup.model, reconstruction, calib.guard)
+
+
 def teacher_step(setup: Setup, plan: Plan) -> nn.Module | None:
     """The dense model, copied before pruning changes it in place: distillation's teacher."""
     return recover.teacher_copy(setup.model) if plan.distill is not None else None
@@ -280,11 +294,11 @@ def distill_step(setup: Setup, calib: Calibration | None, teacher: nn.Module | N
                                         ranks=dist.world())
         if dist.world() > 1:  # FSDP2: the shards, not the models, go to the device
             return sharded.distill(setup.model, teacher, setup.adapter, calib.distill, calib.distill_held_out,
-                                   plan.distill, device)
+                                   plan.distill, device, calib.guard)
         setup.model.to(device)
         teacher.to(device)
         return recover.distill(setup.model, teacher, setup.adapter, calib.distill, calib.distill_held_out,
-                               plan.distill)
+                               plan.distill, calib.guard)
 
 
 def host_budget(opts: Options, model: nn.Module) -> int:

@@ -43,6 +43,8 @@ from mosaic.fit import FP32
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("none", "layer", "sublayer")
+GUARD_WINDOWS = 4  # held-out windows per guard text (``guard``)
+GUARD_SHARES = tuple(k / 10 for k in range(1, 11))  # shares of the reconstruction's change ``guard`` tries
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,8 @@ class Reconstruction:
     spec: ReconstructSpec
     layers: list[dict] = field(default_factory=list)  # per layer: error before/after, tuned, seconds
     dense: list[torch.Tensor] | None = None
+    keep_kernel: bool = False  # keep every layer's weights as the kernel left them, on the host (``guard``)
+    kernel: list[list[torch.Tensor]] = field(default_factory=list)
     _targets: dict = field(default_factory=dict)
 
     @torch.no_grad()
@@ -236,6 +240,8 @@ class Reconstruction:
         outs = self._targets["out"]
         moved = _tunable(a, layer, PROJECTIONS, spec.norms)
         before_weights = [w.detach().clone() for w in moved]
+        if self.keep_kernel:
+            self.kernel.append([w.to("cpu", copy=True) for w in before_weights])
         before = self._error(layer, inputs, kwargs, device, outs)
         generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
         total = spec.steps * (2 if spec.granularity == "sublayer" else 1)
@@ -287,6 +293,54 @@ class Reconstruction:
                 "mean_error_before": sum(r["error_before"] for r in rows) / max(len(rows), 1),
                 "mean_error_after": sum(r["error_after"] for r in rows) / max(len(rows), 1),
                 "seconds": round(sum(r["seconds"] for r in rows), 3)}
+
+
+# --- the guard: no text worse than the kernel left it ------------------------------------------------------
+
+@torch.no_grad()
+def mean_nll(model: nn.Module, windows: torch.Tensor, device: torch.device) -> float:
+    """Mean next-token negative log-likelihood of ``model`` on ``windows`` [n, seqlen], one at a time."""
+    total = 0.0
+    for row in windows:
+        ids = row[None].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        total += float(F.cross_entropy(logits, ids[0, 1:]))
+    return total / windows.shape[0]
+
+
+@torch.no_grad()
+def guard(model: nn.Module, reconstruction: Reconstruction, texts: dict[str, torch.Tensor],
+          shares: tuple[float, ...] = GUARD_SHARES) -> dict:
+    """Shrink the reconstruction toward the kernel's weights, W = K + a (T - K), to the share ``a`` whose
+    perplexity on the guard ``texts`` is lowest (geometric mean) among those that leave *every* text no
+    worse than the kernel did (a = 0; the layer-wise loss only sees the calibration text, and on other text
+    it can do harm). The mask is kept: K and T share their zeros. Returns every share's perplexities."""
+    a = reconstruction.adapter
+    layers = a.layers(model)
+    moved = [_tunable(a, layer, PROJECTIONS, reconstruction.spec.norms) for layer in layers]
+    if len(reconstruction.kernel) != len(layers):
+        raise ValueError("the guard needs the kernel's weights of every layer (Reconstruction.keep_kernel)")
+    tuned = [[p.detach().to("cpu", copy=True) for p in ps] for ps in moved]
+    device = next(model.parameters()).device
+
+    def apply(share: float) -> None:
+        for ps, ks, ts in zip(moved, reconstruction.kernel, tuned):
+            for p, k, t in zip(ps, ks, ts):
+                w = k if share == 0 else t if share == 1 else k.float() + share * (t.float() - k.float())
+                p.copy_(w.to(p.device, p.dtype))
+
+    ppl: dict[float, dict[str, float]] = {}
+    for share in (0.0, *shares):
+        apply(share)
+        ppl[share] = {name: math.exp(mean_nll(model, w, device)) for name, w in texts.items()}
+    base = ppl[0.0]
+    safe = [s for s in shares if all(ppl[s][n] <= base[n] for n in texts)]
+    chosen = min(safe, key=lambda s: sum(math.log(v) for v in ppl[s].values())) if safe else 0.0
+    if dist.world() > 1:  # every rank holds the same model and windows; rank 0's choice stands
+        chosen = dist.broadcast_object(chosen, 0)
+    apply(chosen)
+    return {"texts": list(texts), "windows": {n: int(w.shape[0]) for n, w in texts.items()},
+            "share": chosen, "ppl": [{"share": s, **v} for s, v in ppl.items()]}
 
 
 # --- distillation ------------------------------------------------------------------------------------------
@@ -359,11 +413,22 @@ def distilled_weights(adapter: Adapter, model: nn.Module) -> list[nn.Parameter]:
     return [adapter.projection(layer, p).weight for layer in adapter.layers(model) for p in PROJECTIONS]
 
 
+def guard_nll(model: nn.Module, guard: dict[str, torch.Tensor] | None, device: torch.device) -> dict:
+    """Mean NLL of ``model`` on each guard text's windows ({} without a guard)."""
+    return {name: mean_nll(model, w, device) for name, w in (guard or {}).items()}
+
+
+def no_worse(nll: dict[str, float], start: dict[str, float]) -> bool:
+    """No guard text's NLL above its value at the start."""
+    return all(nll[name] <= start[name] for name in start)
+
+
 def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: torch.Tensor,
-            held_out: torch.Tensor, spec: DistillSpec) -> dict:
+            held_out: torch.Tensor, spec: DistillSpec, guard: dict[str, torch.Tensor] | None = None) -> dict:
     """End-to-end distillation of ``student`` (in place, mask frozen) from ``teacher`` on ``train`` windows,
     where the student lives; the state with the lowest KL on ``held_out`` windows is kept (one copy, on the
-    host). AdamW updates fp32 masters of half-precision weights. Returns the curve and the time."""
+    host), among those that leave every ``guard`` text's NLL at or below its value at the start. AdamW updates
+    fp32 masters of half-precision weights. Returns the curve and the time."""
     start = time.perf_counter()
     device = next(student.parameters()).device
     params = distilled_weights(adapter, student)
@@ -381,7 +446,8 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
     if enable is not None:
         enable()
     best = held_out_kl(student, teacher, held_out, device, spec.micro_batch)
-    curve = [{"step": 0, "held_out_kl": best}]
+    start_nll = guard_nll(student, guard, device)
+    curve = [{"step": 0, "held_out_kl": best, **guard_row(start_nll)}]
     best_state = [p.detach().to("cpu", copy=True) for p in params]  # overwritten in place by a new best
     best_step = 0
     micro = max(1, min(spec.micro_batch, spec.batch))
@@ -411,9 +477,10 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
             if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
                 student.eval()
                 kl = held_out_kl(student, teacher, held_out, device, spec.micro_batch)
+                nll = guard_nll(student, guard, device)
                 student.train()
-                curve.append({"step": step + 1, "train_kl": total, "held_out_kl": kl})
-                if kl < best:
+                curve.append({"step": step + 1, "train_kl": total, "held_out_kl": kl, **guard_row(nll)})
+                if kl < best and no_worse(nll, start_nll):
                     best, best_step = kl, step + 1
                     for kept, p in zip(best_state, params):
                         kept.copy_(p.detach())
@@ -435,6 +502,10 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
             "held_out_kl_before": curve[0]["held_out_kl"], "held_out_kl_after": best, "curve": curve,
             "device": str(device), "dtype": str(params[0].dtype).removeprefix("torch."),
             "seconds": round(time.perf_counter() - start, 3)}
+
+
+def guard_row(nll: dict[str, float]) -> dict:
+    return {"guard_ppl": {name: math.exp(v) for name, v in nll.items()}} if nll else {}
 
 
 def teacher_copy(model: nn.Module) -> nn.Module:

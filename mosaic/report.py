@@ -140,6 +140,12 @@ def summary_text(r: dict) -> str:
                      f"output error {rc['mean_error_before']:.4f} → {rc['mean_error_after']:.4f} "
                      f"(mean relative; {rc['tuned_layers']} of {len(rc['layers'])} layers tuned) in "
                      f"{rc['seconds']:.1f} s")
+    if rec.get("guard"):
+        g = rec["guard"]
+        kept = next(row for row in g["ppl"] if row["share"] == g["share"])
+        base = next(row for row in g["ppl"] if row["share"] == 0)
+        lines.append(f"  guard        kept {g['share']:.0%} of the reconstruction's change; held-out ppl "
+                     + ", ".join(f"{n} {base[n]:.2f} → {kept[n]:.2f}" for n in g["texts"]))
     if rec.get("distill"):
         d = rec["distill"]
         lines.append(f"  distill      {d['steps']} steps: held-out KL to the dense model "
@@ -281,10 +287,12 @@ def alps_report(notes: list[dict], opts: Options) -> dict:
             "seconds": {k: sum(n.get(f"{k}_s", 0.0) for n in notes) for k in ("eigh", "admm", "cg")}}
 
 
-def recovery_report(reconstruction: recover.Reconstruction | None, distilled: dict | None) -> dict | None:
+def recovery_report(reconstruction: recover.Reconstruction | None, distilled: dict | None,
+                    guarded: dict | None = None) -> dict | None:
     if reconstruction is None and distilled is None:
         return None
-    return {"reconstruct": reconstruction.report() if reconstruction else None, "distill": distilled}
+    return {"reconstruct": reconstruction.report() if reconstruction else None, "guard": guarded,
+            "distill": distilled}
 
 
 def record(setup: Setup, plan: Plan, allocation: Allocation, profile: Profile | None, notes: list[dict],
@@ -338,7 +346,7 @@ def calibration_report(opts: Options, plan: Plan, seqlen: int) -> dict:
     from mosaic.options import window_counts  # options imports this module's neighbours
 
     distill = opts.distill_dataset if plan.distill is not None else None
-    per = source_counts(opts.calib_dataset, window_counts(opts, plan), distill)
+    per = source_counts(opts.calib_dataset, window_counts(opts, plan), distill, plan.guard)
     weights = {s.name: s.weight for s in parse_mixture(opts.calib_dataset)}
     distill_weights = {s.name: s.weight for s in parse_mixture(distill, "distill_dataset")} if distill else {}
     return {"seqlen": seqlen, "sources": [

@@ -28,7 +28,17 @@ from tqdm.auto import tqdm
 
 from mosaic import dist
 from mosaic.adapter import Adapter
-from mosaic.recover import DistillSpec, _checkpointing, _kl, distilled_weights, masked_step, optimizer
+from mosaic.recover import (
+    DistillSpec,
+    _checkpointing,
+    _kl,
+    distilled_weights,
+    guard_nll,
+    guard_row,
+    masked_step,
+    no_worse,
+    optimizer,
+)
 
 
 def shard(model: nn.Module, adapter: Adapter, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -59,11 +69,12 @@ def held_out_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, d
 
 
 def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: torch.Tensor,
-            held_out: torch.Tensor, spec: DistillSpec, device: torch.device) -> dict:
+            held_out: torch.Tensor, spec: DistillSpec, device: torch.device,
+            guard: dict[str, torch.Tensor] | None = None) -> dict:
     """``recover.distill`` across ranks, on ``device``: the run's ``student`` ends with the best state found,
     on every rank. ``spec.batch`` must be a multiple of ranks × ``spec.micro_batch`` (every rank runs as many
     micro-batches as the others; checked with the options). The teacher is sharded in place (it is
-    freed after this)."""
+    freed after this). Every rank scores all ``guard`` windows (the same forwards, so the same choice)."""
     start = time.perf_counter()
     dtype = next(student.parameters()).dtype
     # what one process's autocast computes in: bf16 on a GPU, the model's dtype elsewhere
@@ -84,7 +95,8 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
         enable()
     work.eval()
     best = held_out_kl(work, teacher, held_out, device)
-    curve = [{"step": 0, "held_out_kl": best}]
+    start_nll = guard_nll(work, guard, device)
+    curve = [{"step": 0, "held_out_kl": best, **guard_row(start_nll)}]
     best_state = [p.to_local().detach().clone() for p in params]  # this rank's shards
     best_step = 0
     micro = max(1, min(spec.micro_batch, spec.batch))
@@ -113,9 +125,10 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: Adapter, train: tor
             if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
                 work.eval()
                 kl = held_out_kl(work, teacher, held_out, device)
+                nll = guard_nll(work, guard, device)
                 work.train()
-                curve.append({"step": step + 1, "train_kl": total, "held_out_kl": kl})
-                if kl < best:
+                curve.append({"step": step + 1, "train_kl": total, "held_out_kl": kl, **guard_row(nll)})
+                if kl < best and no_worse(nll, start_nll):
                     best, best_step = kl, step + 1
                     for kept, p in zip(best_state, params):
                         kept.copy_(p.to_local().detach())

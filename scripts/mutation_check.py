@@ -133,6 +133,15 @@ MUTATIONS = [
      [("        return child, kl\n    restore(before)\n", "        return child, kl\n")],
      ["tests/test_refine.py::test_evolution_never_loses_to_its_start_and_is_reproducible",
       f"{CS}::test_the_refinement_keeps_r_exact_and_is_kept_only_if_it_beats_its_start_on_validation"]),
+    ("the guard keeps the lowest mean even where one text got worse", "mosaic/recover.py",
+     [("safe = [s for s in shares if all(ppl[s][n] <= base[n] for n in texts)]", "safe = list(shares)")],
+     ["tests/test_guard.py"]),
+    ("the guard role is also split over the calibration mixture (its texts get two shares)", "mosaic/data.py",
+     [("        if role == GUARD_ROLE:\n            continue\n", "")],
+     ["tests/test_guard.py::test_guard_windows_are_per_text_and_disjoint_from_every_other_role"]),
+    ("distillation keeps a state a guard text finds worse", "mosaic/recover.py",
+     [("                if kl < best and no_worse(nll, start_nll):", "                if kl < best:")],
+     ["tests/test_guard.py::test_distillation_keeps_no_state_that_a_guard_text_finds_worse"]),
 ]
 
 

@@ -37,12 +37,12 @@ def offsets(windows: torch.Tensor) -> set[int]:
 
 def test_every_role_is_disjoint_from_every_other(words):
     counts = {"statistics": 16, "search": 4, "validation": 4, "distill": 12, "distill_held_out": 2,
-              "selection": 6}
-    roles = data.draw_windows(PositionTokenizer(), words, 64, 0, counts)
+              "selection": 6, "guard": 3}
+    roles = data.draw_windows(PositionTokenizer(), words, 64, 0, counts, guard=words)
     assert {r: w.shape[0] for r, w in roles.items()} == counts
     for a, b in itertools.combinations(counts, 2):
         assert not offsets(roles[a]) & offsets(roles[b]), (a, b)
-    again = data.draw_windows(PositionTokenizer(), words, 64, 0, counts)
+    again = data.draw_windows(PositionTokenizer(), words, 64, 0, counts, guard=words)
     assert all(torch.equal(roles[r], again[r]) for r in counts)  # deterministic for a seed
 
 
@@ -128,18 +128,19 @@ def test_a_mixture_draws_each_sources_share_disjoint_and_deterministic(two_texts
     a, b = two_texts
     spec = f"{a}:3,{b}:1"
     counts = {"statistics": 8, "search": 4, "validation": 4, "distill": 8, "distill_held_out": 2,
-              "selection": 4}
-    roles = data.draw_windows(WordTokenizer(), spec, 32, 5, counts)
-    per = data.source_counts(spec, counts)
+              "selection": 4, "guard": 2}
+    roles = data.draw_windows(WordTokenizer(), spec, 32, 5, counts, guard=b)  # the guard: b's whole count
+    per = data.source_counts(spec, counts, guard=b)
+    assert per[a]["guard"] == 0 and per[b]["guard"] == 2
     assert per[a]["statistics"] == 6 and per[b]["statistics"] == 2 and per[a]["distill_held_out"] == 2
     for role, windows in roles.items():
         from_b = int((windows[:, 0] >= 100_000).sum())
         assert windows.shape[0] == counts[role] and from_b == per[b][role], role
     for x, y in itertools.combinations(counts, 2):
         assert not offsets(roles[x]) & offsets(roles[y]), (x, y)
-    again = data.draw_windows(WordTokenizer(), spec, 32, 5, counts)
+    again = data.draw_windows(WordTokenizer(), spec, 32, 5, counts, guard=b)
     assert all(torch.equal(roles[r], again[r]) for r in counts)
-    other_seed = data.draw_windows(WordTokenizer(), spec, 32, 6, counts)
+    other_seed = data.draw_windows(WordTokenizer(), spec, 32, 6, counts, guard=b)
     assert not torch.equal(roles["statistics"], other_seed["statistics"])
 
 

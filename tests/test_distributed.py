@@ -164,6 +164,28 @@ def test_fsdp2_distillation_keeps_zeros_and_matches_one_process(tmp_path, tiny_d
     assert largest <= (1e-5 if dtype == "float32" else 2 * biggest * 2 ** -8)
 
 
+def test_the_guard_chooses_alike_on_one_and_two_ranks(tmp_path, tiny_dirs, calib_file):
+    """Reconstruction summed over ranks, the guard's shares scored on every rank, FSDP2 distillation keeping
+    only states no guard text finds worse: the same choices as one process."""
+    args = [*base(tiny_dirs, calib_file), "--prune_method", "sparsegpt", "--sparsity_ratio", "0.6",
+            "--reconstruct", "layer", "--reconstruct_steps", "8", "--reconstruct_batch", "4",
+            "--reconstruct_lr", "3e-2", "--recovery_guard", f"{calib_file},code", "--distill_steps", "4",
+            "--distill_windows", "8",
+            "--distill_batch", "4", "--distill_lr", "1e-3"]
+    one, two, _ = pair(tmp_path, args)
+    g1, g2 = one["recovery"]["guard"], two["recovery"]["guard"]
+    assert g1["texts"] == g2["texts"] == [str(calib_file), "code"]
+    assert g2["share"] == g1["share"]
+    for r1, r2 in zip(g1["ppl"], g2["ppl"]):
+        assert r1["share"] == r2["share"]
+        assert all(r2[n] == pytest.approx(r1[n], rel=1e-3) for n in g1["texts"])
+    d1, d2 = one["recovery"]["distill"], two["recovery"]["distill"]
+    assert d2["best_step"] == d1["best_step"] and d2["ranks"] == 2
+    for c1, c2 in zip(d1["curve"], d2["curve"]):
+        assert all(c2["guard_ppl"][n] == pytest.approx(c1["guard_ppl"][n], rel=1e-3) for n in g1["texts"])
+    assert differences(weights(tmp_path / "m1"), weights(tmp_path / "m2"))[0] == 0
+
+
 KILLER = """
 import os, sys
 sys.path.insert(0, {root!r})
