@@ -260,8 +260,7 @@ def validate(opts: Options) -> Plan:
                 eval_names=names, zs_tasks=tasks, offline=offline,
                 kv=kv, kv_file=kv_allocation_file(opts, kv),
                 reconstruct=reconstruct, distill=distill,
-                guard=guard_spec(opts, reconstruct is not None or distill is not None,
-                                 composite and reconstruct is not None))
+                guard=guard_spec(opts, reconstruct is not None or distill is not None))
     check_offload(opts, plan)
     check_search(opts, plan)
     check_ranks(opts, plan)
@@ -529,8 +528,9 @@ def check_streamable(opts: Options, plan: Plan) -> None:
                           "(--offload); use --offload none, or apply a map found on a larger machine with "
                           "--allocation_file")
     if plan.guard is not None:
-        raise OptionError("recovery_guard", "evaluates the whole pruned model on the guard's texts, and this "
-                          "run streams it from disk; use --recovery_guard none, or --offload none")
+        raise OptionError("recovery_guard", "carries the guard texts' windows beside the calibration "
+                          "windows, which streaming does not save for --resume yet; use --recovery_guard "
+                          "none, or --offload none")
     if plan.distill is not None:
         raise OptionError("distill_steps", "needs the dense teacher and the pruned student in memory "
                           "together, and this run streams the model from disk; use --offload none on a "
@@ -540,10 +540,10 @@ def check_streamable(opts: Options, plan: Plan) -> None:
 GUARD_AUTO = ("code", "exams")  # added to the calibration texts by --recovery_guard auto: other kinds of text
 
 
-def guard_spec(opts: Options, recovers: bool, composite: bool) -> str | None:
-    """The texts recovery must not make worse (``recover.guard`` shrinks the reconstruction, distillation
-    keeps no state that is worse on them), as ``NAME,NAME,...``; None for none. ``auto``: every calibration
-    text, then code and exam questions (their calibration-side splits)."""
+def guard_spec(opts: Options, recovers: bool) -> str | None:
+    """The texts recovery must not make worse (``recover.Guard``: each layer keeps only as much of its tuning
+    as raises no text's error; distillation keeps no state worse on any), as ``NAME,NAME,...``; None for
+    none. ``auto``: every calibration text, then code and exam questions (their calibration-side splits)."""
     if opts.recovery_guard == "none" or not recovers:
         return None
     if opts.recovery_guard == "auto":
@@ -555,10 +555,6 @@ def guard_spec(opts: Options, recovers: bool, composite: bool) -> str | None:
         _dataset(name, "recovery_guard")
         if name in corpora.EVAL_ONLY:
             corpora.refuse_calibration(name, "calib", "recovery_guard")
-    if composite:  # with reconstruction
-        raise OptionError("recovery_guard", "shrinks the reconstruction toward the kernel's weights, which "
-                          "composite pruning reshapes; use --recovery_guard none with --sparsity_type "
-                          "composite")
     return ",".join(names)
 
 

@@ -59,11 +59,10 @@ def run(opts: Options) -> dict:
     allocation = allocate_step(setup, plan, profile, opts, calib, timer)
     teacher = teacher_step(setup, plan)
     notes, reconstruction = prune_step(setup, calib, allocation, profile, plan, opts, timer)
-    guarded = guard_step(setup, calib, reconstruction, timer)
     distilled = distill_step(setup, calib, teacher, plan, opts, timer)
     del teacher  # the dense copy is freed before export, evaluation and zero-shot
     results = report.record(setup, plan, allocation, profile, notes, opts,
-                            report.recovery_report(reconstruction, distilled, guarded))
+                            report.recovery_report(reconstruction, distilled))
     saved = export(setup, results, opts, timer)
     return evaluate(setup, texts, saved, results, plan, opts, timer)
 
@@ -239,8 +238,10 @@ def prune_step(setup: Setup, calib: Calibration | None, allocation: alloc.Alloca
                timer: report.Timer) -> tuple[list[dict], recover.Reconstruction | None]:
     """Prune every projection as allocated (each layer then reconstructed, if asked), and remove the
     planned heads and channels (composite). Returns the kernel's notes and the reconstruction."""
-    recovery = recover.Reconstruction(setup.adapter, plan.reconstruct, keep_kernel=plan.guard is not None) \
-        if plan.reconstruct else None
+    recovery = None
+    if plan.reconstruct:
+        guard = recover.Guard.capture(setup.model, setup.adapter, calib.guard) if calib.guard else None
+        recovery = recover.Reconstruction(setup.adapter, plan.reconstruct, guard=guard)
     job = prune_job(setup, calib, allocation.sparsity, allocation.nm, profile, plan, opts,
                     allocation.structure, recovery)
     return setup.source.prune(job, timer), recovery
@@ -264,16 +265,6 @@ def prune_job(setup: Setup, calib: Calibration | None, sparsity: SparsityMap | N
                     options=kernel_options(opts, kernel), stats=given,
                     check=check if mode in ("sequential", "reference") else None, structure=structure,
                     recovery=recovery, run_options=asdict(opts))
-
-
-def guard_step(setup: Setup, calib: Calibration | None, reconstruction: recover.Reconstruction | None,
-               timer: report.Timer) -> dict | None:
-    """The reconstruction shrunk toward the kernel's weights until no guard text is worse
-    (``recover.guard``)."""
-    if reconstruction is None or calib is None or calib.guard is None:
-        return None
-    with timer("recovery_guard"):
-        return recover.guard(setup.model, reconstruction, calib.guard)
 
 
 def teacher_step(setup: Setup, plan: Plan) -> nn.Module | None:

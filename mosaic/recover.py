@@ -37,14 +37,15 @@ from tqdm.auto import tqdm
 
 from mosaic import dist, fit
 from mosaic.adapter import ATTENTION, MLP, PROJECTIONS, Adapter
+from mosaic.calibrate import Activations, capture, layer_kwargs
 from mosaic.errors import OptionError
 from mosaic.fit import FP32
 
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("none", "layer", "sublayer")
-GUARD_WINDOWS = 4  # held-out windows per guard text (``guard``)
-GUARD_SHARES = tuple(k / 10 for k in range(1, 11))  # shares of the reconstruction's change ``guard`` tries
+GUARD_WINDOWS = 4  # held-out windows per guard text (``Guard``)
+GUARD_SHARES = (0.25, 0.5, 0.75, 1.0)  # shares of a layer's tuning the guard tries (besides none)
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,43 @@ def _tune(adapter: Adapter, layer: nn.Module, names: tuple[str, ...], forward, i
             w.grad = None
 
 
+def choose_share(measured: dict[float, dict[str, float]]) -> float:
+    """``measured[share][text]``: a guard text's layer error with that share of the tuning (0: none). The
+    share with the lowest geometric mean error among those that raise no text's error above share 0's; 0 if
+    none does."""
+    base = measured[0.0]
+    safe = [s for s in measured if s > 0 and all(measured[s][t] <= base[t] for t in base)]
+    if not safe:
+        return 0.0
+    return min(safe, key=lambda s: sum(math.log(max(e, 1e-30)) for e in measured[s].values()))
+
+
+@dataclass
+class Guard:
+    """Held-out windows of the texts reconstruction must not make worse, carried through the layers like the
+    calibration windows: each text's inputs to the current layer in the pruned model (``pruned``, after the
+    shares kept so far) and in the dense one (``dense``), and every layer's kwargs for a batch of them."""
+
+    pruned: dict[str, torch.Tensor]  # text -> [windows, seqlen, hidden], on the host
+    dense: dict[str, torch.Tensor]
+    layer_kwargs: dict[int, list[dict]]  # as Activations.layer_kwargs
+
+    @classmethod
+    def capture(cls, model: nn.Module, adapter: Adapter, texts: dict[str, torch.Tensor]) -> Guard:
+        """Layer-0 inputs of every text's windows (one batch per text), before anything is pruned."""
+        sizes = {w.shape[0] for w in texts.values()}
+        if len(sizes) != 1:
+            raise ValueError("every guard text needs the same number of windows")
+        acts = capture(model, adapter, torch.cat(list(texts.values())), sizes.pop())
+        hidden = dict(zip(texts, acts.hidden))
+        return cls(pruned=hidden, dense=dict(hidden), layer_kwargs=acts.layer_kwargs)
+
+    def kwargs(self, index: int, device: torch.device, dtype: torch.dtype) -> dict:
+        size = next(iter(self.pruned.values())).shape[0]
+        like = torch.empty(size, 0, dtype=dtype)
+        return layer_kwargs(Activations([], self.layer_kwargs), index, like, device, {})
+
+
 @dataclass
 class Reconstruction:
     """The engine's recovery step: carries the dense activation stream beside the pruned one and tunes
@@ -212,14 +250,13 @@ class Reconstruction:
     spec: ReconstructSpec
     layers: list[dict] = field(default_factory=list)  # per layer: error before/after, tuned, seconds
     dense: list[torch.Tensor] | None = None
-    keep_kernel: bool = False  # keep every layer's weights as the kernel left them, on the host (``guard``)
-    kernel: list[list[torch.Tensor]] = field(default_factory=list)
+    guard: Guard | None = None  # texts whose layer error no tuning may raise (``_guard``)
     _targets: dict = field(default_factory=dict)
 
     @torch.no_grad()
-    def targets(self, layer: nn.Module, kwargs: list[dict], device: torch.device) -> None:
+    def targets(self, layer: nn.Module, kwargs: list[dict], device: torch.device, index: int = 0) -> None:
         """The dense layer's outputs on the dense inputs (and the residual stream after attention, for
-        ``sublayer``); called before the kernel prunes ``layer``."""
+        ``sublayer``; and on each guard text); called before the kernel prunes ``layer``."""
         a = self.adapter
         dtype = next(layer.parameters()).dtype
         mids, outs = [], []
@@ -229,6 +266,10 @@ class Reconstruction:
             mids.append(mid.to(h.device, h.dtype) if self.spec.granularity == "sublayer" else None)
             del mid
         self._targets = {"mid": mids, "out": outs}
+        if self.guard is not None:
+            kw = self.guard.kwargs(index, device, dtype)
+            dense = self.guard.dense
+            self._targets["guard"] = {t: self._block(layer, h, kw, device) for t, h in dense.items()}
 
     def tune(self, index: int, layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
              device: torch.device, outputs: list[torch.Tensor], last: bool) -> list[torch.Tensor]:
@@ -240,8 +281,6 @@ class Reconstruction:
         outs = self._targets["out"]
         moved = _tunable(a, layer, PROJECTIONS, spec.norms)
         before_weights = [w.detach().clone() for w in moved]
-        if self.keep_kernel:
-            self.kernel.append([w.to("cpu", copy=True) for w in before_weights])
         before = self._error(layer, inputs, kwargs, device, outs)
         generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + index)
         total = spec.steps * (2 if spec.granularity == "sublayer" else 1)
@@ -265,11 +304,54 @@ class Reconstruction:
                 for p, w in zip(moved, before_weights):
                     p.copy_(w)
             after = before
-        self.layers.append({"layer": index, "error_before": before, "error_after": after, "tuned": improved,
+        row = {"layer": index}
+        if self.guard is not None:
+            share, row["guard"] = self._guard(index, layer, moved, before_weights, device, improved)
+            if improved and share < 1:  # a smaller share (or none) of the tuning: the outputs change with it
+                improved = share > 0
+                tuned = self._forward(layer, inputs, kwargs, device) if improved else None
+                after = relative_error(tuned, outs) if improved else before
+        self.layers.append({**row, "error_before": before, "error_after": after, "tuned": improved,
                             "seconds": round(time.perf_counter() - start, 3)})
         self.dense = outs if not last else None
         self._targets = {}
         return tuned if improved and not last else outputs
+
+    @torch.no_grad()
+    def _guard(self, index: int, layer: nn.Module, moved: list[nn.Parameter], kernel: list[torch.Tensor],
+               device: torch.device, changed: bool) -> tuple[float, dict]:
+        """Keep the share ``s`` of this layer's tuning, W = K + s (T − K) (K: the kernel's weights, T: the
+        tuned ones; they share their zeros), whose output error on the guard texts has the lowest geometric
+        mean among the shares that raise *no* text's error above the kernel's (s = 0): the layer-wise loss
+        only sees the calibration text, and on other kinds of text it can do harm. The guard's streams then
+        advance through the layer as kept. Returns the share and each text's error, kernel and kept."""
+        g, targets = self.guard, self._targets["guard"]
+        kw = g.kwargs(index, device, next(layer.parameters()).dtype)
+        tuned = [w.detach().clone() for w in moved]
+
+        def keep(share: float) -> None:
+            for p, k, t in zip(moved, kernel, tuned):
+                p.copy_(k if share == 0 else t if share == 1 else k.float() + share * (t.float() - k.float()))
+
+        def errors() -> dict[str, float]:
+            return {t: relative_error([self._block(layer, h, kw, device)], [targets[t]])
+                    for t, h in g.pruned.items()}
+
+        measured = {}
+        for share in (0.0, *(GUARD_SHARES if changed else ())):
+            keep(share)
+            measured[share] = errors()
+        share = choose_share(measured)
+        keep(share)
+        g.pruned = {t: self._block(layer, h, kw, device) for t, h in g.pruned.items()}
+        g.dense = targets
+        return share, {"share": share, "errors": [{"share": s, **e} for s, e in measured.items()]}
+
+    def _block(self, layer: nn.Module, h: torch.Tensor, kw: dict, device: torch.device) -> torch.Tensor:
+        """The whole layer on one batch, in the weights' dtype on ``device``; the result where ``h`` lives."""
+        a = self.adapter
+        x = h.to(device, next(layer.parameters()).dtype)
+        return a.mlp_block(layer, a.attention_block(layer, x, kw)).to(h.device, h.dtype)
 
     @torch.no_grad()
     def _forward(self, layer, inputs, kwargs, device, attention_only: bool = False) -> list[torch.Tensor]:
@@ -287,15 +369,21 @@ class Reconstruction:
 
     def report(self) -> dict:
         rows = self.layers
+        guard = None
+        if self.guard is not None:
+            shares = [r["guard"]["share"] for r in rows]
+            windows = next(iter(self.guard.pruned.values())).shape[0]
+            guard = {"texts": list(self.guard.pruned), "windows": windows, "shares": shares,
+                     "mean_share": sum(shares) / max(len(shares), 1)}
         return {"granularity": self.spec.granularity, "steps": self.spec.steps, "lr": self.spec.lr,
-                "batch": self.spec.batch, "norms": self.spec.norms, "layers": rows,
+                "batch": self.spec.batch, "norms": self.spec.norms, "guard": guard, "layers": rows,
                 "tuned_layers": sum(r["tuned"] for r in rows),
                 "mean_error_before": sum(r["error_before"] for r in rows) / max(len(rows), 1),
                 "mean_error_after": sum(r["error_after"] for r in rows) / max(len(rows), 1),
                 "seconds": round(sum(r["seconds"] for r in rows), 3)}
 
 
-# --- the guard: no text worse than the kernel left it ------------------------------------------------------
+# --- the guard's end-to-end measure (distillation) ------------------------------------------------------
 
 @torch.no_grad()
 def mean_nll(model: nn.Module, windows: torch.Tensor, device: torch.device) -> float:
@@ -306,41 +394,6 @@ def mean_nll(model: nn.Module, windows: torch.Tensor, device: torch.device) -> f
         logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
         total += float(F.cross_entropy(logits, ids[0, 1:]))
     return total / windows.shape[0]
-
-
-@torch.no_grad()
-def guard(model: nn.Module, reconstruction: Reconstruction, texts: dict[str, torch.Tensor],
-          shares: tuple[float, ...] = GUARD_SHARES) -> dict:
-    """Shrink the reconstruction toward the kernel's weights, W = K + a (T - K), to the share ``a`` whose
-    perplexity on the guard ``texts`` is lowest (geometric mean) among those that leave *every* text no
-    worse than the kernel did (a = 0; the layer-wise loss only sees the calibration text, and on other text
-    it can do harm). The mask is kept: K and T share their zeros. Returns every share's perplexities."""
-    a = reconstruction.adapter
-    layers = a.layers(model)
-    moved = [_tunable(a, layer, PROJECTIONS, reconstruction.spec.norms) for layer in layers]
-    if len(reconstruction.kernel) != len(layers):
-        raise ValueError("the guard needs the kernel's weights of every layer (Reconstruction.keep_kernel)")
-    tuned = [[p.detach().to("cpu", copy=True) for p in ps] for ps in moved]
-    device = next(model.parameters()).device
-
-    def apply(share: float) -> None:
-        for ps, ks, ts in zip(moved, reconstruction.kernel, tuned):
-            for p, k, t in zip(ps, ks, ts):
-                w = k if share == 0 else t if share == 1 else k.float() + share * (t.float() - k.float())
-                p.copy_(w.to(p.device, p.dtype))
-
-    ppl: dict[float, dict[str, float]] = {}
-    for share in (0.0, *shares):
-        apply(share)
-        ppl[share] = {name: math.exp(mean_nll(model, w, device)) for name, w in texts.items()}
-    base = ppl[0.0]
-    safe = [s for s in shares if all(ppl[s][n] <= base[n] for n in texts)]
-    chosen = min(safe, key=lambda s: sum(math.log(v) for v in ppl[s].values())) if safe else 0.0
-    if dist.world() > 1:  # every rank holds the same model and windows; rank 0's choice stands
-        chosen = dist.broadcast_object(chosen, 0)
-    apply(chosen)
-    return {"texts": list(texts), "windows": {n: int(w.shape[0]) for n, w in texts.items()},
-            "share": chosen, "ppl": [{"share": s, **v} for s, v in ppl.items()]}
 
 
 # --- distillation ------------------------------------------------------------------------------------------

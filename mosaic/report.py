@@ -140,12 +140,11 @@ def summary_text(r: dict) -> str:
                      f"output error {rc['mean_error_before']:.4f} → {rc['mean_error_after']:.4f} "
                      f"(mean relative; {rc['tuned_layers']} of {len(rc['layers'])} layers tuned) in "
                      f"{rc['seconds']:.1f} s")
-    if rec.get("guard"):
-        g = rec["guard"]
-        kept = next(row for row in g["ppl"] if row["share"] == g["share"])
-        base = next(row for row in g["ppl"] if row["share"] == 0)
-        lines.append(f"  guard        kept {g['share']:.0%} of the reconstruction's change; held-out ppl "
-                     + ", ".join(f"{n} {base[n]:.2f} → {kept[n]:.2f}" for n in g["texts"]))
+    if (rec.get("reconstruct") or {}).get("guard"):
+        g = rec["reconstruct"]["guard"]
+        whole, none = sum(s == 1 for s in g["shares"]), sum(s == 0 for s in g["shares"])
+        lines.append(f"  guard        {', '.join(g['texts'])}: kept {g['mean_share']:.0%} of the tuning on "
+                     f"average ({whole} layers all of it, {none} none of it)")
     if rec.get("distill"):
         d = rec["distill"]
         lines.append(f"  distill      {d['steps']} steps: held-out KL to the dense model "
@@ -287,12 +286,10 @@ def alps_report(notes: list[dict], opts: Options) -> dict:
             "seconds": {k: sum(n.get(f"{k}_s", 0.0) for n in notes) for k in ("eigh", "admm", "cg")}}
 
 
-def recovery_report(reconstruction: recover.Reconstruction | None, distilled: dict | None,
-                    guarded: dict | None = None) -> dict | None:
+def recovery_report(reconstruction: recover.Reconstruction | None, distilled: dict | None) -> dict | None:
     if reconstruction is None and distilled is None:
         return None
-    return {"reconstruct": reconstruction.report() if reconstruction else None, "guard": guarded,
-            "distill": distilled}
+    return {"reconstruct": reconstruction.report() if reconstruction else None, "distill": distilled}
 
 
 def record(setup: Setup, plan: Plan, allocation: Allocation, profile: Profile | None, notes: list[dict],

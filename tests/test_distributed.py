@@ -173,16 +173,17 @@ def test_the_guard_chooses_alike_on_one_and_two_ranks(tmp_path, tiny_dirs, calib
             "--distill_windows", "8",
             "--distill_batch", "4", "--distill_lr", "1e-3"]
     one, two, _ = pair(tmp_path, args)
-    g1, g2 = one["recovery"]["guard"], two["recovery"]["guard"]
+    g1, g2 = one["recovery"]["reconstruct"]["guard"], two["recovery"]["reconstruct"]["guard"]
     assert g1["texts"] == g2["texts"] == [str(calib_file), "code"]
-    assert g2["share"] == g1["share"]
-    for r1, r2 in zip(g1["ppl"], g2["ppl"]):
-        assert r1["share"] == r2["share"]
-        assert all(r2[n] == pytest.approx(r1[n], rel=1e-3) for n in g1["texts"])
+    assert g2["shares"] == g1["shares"]
+    for r1, r2 in zip(one["recovery"]["reconstruct"]["layers"], two["recovery"]["reconstruct"]["layers"]):
+        for e1, e2 in zip(r1["guard"]["errors"], r2["guard"]["errors"]):
+            assert e1["share"] == e2["share"]
+            assert all(e2[t] == pytest.approx(e1[t], rel=1e-3) for t in g1["texts"])
     d1, d2 = one["recovery"]["distill"], two["recovery"]["distill"]
     assert d2["best_step"] == d1["best_step"] and d2["ranks"] == 2
     for c1, c2 in zip(d1["curve"], d2["curve"]):
-        assert all(c2["guard_ppl"][n] == pytest.approx(c1["guard_ppl"][n], rel=1e-3) for n in g1["texts"])
+        assert all(c2["guard_ppl"][t] == pytest.approx(c1["guard_ppl"][t], rel=1e-3) for t in g1["texts"])
     assert differences(weights(tmp_path / "m1"), weights(tmp_path / "m2"))[0] == 0
 
 
