@@ -233,7 +233,7 @@ def _run_layer(adapter, layers, index, acts, on_group, mode, hessian, compute, c
             pruned_inputs, dtype = list(acts.hidden), next(layer.parameters()).dtype
             master_kwargs = [layer_kwargs(acts, index, torch.empty(h.shape[0], 0, dtype=dtype), device, cache)
                              for h in acts.hidden]
-            recovery.targets(layer, master_kwargs, device, index)
+            recovery.targets(layer, master_kwargs, device)
         keep = _to_pinned_host if host and not last else None
         if mode == "sequential" and (host if one_batch is None else one_batch):
             outputs = _sequential_one_batch(adapter, work, index, acts.hidden, kwargs, on_work_group, hessian,

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from mosaic import dist, fit
 from mosaic.adapter import ATTENTION, MLP, PROJECTIONS, Adapter
-from mosaic.calibrate import Activations, capture, layer_kwargs
+from mosaic.calibrate import Activations, capture, layer_kwargs, on_device
 from mosaic.errors import OptionError
 from mosaic.fit import FP32
 
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 GRANULARITIES = ("none", "layer", "sublayer")
 GUARD_WINDOWS = 4  # held-out windows per guard text (``Guard``)
-GUARD_SHARES = (0.25, 0.5, 0.75, 1.0)  # shares of a layer's tuning the guard tries (besides none)
+GUARD_SHARES = (0.5, 1.0)  # shares of a layer's tuning the guard tries (besides none)
 
 
 @dataclass(frozen=True)
@@ -204,24 +204,25 @@ def _tune(adapter: Adapter, layer: nn.Module, names: tuple[str, ...], forward, i
 
 
 def choose_share(measured: dict[float, dict[str, float]]) -> float:
-    """``measured[share][text]``: a guard text's layer error with that share of the tuning (0: none). The
-    share with the lowest geometric mean error among those that raise no text's error above share 0's; 0 if
-    none does."""
+    """``measured[share][text]``: a guard text's NLL with that share of a layer's tuning (0: none). The share
+    with the lowest total NLL (geometric mean perplexity) among those that raise no text's NLL above share
+    0's; 0 if none does."""
     base = measured[0.0]
     safe = [s for s in measured if s > 0 and all(measured[s][t] <= base[t] for t in base)]
-    if not safe:
-        return 0.0
-    return min(safe, key=lambda s: sum(math.log(max(e, 1e-30)) for e in measured[s].values()))
+    return min(safe, key=lambda s: sum(measured[s].values())) if safe else 0.0
 
 
 @dataclass
 class Guard:
-    """Held-out windows of the texts reconstruction must not make worse, carried through the layers like the
-    calibration windows: each text's inputs to the current layer in the pruned model (``pruned``, after the
-    shares kept so far) and in the dense one (``dense``), and every layer's kwargs for a batch of them."""
+    """Held-out windows of the texts reconstruction must not make worse, carried through the layers beside
+    the calibration windows: each text's token ids, its inputs to the current layer in the pruned model (after
+    the shares kept so far), and every layer's kwargs for a batch of them. ``nll`` scores a layer's candidate
+    weights end to end: the layer, then the layers after it (not yet pruned), the final norm and the head."""
 
+    model: nn.Module
+    adapter: Adapter
+    ids: dict[str, torch.Tensor]  # text -> [windows, seqlen] token ids
     pruned: dict[str, torch.Tensor]  # text -> [windows, seqlen, hidden], on the host
-    dense: dict[str, torch.Tensor]
     layer_kwargs: dict[int, list[dict]]  # as Activations.layer_kwargs
 
     @classmethod
@@ -231,13 +232,30 @@ class Guard:
         if len(sizes) != 1:
             raise ValueError("every guard text needs the same number of windows")
         acts = capture(model, adapter, torch.cat(list(texts.values())), sizes.pop())
-        hidden = dict(zip(texts, acts.hidden))
-        return cls(pruned=hidden, dense=dict(hidden), layer_kwargs=acts.layer_kwargs)
+        return cls(model, adapter, dict(texts), dict(zip(texts, acts.hidden)), acts.layer_kwargs)
 
     def kwargs(self, index: int, device: torch.device, dtype: torch.dtype) -> dict:
-        size = next(iter(self.pruned.values())).shape[0]
+        size = next(iter(self.ids.values())).shape[0]
         like = torch.empty(size, 0, dtype=dtype)
         return layer_kwargs(Activations([], self.layer_kwargs), index, like, device, {})
+
+    @torch.no_grad()
+    def nll(self, text: str, index: int, hidden: torch.Tensor, device: torch.device) -> float:
+        """Mean next-token NLL of ``text``'s windows from ``hidden``, the output of layer ``index``."""
+        a, layers = self.adapter, self.adapter.layers(self.model)
+        x = hidden
+        for j in range(index + 1, len(layers)):
+            with on_device(layers[j], device) as at:
+                dtype = next(layers[j].parameters()).dtype
+                kw = self.kwargs(j, at, dtype)
+                x = a.mlp_block(layers[j], a.attention_block(layers[j], x.to(at, dtype), kw))
+        norm, head = a.final_norm(self.model), a.lm_head(self.model)
+        total = 0.0
+        with on_device(norm, device) as at, on_device(head, at):
+            for row, ids in zip(x, self.ids[text]):  # one window's logits at a time
+                logits = head(norm(row[None].to(at, next(head.parameters()).dtype)))[0, :-1].float()
+                total += float(F.cross_entropy(logits, ids[1:].to(at)))
+        return total / x.shape[0]
 
 
 @dataclass
@@ -254,9 +272,9 @@ class Reconstruction:
     _targets: dict = field(default_factory=dict)
 
     @torch.no_grad()
-    def targets(self, layer: nn.Module, kwargs: list[dict], device: torch.device, index: int = 0) -> None:
+    def targets(self, layer: nn.Module, kwargs: list[dict], device: torch.device) -> None:
         """The dense layer's outputs on the dense inputs (and the residual stream after attention, for
-        ``sublayer``; and on each guard text); called before the kernel prunes ``layer``."""
+        ``sublayer``); called before the kernel prunes ``layer``."""
         a = self.adapter
         dtype = next(layer.parameters()).dtype
         mids, outs = [], []
@@ -266,10 +284,6 @@ class Reconstruction:
             mids.append(mid.to(h.device, h.dtype) if self.spec.granularity == "sublayer" else None)
             del mid
         self._targets = {"mid": mids, "out": outs}
-        if self.guard is not None:
-            kw = self.guard.kwargs(index, device, dtype)
-            dense = self.guard.dense
-            self._targets["guard"] = {t: self._block(layer, h, kw, device) for t, h in dense.items()}
 
     def tune(self, index: int, layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
              device: torch.device, outputs: list[torch.Tensor], last: bool) -> list[torch.Tensor]:
@@ -321,11 +335,12 @@ class Reconstruction:
     def _guard(self, index: int, layer: nn.Module, moved: list[nn.Parameter], kernel: list[torch.Tensor],
                device: torch.device, changed: bool) -> tuple[float, dict]:
         """Keep the share ``s`` of this layer's tuning, W = K + s (T − K) (K: the kernel's weights, T: the
-        tuned ones; they share their zeros), whose output error on the guard texts has the lowest geometric
-        mean among the shares that raise *no* text's error above the kernel's (s = 0): the layer-wise loss
-        only sees the calibration text, and on other kinds of text it can do harm. The guard's streams then
-        advance through the layer as kept. Returns the share and each text's error, kernel and kept."""
-        g, targets = self.guard, self._targets["guard"]
+        tuned ones; they share their zeros), with the lowest NLL on the guard texts among the shares that
+        raise *no* text's NLL above the kernel's (s = 0), each scored end to end through the layers after this
+        one (``Guard.nll``): the layer-wise loss only sees the calibration text, and on other kinds of text
+        its gain can turn into harm downstream (a lower layer error on code does not mean a lower code NLL).
+        The guard's inputs then advance through the layer as kept. Returns the share and every share's NLL."""
+        g = self.guard
         kw = g.kwargs(index, device, next(layer.parameters()).dtype)
         tuned = [w.detach().clone() for w in moved]
 
@@ -333,20 +348,17 @@ class Reconstruction:
             for p, k, t in zip(moved, kernel, tuned):
                 p.copy_(k if share == 0 else t if share == 1 else k.float() + share * (t.float() - k.float()))
 
-        def errors() -> dict[str, float]:
-            return {t: relative_error([self._block(layer, h, kw, device)], [targets[t]])
-                    for t, h in g.pruned.items()}
-
         measured = {}
         for share in (0.0, *(GUARD_SHARES if changed else ())):
             keep(share)
-            measured[share] = errors()
+            measured[share] = {t: g.nll(t, index, self._block(layer, h, kw, device), device)
+                               for t, h in g.pruned.items()}
         share = choose_share(measured)
         keep(share)
         g.pruned = {t: self._block(layer, h, kw, device) for t, h in g.pruned.items()}
-        g.dense = targets
-        return share, {"share": share, "errors": [{"share": s, **e} for s, e in measured.items()]}
+        return share, {"share": share, "nll": [{"share": s, **e} for s, e in measured.items()]}
 
+    @torch.no_grad()
     def _block(self, layer: nn.Module, h: torch.Tensor, kw: dict, device: torch.device) -> torch.Tensor:
         """The whole layer on one batch, in the weights' dtype on ``device``; the result where ``h`` lives."""
         a = self.adapter

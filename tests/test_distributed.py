@@ -177,7 +177,7 @@ def test_the_guard_chooses_alike_on_one_and_two_ranks(tmp_path, tiny_dirs, calib
     assert g1["texts"] == g2["texts"] == [str(calib_file), "code"]
     assert g2["shares"] == g1["shares"]
     for r1, r2 in zip(one["recovery"]["reconstruct"]["layers"], two["recovery"]["reconstruct"]["layers"]):
-        for e1, e2 in zip(r1["guard"]["errors"], r2["guard"]["errors"]):
+        for e1, e2 in zip(r1["guard"]["nll"], r2["guard"]["nll"]):
             assert e1["share"] == e2["share"]
             assert all(e2[t] == pytest.approx(e1[t], rel=1e-3) for t in g1["texts"])
     d1, d2 = one["recovery"]["distill"], two["recovery"]["distill"]

@@ -19,7 +19,7 @@ from mosaic.errors import OptionError
 from mosaic.pipeline import run
 from mosaic.prune import KERNELS, prune_model, uniform_map
 
-SPEC = recover.ReconstructSpec(steps=12, lr=3e-2, batch=4)  # a rate that overshoots: some text gets worse
+SPEC = recover.ReconstructSpec(steps=12, lr=1e-2, batch=4)  # a rate whose tuning some layers keep, some not
 
 
 def pruned_with_guard(family: str, texts: dict[str, torch.Tensor] | None, steps: int = SPEC.steps):
@@ -40,9 +40,9 @@ def weights(model) -> list[torch.Tensor]:
 
 def test_the_share_is_the_best_that_raises_no_texts_error():
     assert recover.choose_share({0.0: {"a": 1.0, "b": 1.0}, 0.5: {"a": 0.5, "b": 0.9},
-                                 1.0: {"a": 0.2, "b": 1.01}}) == 0.5  # 1.0 is better on average, worse on b
+                                 1.0: {"a": 0.2, "b": 1.01}}) == 0.5  # 1.0 is better in total, worse on b
     assert recover.choose_share({0.0: {"a": 1.0, "b": 1.0}, 0.5: {"a": 0.6, "b": 0.8},
-                                 1.0: {"a": 0.5, "b": 0.9}}) == 1.0  # geometric means 0.693 > 0.671
+                                 1.0: {"a": 0.5, "b": 0.85}}) == 1.0  # totals 1.4 > 1.35
     assert recover.choose_share({0.0: {"a": 1.0}, 0.25: {"a": 1.2}, 1.0: {"a": 3.0}}) == 0.0
     assert recover.choose_share({0.0: {"a": 1.0}}) == 0.0
 
@@ -56,7 +56,7 @@ def test_each_layer_keeps_the_share_its_measured_errors_choose_and_the_mask(fami
     report = rec.report()
     assert report["guard"]["texts"] == ["a", "b"] and report["guard"]["windows"] == 4
     for row in report["layers"]:
-        measured = {e["share"]: {t: e[t] for t in texts} for e in row["guard"]["errors"]}
+        measured = {e["share"]: {t: e[t] for t in texts} for e in row["guard"]["nll"]}
         assert row["guard"]["share"] == recover.choose_share(measured)
         assert row["tuned"] == (row["guard"]["share"] > 0)
     # layer 0 sees the same inputs in all three runs: its weights are K + s (T - K), exactly as chosen
