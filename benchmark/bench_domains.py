@@ -120,6 +120,10 @@ def report() -> None:
         "quote BoolQ or the calibration split), so it differs slightly from the wiki-offline column of other "
         "reports. Texts: "
         "[docs/evaluation.md](../../docs/evaluation.md#the-offline-suite).", "",
+        "**Recovery that makes no kind of text worse** (issue 38's first target) is measured on the headline "
+        "pipelines in [headline_suite.md](headline_suite.md) (`bench_headline_suite.py`: fp32 calibration "
+        "forwards, the same Xeon), with and without the recovery guard (`--recovery_guard auto`, "
+        "[docs/recovery.md](../../docs/recovery.md)). The rows below are the first session's.", "",
         f"CPU: {', '.join(cpus) or '—'}. "
         + ("The machine was **shared** with other jobs while these ran: times are not idle figures."
            if shared else "Times: idle machine."), "",

