@@ -143,6 +143,9 @@ MUTATIONS = [
     ("distillation keeps a state a guard text finds worse", "mosaic/recover.py",
      [("                if kl < best and no_worse(nll, start_nll):", "                if kl < best:")],
      ["tests/test_guard.py::test_distillation_keeps_no_state_that_a_guard_text_finds_worse"]),
+    ("the guard scores a share by its layer and the head only (not the layers after it)", "mosaic/recover.py",
+     [("        for j in range(index + 1, len(layers)):", "        for j in range(0):")],
+     ["tests/test_guard.py::test_a_shares_score_is_the_models_own_nll_from_that_layer_on"]),
 ]
 
 

@@ -174,3 +174,20 @@ def test_distillation_keeps_no_state_that_a_guard_text_finds_worse(monkeypatch):
     assert all(torch.equal(w, k) for w, k in zip(weights(guarded), start))
     assert all("guard_ppl" in row for row in report["curve"])
     assert all(row["guard_ppl"]["a"] > report["curve"][0]["guard_ppl"]["a"] for row in report["curve"][1:])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_shares_score_is_the_models_own_nll_from_that_layer_on(family):
+    """``Guard.nll`` runs the layers after the one scored, the final norm and the head: on a dense model,
+    from any layer's true output, it equals the model's own next-token NLL."""
+    model = tiny_model(family, layers=LAYERS)
+    a = adapter_for(model)
+    ids = windows(3, 32, seed=7)
+    guard = recover.Guard.capture(model, a, {"t": ids})
+    expected = recover.mean_nll(model, ids, torch.device("cpu"))
+    h = guard.pruned["t"]
+    for index, layer in enumerate(a.layers(model)):
+        with torch.no_grad():
+            h = a.mlp_block(layer, a.attention_block(layer, h, guard.kwargs(index, torch.device("cpu"),
+                                                                              torch.float32)))
+        assert guard.nll("t", index, h, torch.device("cpu")) == pytest.approx(expected, rel=1e-5)
