@@ -268,7 +268,7 @@ class Reconstruction:
     spec: ReconstructSpec
     layers: list[dict] = field(default_factory=list)  # per layer: error before/after, tuned, seconds
     dense: list[torch.Tensor] | None = None
-    guard: Guard | None = None  # texts whose layer error no tuning may raise (``_guard``)
+    guard: Guard | None = None  # texts whose NLL no layer's tuning may raise (``_guard``)
     _targets: dict = field(default_factory=dict)
 
     @torch.no_grad()
@@ -351,19 +351,12 @@ class Reconstruction:
         measured = {}
         for share in (0.0, *(GUARD_SHARES if changed else ())):
             keep(share)
-            measured[share] = {t: g.nll(t, index, self._block(layer, h, kw, device), device)
+            measured[share] = {t: g.nll(t, index, self._forward(layer, [h], [kw], device)[0], device)
                                for t, h in g.pruned.items()}
         share = choose_share(measured)
         keep(share)
-        g.pruned = {t: self._block(layer, h, kw, device) for t, h in g.pruned.items()}
+        g.pruned = {t: self._forward(layer, [h], [kw], device)[0] for t, h in g.pruned.items()}
         return share, {"share": share, "nll": [{"share": s, **e} for s, e in measured.items()]}
-
-    @torch.no_grad()
-    def _block(self, layer: nn.Module, h: torch.Tensor, kw: dict, device: torch.device) -> torch.Tensor:
-        """The whole layer on one batch, in the weights' dtype on ``device``; the result where ``h`` lives."""
-        a = self.adapter
-        x = h.to(device, next(layer.parameters()).dtype)
-        return a.mlp_block(layer, a.attention_block(layer, x, kw)).to(h.device, h.dtype)
 
     @torch.no_grad()
     def _forward(self, layer, inputs, kwargs, device, attention_only: bool = False) -> list[torch.Tensor]:
