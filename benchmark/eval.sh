@@ -5,9 +5,10 @@ usage() {
   cat <<USAGE
 usage: benchmark/eval.sh [--out PATH] [--overwrite] PRED_DIR [PRED_DIR ...]
 
-Reads predictions.jsonl from each folder written by step 2 (benchmark/run.sh) and writes PATH.md
-and PATH.json (default \$ZS_TABLE or zero_shot): acc and acc_norm per task, and the means, one row
-per folder.
+Reads predictions.jsonl from each folder written by step 2 (benchmark/run.sh), or results.json
+from a run saved by main.py --save with --eval_zero_shot, and writes PATH.md and PATH.json (default
+\$ZS_TABLE or zero_shot): acc and acc_norm per task, and the means, one row per folder; each row
+after the first also gets its paired difference of mean acc against the first (same items).
 USAGE
 }
 OUT="${ZS_TABLE:-zero_shot}"; EXTRA=(); DIRS=()
@@ -22,7 +23,7 @@ while [ $# -gt 0 ]; do
 done
 [ ${#DIRS[@]} -gt 0 ] || { echo "eval.sh: error: give at least one prediction folder (see --help)" >&2; exit 2; }
 for d in "${DIRS[@]}"; do
-  if [ ! -f "$d/predictions.jsonl" ]; then
+  if [ ! -f "$d/predictions.jsonl" ] && [ ! -f "$d/results.json" ]; then
     echo "eval.sh: error: no predictions in $d: run benchmark/run.sh --model CKPT --out $d first" >&2; exit 2
   fi
 done

@@ -373,9 +373,11 @@ def zero_shot(setup: Setup, results: dict, plan: Plan, opts: Options, timer: rep
         return
     with timer("zero_shot"):
         try:
-            results["zero_shot"] = zs.evaluate(
+            result = zs.evaluate(
                 setup.model, setup.loaded.tokenizer, plan.zs_tasks, limit=opts.zs_limit,
                 batch_size=opts.zs_batch_size, offline=plan.offline,
-                data_dir=zs.default_data_dir(opts.cache_dir))
+                data_dir=zs.default_data_dir(opts.cache_dir), log_samples=True)
+            result.pop("predictions")  # each item's acc stays (``items``): two runs compare item by item
+            results["zero_shot"] = result
         except zs.ZeroShotError as err:
             raise OptionError("eval_zero_shot", str(err).removeprefix("--eval_zero_shot: ")) from err

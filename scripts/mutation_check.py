@@ -146,6 +146,13 @@ MUTATIONS = [
     ("the guard scores a share by its layer and the head only (not the layers after it)", "mosaic/recover.py",
      [("        for j in range(index + 1, len(layers)):", "        for j in range(0):")],
      ["tests/test_guard.py::test_a_shares_score_is_the_models_own_nll_from_that_layer_on"]),
+    ("the per-item zero-shot record is kept in lm-eval's sample order, not by doc id",
+     "mosaic/eval/zeroshot.py",
+     [('"1" if acc else "0" for _, acc in sorted(items))', '"1" if acc else "0" for _, acc in items)')],
+     ["tests/test_zeroshot.py::test_aggregate_pairs_each_run_with_the_first_item_by_item"]),
+    ("the paired standard error divides by n, not n − 1 (a population sd)", "mosaic/eval/zeroshot.py",
+     [("* n / (n - 1) if n > 1", "* n / n if n > 1")],
+     ["tests/test_zeroshot.py::test_paired_difference_equals_the_per_item_oracle"]),
 ]
 
 

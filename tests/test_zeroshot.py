@@ -52,6 +52,9 @@ def test_in_memory_model_gets_acc_and_acc_norm_in_unit_range(zs_data, tokenizer)
         # the prediction is the arg-max log-likelihood, and acc says whether it hit the gold answer
         for p in (p for p in r["predictions"] if p["task"] == task):
             assert p["acc"] == float(p["prediction"] == p["target"])
+        # each item's acc, kept for paired comparisons, averages to the task's acc
+        assert len(r["items"][task]) == 4
+        assert r["items"][task].count("1") / 4 == pytest.approx(r["tasks"][task]["acc"])
 
 
 def test_unknown_offline_task_is_a_clear_error(zs_data, tokenizer):
@@ -75,6 +78,10 @@ def test_main_reports_zero_shot_in_results_and_summary(tmp_path, tiny_dirs, zs_d
     assert proc.returncode == 0, proc.stderr
     r = json.loads((out / "results.json").read_text())["zero_shot"]
     assert list(r["tasks"]) == ["rte", "arc_challenge"] and r["limit"] == 3 and r["batch_size"] == 3
+    assert "predictions" not in r
+    assert {t: len(s) for t, s in r["items"].items()} == {"rte": 3, "arc_challenge": 3}
+    for task, items in r["items"].items():
+        assert items.count("1") / 3 == pytest.approx(r["tasks"][task]["acc"])
     assert "zero-shot    rte: acc" in proc.stdout and "mean acc" in proc.stdout
 
 
@@ -163,3 +170,57 @@ def test_online_task_names_are_checked_against_lm_evals_own_list():
         zero_shot_tasks("arc_easy,no_such_task", offline=False)
     with pytest.raises(OptionError, match="no offline data for lambada_openai"):
         zero_shot_tasks("lambada_openai", offline=True)
+
+
+def test_paired_difference_equals_the_per_item_oracle():
+    import statistics
+
+    reference = {"arc_easy": "1100110010", "piqa": "111000"}
+    other = {"arc_easy": "1010111011", "piqa": "111000", "boolq": "1"}  # boolq: not in both, left out
+    r = zs.paired(reference, other)
+    assert list(r["tasks"]) == ["arc_easy", "piqa"]
+    for task in r["tasks"]:
+        d = [int(b) - int(a) for a, b in zip(reference[task], other[task])]
+        row = r["tasks"][task]
+        assert row["diff"] == pytest.approx(statistics.fmean(d))
+        assert row["stderr"] == pytest.approx(statistics.stdev(d) / math.sqrt(len(d)))
+        assert (row["gained"], row["lost"], row["n"]) == (d.count(1), d.count(-1), len(d))
+    assert r["tasks"]["arc_easy"]["diff"] == pytest.approx(0.2) and r["tasks"]["piqa"]["stderr"] == 0
+    assert r["mean"]["diff"] == pytest.approx(0.1)
+    assert r["mean"]["stderr"] == pytest.approx(r["tasks"]["arc_easy"]["stderr"] / 2)
+    with pytest.raises(zs.ZeroShotError, match="--zs_limit"):
+        zs.paired({"piqa": "10"}, {"piqa": "101"})
+
+
+def test_aggregate_pairs_each_run_with_the_first_item_by_item(tmp_path):
+    """A predictions folder and a saved run's results.json, both real inputs of the aggregate step."""
+    from mosaic.eval import zs_steps
+
+    def predictions(folder: Path, accs: str) -> None:
+        folder.mkdir()
+        rows = [{"task": "piqa", "doc_id": i, "target": 0, "loglikelihoods": [0.0, -1.0], "prediction": 0,
+                 "acc": float(a), "acc_norm": float(a)} for i, a in reversed(list(enumerate(accs)))]
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    predictions(tmp_path / "dense", "11110000")
+    predictions(tmp_path / "pruned", "10100000")
+    saved = tmp_path / "recovered"
+    saved.mkdir()
+    z = {"tasks": {"piqa": {"acc": 0.625, "acc_stderr": 0.18, "n": 8}}, "items": {"piqa": "11111000"},
+         "limit": 8, "lm_eval": "0.4.x"}
+    (saved / "results.json").write_text(json.dumps({"args": {"model": "x"}, "zero_shot": z}))
+    out = tmp_path / "table"
+    assert zs_steps.main(["aggregate", "--out", str(out), *(str(tmp_path / n) for n in
+                                                            ("dense", "pruned", "recovered"))]) == 0
+    runs = json.loads(out.with_suffix(".json").read_text())
+    assert "paired" not in runs["dense"]
+    assert runs["pruned"]["paired"]["tasks"]["piqa"] | {"diff": -0.25, "gained": 0, "lost": 2} \
+        == runs["pruned"]["paired"]["tasks"]["piqa"]
+    assert runs["recovered"]["paired"]["mean"]["diff"] == pytest.approx(0.125)
+    assert runs["recovered"]["paired"]["tasks"]["piqa"]["gained"] == 1
+    md = out.with_suffix(".md").read_text()
+    assert "Δ mean acc vs dense (paired)" in md and "| -0.2500 ± " in md and "| +0.1250 ± " in md
+    # a saved run without the per-item record is one line naming what to do
+    (saved / "results.json").write_text(json.dumps({"args": {}, "zero_shot": {"tasks": {}}}))
+    with pytest.raises(Exception, match="--eval_zero_shot"):
+        zs_steps.read_run(saved)

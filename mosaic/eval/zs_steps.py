@@ -6,7 +6,8 @@
 
 ``predict`` writes ``predictions.jsonl`` (one line per item: task, doc id, gold, log-likelihood per
 choice, acc, acc_norm) and ``lm_eval.json`` (lm-eval's own aggregate, for cross-checking).
-``aggregate`` turns one or more prediction folders into ``TABLE.md`` and ``TABLE.json``.
+``aggregate`` turns one or more prediction folders (or runs saved by ``main.py --save ... --eval_zero_shot``)
+into ``TABLE.md`` and ``TABLE.json``, each run after the first paired with it item by item.
 """
 
 from __future__ import annotations
@@ -75,37 +76,66 @@ def read_predictions(directory: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_run(directory: str | Path) -> dict:
+    """A folder written by the predict step, or a run saved with ``--save`` and ``--eval_zero_shot`` →
+    its table entry (per-task acc, the means, model, limit) and ``items`` (each item's acc, for pairing)."""
+    directory = Path(directory)
+    if not (directory / PREDICTIONS).is_file() and (directory / "results.json").is_file():
+        results = json.loads((directory / "results.json").read_text())
+        z = results.get("zero_shot")
+        if not z or "items" not in z:
+            raise OptionError("predictions", f"{directory}/results.json has no per-item zero-shot record: "
+                              f"rerun with --eval_zero_shot")
+        return {"tasks": z["tasks"], **zs.means(z["tasks"]), "items": z["items"],
+                "model": results["args"].get("model"), "limit": z.get("limit"), "lm_eval": z.get("lm_eval")}
+    rows = read_predictions(directory)
+    meta_path = directory / LM_EVAL
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return {**zs.aggregate(rows), "items": zs.item_scores(rows), "model": meta.get("model"),
+            "limit": meta.get("limit"), "lm_eval": meta.get("lm_eval")}
+
+
 def table(runs: dict[str, dict]) -> str:
-    """Markdown: one row per run, acc (acc_norm) per task, and the means."""
+    """Markdown: one row per run, acc (acc_norm) per task, the means, and each run's paired difference of
+    mean acc against the first run (same items; ± its paired standard error)."""
     tasks = list(dict.fromkeys(t for r in runs.values() for t in r["tasks"]))
-    lines = ["| model | " + " | ".join(tasks) + " | mean acc | mean acc_norm/acc |",
-             "|---|" + "---|" * (len(tasks) + 2)]
+    first = next(iter(runs))
+    paired = len(runs) > 1
+    lines = ["| model | " + " | ".join(tasks) + " | mean acc | mean acc_norm/acc |"
+             + (f" Δ mean acc vs {first} (paired) |" if paired else ""),
+             "|---|" + "---|" * (len(tasks) + 2 + paired)]
     for name, r in runs.items():
         cells = []
         for t in tasks:
             e = r["tasks"].get(t)
             cells.append("—" if e is None
                          else f"{e['acc']:.3f}" + (f" ({e['acc_norm']:.3f})" if "acc_norm" in e else ""))
-        lines.append(f"| {name} | " + " | ".join(cells)
-                     + f" | {r['mean_acc']:.3f} | {r['mean_acc_norm_or_acc']:.3f} |")
+        line = (f"| {name} | " + " | ".join(cells)
+                + f" | {r['mean_acc']:.3f} | {r['mean_acc_norm_or_acc']:.3f} |")
+        if paired:
+            d = r.get("paired", {}).get("mean")
+            line += " — |" if d is None else f" {d['diff']:+.4f} ± {d['stderr']:.4f} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
 def aggregate(args) -> None:
-    runs = {}
-    for directory in args.predictions:
-        meta_path = Path(directory) / LM_EVAL
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        runs[Path(directory).name] = {**zs.aggregate(read_predictions(directory)), "model": meta.get("model"),
-                                      "limit": meta.get("limit"), "lm_eval": meta.get("lm_eval")}
+    runs = {Path(directory).name: read_run(directory) for directory in args.predictions}
+    first = next(iter(runs.values()))
+    for r in list(runs.values())[1:]:
+        r["paired"] = zs.paired(first["items"], r["items"])
+    for r in runs.values():
+        del r["items"]
     out = Path(args.out)
     for path in (out.with_suffix(".md"), out.with_suffix(".json")):
         if path.exists() and not args.overwrite:
             raise OptionError("out", f"{path} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     limits = {r["limit"] for r in runs.values()}
-    note = (f"Zero-shot accuracy, lm-eval {next(iter(runs.values()))['lm_eval']}, 0-shot; acc (acc_norm "
-            f"where the task has it); limit per task: {', '.join(str(x) for x in limits)}.\n\n")
+    note = (f"Zero-shot accuracy, lm-eval {first['lm_eval']}, 0-shot; acc (acc_norm where the task has it); "
+            f"limit per task: {', '.join(str(x) for x in limits)}."
+            + (" Δ: mean acc minus the first row's on the same items, ± the standard error of the per-item "
+               "differences (pooled over tasks: √Σse² / tasks)." if len(runs) > 1 else "") + "\n\n")
     md = note + table(runs)
     tmp_md, tmp_json = out.with_name(out.name + ".md.tmp"), out.with_name(out.name + ".json.tmp")
     tmp_md.write_text(md)
@@ -139,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("aggregate", help="Markdown and JSON table from prediction folders")
     s.add_argument("--out", required=True, help="path without suffix: writes OUT.md and OUT.json")
     s.add_argument("--overwrite", action="store_true")
-    s.add_argument("predictions", nargs="+", help="folders written by the predict step")
+    s.add_argument("predictions", nargs="+",
+                   help="folders written by the predict step, or by main.py --save with --eval_zero_shot")
     s.set_defaults(run=aggregate)
     return p
 
