@@ -12,6 +12,7 @@ chosen on.
 
     python benchmark/bench_headline_suite.py               # every job not yet finished
     python benchmark/bench_headline_suite.py --only=A,B    # some jobs
+    python benchmark/bench_headline_suite.py --again --only=A  # run A again (the newest row counts)
     python benchmark/bench_headline_suite.py --report      # only rebuild results/headline_suite.md
 """
 
@@ -26,6 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_recover import SETTINGS, ZS_TASKS, job_options, selection_ppl  # noqa: E402
 from common import RESULTS, append, cpu_label, finished, machine, machine_line, parse_only, write  # noqa: E402
+
+from mosaic.eval import zeroshot as zs  # noqa: E402
 
 RUNS = RESULTS / "headline_suite_runs.jsonl"
 ZS_LIMIT = 1000
@@ -50,7 +53,8 @@ JOBS = ["dense",
         "sparsegpt-uniform-0.7/none@wiki+code10", "sparsegpt-uniform-0.7/recon@wiki+code10",
         "sparsegpt-uniform-0.7/recon-guard@wiki+code10",
         "sparsegpt-uniform-0.7/recon-guard+distill@wiki+code10",
-        "sparsegpt-uniform-0.7/none@wiki+chat10", "sparsegpt-uniform-0.7/recon-guard@wiki+chat10"]
+        "sparsegpt-uniform-0.7/none@wiki+chat10", "sparsegpt-uniform-0.7/recon@wiki+chat10",
+        "sparsegpt-uniform-0.7/recon-guard@wiki+chat10"]
 TEXTS = ["wiki-offline", "wiki-heldout", "science", "exams", "code"]
 
 
@@ -98,7 +102,8 @@ def run_one(job: str) -> dict:
     return {"name": job, "options": opts, "machine": cpu_label(m), "date": m["date"], "machine_full": m,
             "calib_dtype": r["settings"]["calib_dtype"], "achieved": r["sparsity"]["achieved"],
             "ppl": {k: v["ppl"] for k, v in r["perplexity"].items()}, "selection_ppl": selection,
-            "zero_shot": {"tasks": z["tasks"], "mean_acc": z["mean_acc"], "limit": z["limit"]} if z else None,
+            "zero_shot": ({"tasks": z["tasks"], "mean_acc": z["mean_acc"], "limit": z["limit"],
+                           "items": z["items"]} if z else None),
             "recovery": {k: {f: x for f, x in v.items() if f != "layers"} for k, v in rec.items() if v},
             "time_s": {k: round(v, 1) for k, v in r["time_s"].items()},
             "wall_s": round(time.perf_counter() - start, 1)}
@@ -185,6 +190,25 @@ def report() -> None:
         lines.append(f"| {r['name']} | " + " | ".join(
             f"{z[t]['acc']:.3f} ± {z[t]['acc_stderr']:.3f} ({z[t].get('n', '?')})" for t in tasks)
             + f" | {mean:.3f} ± {se:.3f} |")
+    def items(row: dict | None) -> dict | None:
+        return ((row or {}).get("zero_shot") or {}).get("items")
+
+    pairs = [(r, rows[base_of(r["name"])]) for r in ordered
+             if items(r) and items(rows.get(base_of(r["name"]) or ""))]
+    if pairs:
+        lines += ["", "## Does recovery move zero-shot accuracy? Paired on the same items", "",
+                  "Recovered minus unrecovered accuracy on each item both answered; ± the standard error of "
+                  "the per-item differences (the mean over tasks: √Σse² / tasks); gained / lost: items only "
+                  "the recovered / only the unrecovered model got right.", "",
+                  "| job | against | " + " | ".join(f"{t} Δ ± se (gained/lost)" for t in tasks)
+                  + " | mean Δ ± se | Δ / se |", "|---|---|" + "---|" * (len(tasks) + 2)]
+        for r, base in pairs:
+            p = zs.paired(base["zero_shot"]["items"], r["zero_shot"]["items"])
+            cells = [f"{p['tasks'][t]['diff']:+.3f} ± {p['tasks'][t]['stderr']:.3f} "
+                     f"({p['tasks'][t]['gained']}/{p['tasks'][t]['lost']})" for t in tasks]
+            m = p["mean"]
+            lines.append(f"| {r['name']} | {base['name']} | " + " | ".join(cells)
+                         + f" | {m['diff']:+.4f} ± {m['stderr']:.4f} | {m['diff'] / m['stderr']:+.1f} |")
     notes = RESULTS / "headline_suite_notes.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]
@@ -194,6 +218,8 @@ def report() -> None:
 if __name__ == "__main__":
     if "--report" not in sys.argv:
         only, done = parse_only(sys.argv), finished(RUNS, lambda r: r["name"])
+        if "--again" in sys.argv:  # rerun the --only jobs although finished (the newest row counts)
+            done = {k: v for k, v in done.items() if k not in (only or ())}
         for job in JOBS:
             if job not in done and (not only or job in only):
                 append(RUNS, run_one(job))
