@@ -203,19 +203,21 @@ def report() -> None:
                       else "—")
             lines.append(f"| {r['name']} | {r['ppl']['chat']:.2f} | {r['ppl']['wiki-heldout']:.2f} | "
                          f"{r['ppl']['code']:.2f} | {change} |")
-    guarded = [r for r in ordered if (r.get("recovery") or {}).get("guard")]
+    def guard(row: dict) -> dict | None:
+        return ((row.get("recovery") or {}).get("reconstruct") or {}).get("guard")
+
+    guarded = [r for r in ordered if guard(r)]
     if guarded:
         lines += ["", "## The guard's choice (`--recovery_guard auto`: 4 held-out windows × 512 tokens of "
                   "each calibration-side text)", "",
-                  "| job | share of the reconstruction kept | guard perplexity: kernel → kept | "
-                  "distillation's best step (of its checks) |", "|---|---|---|---|"]
+                  "Share of each layer's tuning kept, layer 0 first (1: all, h: half, 0: none).", "",
+                  "| job | per layer | mean share | distillation's best step (of its steps) |",
+                  "|---|---|---|---|"]
         for r in guarded:
-            g, d = r["recovery"]["guard"], r["recovery"].get("distill")
-            by_share = {row["share"]: row for row in g["ppl"]}
-            ppl = ", ".join(f"{n.split('/')[-1]} {by_share[0.0][n]:.1f} → {by_share[g['share']][n]:.1f}"
-                            for n in g["texts"])
+            g, d = guard(r), r["recovery"].get("distill")
+            shares = "".join({0.0: "0", 0.5: "h", 1.0: "1"}.get(x, "?") for x in g["shares"])
             best = f"{d['best_step']} of {d['steps']}" if d else "—"
-            lines.append(f"| {r['name']} | {g['share']:.0%} | {ppl} | {best} |")
+            lines.append(f"| {r['name']} | `{shares}` | {g['mean_share']:.2f} | {best} |")
     lines += ["", f"## Zero-shot at up to {ZS_LIMIT} items per task (accuracy ± standard error)", "",
               "| job | " + " | ".join(f"{t} (n)" for t in tasks) + " | mean acc ± se |",
               "|---|" + "---|" * (len(tasks) + 1)]
