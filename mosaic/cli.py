@@ -182,10 +182,11 @@ def _recovery_flags(p: argparse.ArgumentParser, d) -> None:
                    help="also tune each layer's two RMSNorm scales and its projections' biases, which no "
                         "mask covers (off)")
     g.add_argument("--recovery_guard", default=d.recovery_guard,
-                   help="texts recovery must not make worse: each gets held-out windows; the "
-                        "reconstruction is shrunk toward the kernel's weights as far as none of them gets a "
-                        "higher perplexity than without it, and distillation keeps no state worse on any; "
-                        "auto: the calibration texts plus code and exam questions, or NAME,NAME,... (none)")
+                   help="texts recovery should not make worse: each gets held-out windows; each tuned "
+                        "layer keeps the share (0, 1/2, 1) of its tuning that raises none of their NLLs "
+                        "(scored through the rest of the model; a per-layer check, not a bound on the "
+                        "finished model), and distillation keeps no state worse on any; auto: the "
+                        "calibration texts plus code and exam questions, or NAME,NAME,... (none)")
     g.add_argument("--distill_steps", type=int, default=d.distill_steps,
                    help="end-to-end distillation steps from the dense model after pruning (0: none)")
     g.add_argument("--distill_lr", type=float, default=d.distill_lr,
