@@ -67,16 +67,16 @@ NO_ZERO_SHOT = "--no-zero-shot" in sys.argv  # perplexity only (a row's zero-sho
 
 
 def conversations(path: Path, rows: list[tuple[str, str]]) -> Path:
-    """Write ``path`` (once): (question, answer) turns as chat records, ten turns per conversation."""
+    """Write ``path``: (question, answer) turns as chat records, ten turns per conversation. (Its callers
+    return an existing file before reading any rows.)"""
     import json
 
-    if not path.is_file():
-        turns = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in rows]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".tmp"), "w") as f:
-            for k in range(0, len(turns), 10):
-                f.write(json.dumps({"messages": [m for t in turns[k:k + 10] for m in t]}) + "\n")
-        path.with_suffix(".tmp").replace(path)
+    turns = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".tmp"), "w") as f:
+        for k in range(0, len(turns), 10):
+            f.write(json.dumps({"messages": [m for t in turns[k:k + 10] for m in t]}) + "\n")
+    path.with_suffix(".tmp").replace(path)
     return path
 
 

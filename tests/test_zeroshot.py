@@ -194,6 +194,7 @@ def test_paired_difference_equals_the_per_item_oracle():
 
 def test_aggregate_pairs_each_run_with_the_first_item_by_item(tmp_path):
     """A predictions folder and a saved run's results.json, both real inputs of the aggregate step."""
+    from mosaic.errors import OptionError
     from mosaic.eval import zs_steps
 
     def predictions(folder: Path, accs: str) -> None:
@@ -222,5 +223,5 @@ def test_aggregate_pairs_each_run_with_the_first_item_by_item(tmp_path):
     assert "Δ mean acc vs dense (paired)" in md and "| -0.2500 ± " in md and "| +0.1250 ± " in md
     # a saved run without the per-item record is one line naming what to do
     (saved / "results.json").write_text(json.dumps({"args": {}, "zero_shot": {"tasks": {}}}))
-    with pytest.raises(Exception, match="--eval_zero_shot"):
+    with pytest.raises(OptionError, match="--eval_zero_shot"):
         zs_steps.read_run(saved)
